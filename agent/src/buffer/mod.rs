@@ -1,0 +1,344 @@
+//! The durable buffer: the only place in the agent that touches rusqlite.
+//!
+//! One writer thread owns the SQLite connection; async code holds a cloneable
+//! [`Buffer`] handle that sends commands over a bounded channel and awaits a
+//! oneshot reply. Appends are group-committed: a transaction closes at
+//! `commit_max_rows` rows or `commit_max_delay`, whichever comes first, and
+//! every caller in the group is answered only after `COMMIT` returned, so a
+//! reply of `Ok` means the rows are durable (to the `synchronous` level).
+//!
+//! Invariants:
+//! - sequence numbers per `(source, stream)` and per model start at 1, are
+//!   assigned inside the committing transaction and never reused;
+//! - a reading with a producer identity is stored at most once per
+//!   `(source, stream, ident)`, so broker redeliveries are absorbed;
+//! - `synced` only goes from 0 to 1, and only through [`Buffer::mark_synced`].
+
+mod schema;
+mod worker;
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use tokio::sync::oneshot;
+
+use crate::config::BufferSettings;
+
+pub use schema::MigrateError;
+
+/// Raw bytes of a dead-lettered payload are kept up to this size.
+pub const DEAD_LETTER_MAX_BYTES: usize = 4096;
+
+/// Why a buffer operation failed.
+#[derive(Debug, thiserror::Error)]
+pub enum BufferError {
+    /// The database could not be opened or prepared.
+    #[error("cannot open buffer database {path}")]
+    Open {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: rusqlite::Error,
+    },
+    /// The schema could not be migrated.
+    #[error("cannot migrate buffer database {path}")]
+    Migrate {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: MigrateError,
+    },
+    /// The state directory could not be created, or a corrupt file not moved aside.
+    #[error("cannot prepare buffer file {path}")]
+    Io {
+        /// The path.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// A statement failed; the transaction was rolled back.
+    #[error("buffer statement failed")]
+    Sqlite(#[from] rusqlite::Error),
+    /// Values could not be encoded.
+    #[error("cannot encode values")]
+    Encode(#[from] serde_json::Error),
+    /// The writer thread has stopped.
+    #[error("buffer writer thread has stopped")]
+    Closed,
+}
+
+/// Result alias for this module.
+pub type Result<T, E = BufferError> = std::result::Result<T, E>;
+
+/// A reading to store; the buffer assigns its sequence number.
+#[derive(Debug, Clone, PartialEq)]
+pub struct NewReading {
+    /// Sensor device (from the topic).
+    pub source: String,
+    /// Stream (from the topic).
+    pub stream: String,
+    /// Producer-side identity used to absorb redeliveries; `None` disables dedupe.
+    pub ident: Option<String>,
+    /// Device timestamp, Unix ms.
+    pub device_ts_ms: Option<i64>,
+    /// Receive time, Unix ms.
+    pub recv_ts_ms: i64,
+    /// Whether the device clock looked sane.
+    pub clock_ok: bool,
+    /// Values.
+    pub values: BTreeMap<String, f64>,
+}
+
+/// A message that could not become a reading, kept for inspection.
+#[derive(Debug, Clone, PartialEq)]
+pub struct DeadLetter {
+    /// Topic it arrived on.
+    pub topic: String,
+    /// Stable reason code (e.g. `malformed`).
+    pub reason: &'static str,
+    /// Human-readable detail.
+    pub detail: String,
+    /// Payload, truncated to [`DEAD_LETTER_MAX_BYTES`].
+    pub payload: Vec<u8>,
+    /// Original payload length.
+    pub payload_len: usize,
+    /// Receive time, Unix ms.
+    pub recv_ts_ms: i64,
+}
+
+/// One item of an ingest append.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Item {
+    /// A decoded reading.
+    Reading(NewReading),
+    /// A rejected message.
+    DeadLetter(DeadLetter),
+}
+
+/// What happened to one appended item.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Outcome {
+    /// Stored with this sequence number.
+    Stored(u64),
+    /// Already stored earlier (same producer identity); nothing written.
+    Duplicate,
+    /// Stored in the dead-letter table.
+    DeadLettered,
+}
+
+/// A prediction to store; the buffer assigns its per-model sequence number.
+#[derive(Debug, Clone, PartialEq)]
+pub struct NewPrediction {
+    /// Model name.
+    pub model: String,
+    /// Model version.
+    pub model_version: String,
+    /// sha256 of the ONNX file.
+    pub model_sha256: String,
+    /// Sensor device of the window.
+    pub source: String,
+    /// Stream of the window.
+    pub stream: String,
+    /// Last reading's sequence number.
+    pub window_end_seq: u64,
+    /// Last reading's device timestamp.
+    pub window_end_ts_ms: Option<i64>,
+    /// Score.
+    pub score: f64,
+    /// Threshold.
+    pub threshold: f64,
+    /// Whether the score crossed the threshold.
+    pub is_anomaly: bool,
+    /// When it was made, Unix ms.
+    pub created_ms: i64,
+}
+
+/// Rows not yet acknowledged by the cloud, oldest first, with their row ids.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Unsynced {
+    /// `(row id, reading)`.
+    pub readings: Vec<(i64, sync_protocol::Reading)>,
+    /// `(row id, prediction)`.
+    pub predictions: Vec<(i64, sync_protocol::Prediction)>,
+}
+
+/// Row counts.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct BufferStats {
+    /// Readings stored.
+    pub readings: u64,
+    /// Readings not yet synced.
+    pub readings_unsynced: u64,
+    /// Predictions stored.
+    pub predictions: u64,
+    /// Predictions not yet synced.
+    pub predictions_unsynced: u64,
+    /// Anomalous predictions stored.
+    pub anomalies: u64,
+    /// Dead letters stored.
+    pub dead_letters: u64,
+}
+
+type Reply<T> = oneshot::Sender<Result<T>>;
+
+enum Command {
+    Append(Vec<Item>, Reply<Vec<Outcome>>),
+    AppendPredictions(Vec<NewPrediction>, Reply<Vec<u64>>),
+    Unsynced(usize, Reply<Unsynced>),
+    MarkSynced(Vec<i64>, Vec<i64>, Reply<()>),
+    Stats(Reply<BufferStats>),
+    Anomalies(Reply<Vec<sync_protocol::Prediction>>),
+}
+
+/// Cloneable handle to the writer thread. The thread exits when every handle
+/// is dropped, after committing what it holds.
+#[derive(Clone)]
+pub struct Buffer {
+    tx: flume::Sender<Command>,
+}
+
+/// The writer thread; join it after dropping every [`Buffer`] handle.
+pub struct BufferThread {
+    handle: std::thread::JoinHandle<()>,
+}
+
+impl BufferThread {
+    /// Waits for the writer thread to finish its last transaction.
+    pub fn join(self) {
+        if self.handle.join().is_err() {
+            tracing::error!("buffer writer thread panicked");
+        }
+    }
+}
+
+/// A future reply from the writer thread; resolves after the commit.
+pub struct Pending<T>(oneshot::Receiver<Result<T>>);
+
+impl<T> Pending<T> {
+    /// Waits for the transaction holding the request to commit.
+    ///
+    /// # Errors
+    /// The transaction's error, or [`BufferError::Closed`].
+    pub async fn wait(self) -> Result<T> {
+        self.0.await.map_err(|_| BufferError::Closed)?
+    }
+}
+
+impl Buffer {
+    /// Opens (creating or migrating) the database and starts the writer thread.
+    ///
+    /// A file that SQLite reports as corrupt or not a database is renamed to
+    /// `<name>.corrupt-<unix ms>` and replaced by a fresh one; this is logged
+    /// at ERROR because the rows it held are no longer served.
+    ///
+    /// # Errors
+    /// [`BufferError`] when the file cannot be created or migrated.
+    pub fn open(settings: &BufferSettings) -> Result<(Buffer, BufferThread)> {
+        let conn = worker::open_or_replace(settings)?;
+        let capacity = settings.commit_max_rows.max(64) * 2;
+        let (tx, rx) = flume::bounded(capacity);
+        let w = worker::Worker::new(conn, settings)?;
+        let handle = std::thread::Builder::new()
+            .name("buffer-writer".into())
+            .spawn(move || w.run(&rx))
+            .map_err(|source| BufferError::Io {
+                path: settings.path.clone(),
+                source,
+            })?;
+        Ok((Buffer { tx }, BufferThread { handle }))
+    }
+
+    async fn request<T>(&self, make: impl FnOnce(Reply<T>) -> Command) -> Result<Pending<T>> {
+        let (reply, rx) = oneshot::channel();
+        self.tx
+            .send_async(make(reply))
+            .await
+            .map_err(|_| BufferError::Closed)?;
+        Ok(Pending(rx))
+    }
+
+    /// Queues items for the next group commit without waiting for it; await
+    /// the returned [`Pending`] to learn when they are durable.
+    ///
+    /// # Errors
+    /// [`BufferError::Closed`] when the writer has stopped.
+    pub async fn submit(&self, items: Vec<Item>) -> Result<Pending<Vec<Outcome>>> {
+        self.request(|r| Command::Append(items, r)).await
+    }
+
+    /// Appends items and waits until they are committed.
+    ///
+    /// # Errors
+    /// The transaction's error; nothing of the group was stored then.
+    pub async fn append(&self, items: Vec<Item>) -> Result<Vec<Outcome>> {
+        self.submit(items).await?.wait().await
+    }
+
+    /// Queues predictions for the next group commit without waiting for it;
+    /// the [`Pending`] resolves to their sequence numbers after the commit.
+    ///
+    /// # Errors
+    /// [`BufferError::Closed`] when the writer has stopped.
+    pub async fn submit_predictions(&self, items: Vec<NewPrediction>) -> Result<Pending<Vec<u64>>> {
+        self.request(|r| Command::AppendPredictions(items, r)).await
+    }
+
+    /// Stores predictions and returns their sequence numbers, after commit.
+    ///
+    /// # Errors
+    /// The transaction's error.
+    pub async fn append_predictions(&self, items: Vec<NewPrediction>) -> Result<Vec<u64>> {
+        self.submit_predictions(items).await?.wait().await
+    }
+
+    /// Up to `limit` unsynced readings and up to `limit` unsynced predictions, oldest first.
+    ///
+    /// # Errors
+    /// SQLite errors.
+    pub async fn unsynced(&self, limit: usize) -> Result<Unsynced> {
+        self.request(|r| Command::Unsynced(limit, r))
+            .await?
+            .wait()
+            .await
+    }
+
+    /// Marks rows as acknowledged by the cloud.
+    ///
+    /// # Errors
+    /// SQLite errors; then no row was marked.
+    pub async fn mark_synced(&self, readings: Vec<i64>, predictions: Vec<i64>) -> Result<()> {
+        self.request(|r| Command::MarkSynced(readings, predictions, r))
+            .await?
+            .wait()
+            .await
+    }
+
+    /// Row counts.
+    ///
+    /// # Errors
+    /// SQLite errors.
+    pub async fn stats(&self) -> Result<BufferStats> {
+        self.request(Command::Stats).await?.wait().await
+    }
+
+    /// Every stored prediction that crossed its threshold, in storage order.
+    ///
+    /// # Errors
+    /// SQLite errors.
+    pub async fn anomalies(&self) -> Result<Vec<sync_protocol::Prediction>> {
+        self.request(Command::Anomalies).await?.wait().await
+    }
+}
+
+/// Path a corrupt database is moved to.
+fn quarantine_path(path: &Path, now_ms: i64) -> PathBuf {
+    let mut name = path.file_name().unwrap_or_default().to_os_string();
+    name.push(format!(".corrupt-{now_ms}"));
+    path.with_file_name(name)
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,142 @@
+//! Buffer schema and its migrations, applied in order and recorded in
+//! `PRAGMA user_version`. Documented in `docs/buffer-schema.md`; change both
+//! together, and only ever append a migration.
+
+use rusqlite::Connection;
+
+/// Each entry moves the schema from version `i` to `i + 1`.
+pub(crate) const MIGRATIONS: &[&str] = &[
+    // v1: readings, per-stream sequences, predictions, dead letters.
+    r"
+    CREATE TABLE streams (
+        source   TEXT NOT NULL,
+        stream   TEXT NOT NULL,
+        next_seq INTEGER NOT NULL,
+        PRIMARY KEY (source, stream)
+    ) WITHOUT ROWID;
+
+    CREATE TABLE readings (
+        id           INTEGER PRIMARY KEY,
+        source       TEXT NOT NULL,
+        stream       TEXT NOT NULL,
+        seq          INTEGER NOT NULL,
+        ident        TEXT,
+        device_ts_ms INTEGER,
+        recv_ts_ms   INTEGER NOT NULL,
+        clock_ok     INTEGER NOT NULL,
+        values_json  TEXT NOT NULL,
+        synced       INTEGER NOT NULL DEFAULT 0,
+        UNIQUE (source, stream, seq)
+    );
+    CREATE UNIQUE INDEX readings_ident ON readings (source, stream, ident) WHERE ident IS NOT NULL;
+    CREATE INDEX readings_unsynced ON readings (id) WHERE synced = 0;
+
+    CREATE TABLE model_seqs (
+        model    TEXT PRIMARY KEY,
+        next_seq INTEGER NOT NULL
+    ) WITHOUT ROWID;
+
+    CREATE TABLE predictions (
+        id               INTEGER PRIMARY KEY,
+        model            TEXT NOT NULL,
+        seq              INTEGER NOT NULL,
+        model_version    TEXT NOT NULL,
+        model_sha256     TEXT NOT NULL,
+        source           TEXT NOT NULL,
+        stream           TEXT NOT NULL,
+        window_end_seq   INTEGER NOT NULL,
+        window_end_ts_ms INTEGER,
+        score            REAL NOT NULL,
+        threshold        REAL NOT NULL,
+        is_anomaly       INTEGER NOT NULL,
+        created_ms       INTEGER NOT NULL,
+        synced           INTEGER NOT NULL DEFAULT 0,
+        UNIQUE (model, seq)
+    );
+    CREATE INDEX predictions_unsynced ON predictions (id) WHERE synced = 0;
+
+    CREATE TABLE dead_letters (
+        id          INTEGER PRIMARY KEY,
+        topic       TEXT NOT NULL,
+        reason      TEXT NOT NULL,
+        detail      TEXT NOT NULL,
+        payload     BLOB NOT NULL,
+        payload_len INTEGER NOT NULL,
+        recv_ts_ms  INTEGER NOT NULL
+    );
+    ",
+];
+
+/// Brings `conn` to the newest schema version.
+///
+/// # Errors
+/// SQLite errors, or a database newer than this binary understands
+/// (reported as `SQLITE_MISMATCH`-style error text).
+pub(crate) fn migrate(conn: &mut Connection) -> Result<u32, MigrateError> {
+    let current: u32 = conn.query_row("PRAGMA user_version", [], |r| r.get(0))?;
+    let target = u32::try_from(MIGRATIONS.len()).unwrap_or(u32::MAX);
+    if current > target {
+        return Err(MigrateError::TooNew {
+            found: current,
+            supported: target,
+        });
+    }
+    for (i, sql) in MIGRATIONS.iter().enumerate().skip(current as usize) {
+        let tx = conn.transaction()?;
+        tx.execute_batch(sql)?;
+        tx.pragma_update(
+            None,
+            "user_version",
+            i64::try_from(i + 1).unwrap_or(i64::MAX),
+        )?;
+        tx.commit()?;
+    }
+    Ok(target)
+}
+
+/// Why the schema could not be brought up to date.
+#[derive(Debug, thiserror::Error)]
+pub enum MigrateError {
+    /// SQLite failed.
+    #[error("schema migration failed")]
+    Sqlite(#[from] rusqlite::Error),
+    /// The file was written by a newer agent.
+    #[error("database schema version {found} is newer than supported version {supported}")]
+    TooNew {
+        /// Version in the file.
+        found: u32,
+        /// Newest version this binary knows.
+        supported: u32,
+    },
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    #[test]
+    fn migrates_once_and_is_idempotent() {
+        let mut conn = Connection::open_in_memory().unwrap();
+        assert_eq!(migrate(&mut conn).unwrap(), 1);
+        assert_eq!(migrate(&mut conn).unwrap(), 1);
+        let n: i64 = conn
+            .query_row(
+                "SELECT count(*) FROM sqlite_master WHERE type='table'",
+                [],
+                |r| r.get(0),
+            )
+            .unwrap();
+        assert_eq!(n, 5);
+    }
+
+    #[test]
+    fn refuses_newer_schema() {
+        let mut conn = Connection::open_in_memory().unwrap();
+        conn.pragma_update(None, "user_version", 99).unwrap();
+        assert!(matches!(
+            migrate(&mut conn),
+            Err(MigrateError::TooNew { found: 99, .. })
+        ));
+    }
+}

@@ -1,0 +1,647 @@
+//! Configuration: raw TOML as written by the operator, and the validated
+//! [`Settings`] every stage is built from.
+//!
+//! Owns parsing and validation only; nothing here opens sockets or files other
+//! than the config file and the token file it names. Validation reports every
+//! problem at once, each naming its key, so one edit fixes a broken config.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+/// The commented example configuration printed by `print-default-config`.
+pub const DEFAULT_CONFIG: &str = include_str!("default-config.toml");
+
+/// A configuration that cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("cannot read config file {path}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The TOML does not parse or has unknown or mistyped keys.
+    #[error("invalid config: {0}")]
+    Parse(#[from] toml::de::Error),
+    /// One or more keys hold unusable values.
+    #[error("invalid config: {}", .0.join("; "))]
+    Invalid(Vec<String>),
+}
+
+/// Result alias for this module.
+pub type Result<T, E = ConfigError> = std::result::Result<T, E>;
+
+/// The file as written.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawConfig {
+    /// `[agent]`
+    pub agent: RawAgent,
+    /// `[mqtt]`
+    pub mqtt: RawMqtt,
+    /// `[buffer]`
+    pub buffer: RawBuffer,
+    /// `[inference]`
+    pub inference: RawInference,
+    /// `[publish]`
+    pub publish: RawPublish,
+    /// `[sync]`
+    pub sync: RawSync,
+    /// `[shutdown]`
+    pub shutdown: RawShutdown,
+}
+
+/// `[agent]` as written.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawAgent {
+    /// Identity towards the cloud.
+    pub device_id: String,
+    /// Directory for state; relative paths resolve against it.
+    pub state_dir: PathBuf,
+}
+
+/// `[mqtt]` as written.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawMqtt {
+    /// `mqtt://host:port`.
+    pub broker_url: String,
+    /// Stable client id.
+    pub client_id: String,
+    /// Whether the broker discards the session on disconnect.
+    pub clean_session: bool,
+    /// MQTT keep-alive.
+    pub keep_alive_secs: u64,
+    /// Bound on received-but-unacknowledged messages.
+    pub max_unacked: usize,
+    /// Payloads above this go to dead letters.
+    pub max_payload_bytes: usize,
+    /// First reconnect delay.
+    pub reconnect_min_ms: u64,
+    /// Largest reconnect delay.
+    pub reconnect_max_ms: u64,
+    /// Subscriptions.
+    pub subscriptions: Vec<RawSubscription>,
+}
+
+/// One `[[mqtt.subscriptions]]` entry as written.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawSubscription {
+    /// MQTT filter.
+    pub topic: String,
+    /// QoS 0, 1 or 2.
+    pub qos: u8,
+    /// Topic template with `{device}` and `{stream}`.
+    pub template: String,
+}
+
+/// `[buffer]` as written.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawBuffer {
+    /// Database path.
+    pub path: PathBuf,
+    /// `normal` or `full`.
+    pub synchronous: String,
+    /// Group commit row bound.
+    pub commit_max_rows: usize,
+    /// Group commit delay bound.
+    pub commit_max_delay_ms: u64,
+}
+
+/// `[inference]` as written.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawInference {
+    /// Model package directories.
+    pub models: Vec<PathBuf>,
+    /// Channel capacity from ingest to inference.
+    pub queue_capacity: usize,
+}
+
+/// `[publish]` as written.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawPublish {
+    /// Topic template for predictions.
+    pub prediction_topic: String,
+    /// Topic template for alerts.
+    pub alert_topic: String,
+    /// QoS for both.
+    pub qos: u8,
+}
+
+/// `[sync]` as written.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawSync {
+    /// Whether to upload at all.
+    pub enabled: bool,
+    /// Base URL of cloud-sync.
+    pub url: String,
+    /// File holding the device token.
+    pub token_file: PathBuf,
+    /// Rows per upload.
+    pub batch_max_rows: usize,
+    /// Idle pause between uploads.
+    pub interval_ms: u64,
+    /// Per-request timeout.
+    pub request_timeout_ms: u64,
+    /// First retry delay.
+    pub backoff_min_ms: u64,
+    /// Largest retry delay.
+    pub backoff_max_ms: u64,
+}
+
+/// `[shutdown]` as written.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawShutdown {
+    /// Drain deadline.
+    pub deadline_ms: u64,
+}
+
+/// Validated settings for the whole agent.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    /// Identity towards the cloud.
+    pub device_id: String,
+    /// State directory.
+    pub state_dir: PathBuf,
+    /// Ingest connection.
+    pub mqtt: MqttSettings,
+    /// Buffer database.
+    pub buffer: BufferSettings,
+    /// Inference.
+    pub inference: InferenceSettings,
+    /// Prediction publishing.
+    pub publish: PublishSettings,
+    /// Cloud sync; `None` when disabled.
+    pub sync: Option<SyncSettings>,
+    /// Drain deadline on shutdown.
+    pub shutdown_deadline: Duration,
+}
+
+/// Validated MQTT settings (shared by ingest and the publisher).
+#[derive(Debug, Clone)]
+pub struct MqttSettings {
+    /// Broker host.
+    pub host: String,
+    /// Broker port.
+    pub port: u16,
+    /// Client id for the ingest connection (the publisher appends `-pub`).
+    pub client_id: String,
+    /// Whether to start a clean session.
+    pub clean_session: bool,
+    /// Keep-alive interval (at least 1 s).
+    pub keep_alive: Duration,
+    /// Bound on unacknowledged messages.
+    pub max_unacked: usize,
+    /// Payload size bound.
+    pub max_payload_bytes: usize,
+    /// First reconnect delay.
+    pub reconnect_min: Duration,
+    /// Largest reconnect delay.
+    pub reconnect_max: Duration,
+    /// Subscriptions.
+    pub subscriptions: Vec<Subscription>,
+}
+
+/// A validated subscription.
+#[derive(Debug, Clone)]
+pub struct Subscription {
+    /// MQTT filter.
+    pub filter: String,
+    /// QoS level 0..=2.
+    pub qos: u8,
+    /// Topic template.
+    pub template: crate::ingest::decode::TopicTemplate,
+}
+
+/// How hard SQLite syncs to disk.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Synchronous {
+    /// WAL + `synchronous=NORMAL`: durable against process crashes; a power
+    /// cut may lose the most recent transactions but never corrupts.
+    Normal,
+    /// WAL + `synchronous=FULL`: every commit is fsynced.
+    Full,
+}
+
+/// Validated buffer settings.
+#[derive(Debug, Clone)]
+pub struct BufferSettings {
+    /// Database file.
+    pub path: PathBuf,
+    /// Sync mode.
+    pub synchronous: Synchronous,
+    /// Group commit row bound.
+    pub commit_max_rows: usize,
+    /// Group commit delay bound.
+    pub commit_max_delay: Duration,
+}
+
+/// Validated inference settings.
+#[derive(Debug, Clone)]
+pub struct InferenceSettings {
+    /// Model package directories.
+    pub models: Vec<PathBuf>,
+    /// Channel capacity from ingest.
+    pub queue_capacity: usize,
+}
+
+/// Validated publish settings.
+#[derive(Debug, Clone)]
+pub struct PublishSettings {
+    /// Prediction topic template.
+    pub prediction_topic: String,
+    /// Alert topic template.
+    pub alert_topic: String,
+    /// QoS.
+    pub qos: u8,
+}
+
+/// Validated sync settings.
+#[derive(Debug, Clone)]
+pub struct SyncSettings {
+    /// Base URL, without trailing slash.
+    pub url: String,
+    /// Device token (never logged).
+    pub token: Secret,
+    /// Rows per upload.
+    pub batch_max_rows: usize,
+    /// Idle pause.
+    pub interval: Duration,
+    /// Per-request timeout.
+    pub request_timeout: Duration,
+    /// First retry delay.
+    pub backoff_min: Duration,
+    /// Largest retry delay.
+    pub backoff_max: Duration,
+}
+
+/// A secret string whose `Debug` does not reveal it.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(String);
+
+impl Secret {
+    /// Wraps a secret.
+    #[must_use]
+    pub fn new(value: String) -> Self {
+        Self(value)
+    }
+    /// The secret itself; do not log it.
+    #[must_use]
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Secret(***)")
+    }
+}
+
+impl RawConfig {
+    /// Parses TOML text.
+    ///
+    /// # Errors
+    /// [`ConfigError::Parse`] on syntax errors, unknown or mistyped keys.
+    pub fn parse(text: &str) -> Result<Self> {
+        Ok(toml::from_str(text)?)
+    }
+
+    /// Reads and parses a file.
+    ///
+    /// # Errors
+    /// [`ConfigError::Read`] or [`ConfigError::Parse`].
+    pub fn load(path: &Path) -> Result<Self> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        Self::parse(&text)
+    }
+
+    /// Checks every key and builds [`Settings`]; reads `sync.token_file`.
+    ///
+    /// # Errors
+    /// [`ConfigError::Invalid`] listing every problem, each naming its key.
+    pub fn validate(self) -> Result<Settings> {
+        let mut errs = Vec::new();
+        let a = &self.agent;
+        if a.device_id.is_empty()
+            || !a
+                .device_id
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+        {
+            errs.push(format!(
+                "agent.device_id: {:?} must be non-empty and use only letters, digits, '-', '_', '.'",
+                a.device_id
+            ));
+        }
+        let resolve = |p: &Path| {
+            if p.is_absolute() {
+                p.to_owned()
+            } else {
+                a.state_dir.join(p)
+            }
+        };
+
+        let m = &self.mqtt;
+        let (host, port) = match parse_mqtt_url(&m.broker_url) {
+            Ok(hp) => hp,
+            Err(e) => {
+                errs.push(format!("mqtt.broker_url: {e}"));
+                (String::new(), 0)
+            }
+        };
+        if m.client_id.is_empty() || m.client_id.len() > 200 {
+            errs.push("mqtt.client_id: must be 1..=200 characters".into());
+        }
+        if !(1..=65_535).contains(&m.keep_alive_secs) {
+            errs.push("mqtt.keep_alive_secs: must be between 1 and 65535".into());
+        }
+        if !(1..=65_535).contains(&m.max_unacked) {
+            errs.push("mqtt.max_unacked: must be between 1 and 65535".into());
+        }
+        if !(16..=256 * 1024 * 1024).contains(&m.max_payload_bytes) {
+            errs.push("mqtt.max_payload_bytes: must be between 16 and 268435456".into());
+        }
+        if m.reconnect_min_ms == 0 || m.reconnect_min_ms > m.reconnect_max_ms {
+            errs.push(
+                "mqtt.reconnect_min_ms: must be at least 1 and not above mqtt.reconnect_max_ms"
+                    .into(),
+            );
+        }
+        if m.subscriptions.is_empty() {
+            errs.push("mqtt.subscriptions: at least one subscription is required".into());
+        }
+        let mut subscriptions = Vec::new();
+        for (i, s) in m.subscriptions.iter().enumerate() {
+            if s.qos > 2 {
+                errs.push(format!("mqtt.subscriptions[{i}].qos: must be 0, 1 or 2"));
+            }
+            if s.topic.is_empty() {
+                errs.push(format!("mqtt.subscriptions[{i}].topic: must not be empty"));
+            }
+            match crate::ingest::decode::TopicTemplate::parse(&s.template) {
+                Ok(template) => subscriptions.push(Subscription {
+                    filter: s.topic.clone(),
+                    qos: s.qos.min(2),
+                    template,
+                }),
+                Err(e) => errs.push(format!("mqtt.subscriptions[{i}].template: {e}")),
+            }
+        }
+
+        let b = &self.buffer;
+        let synchronous = match b.synchronous.as_str() {
+            "normal" => Synchronous::Normal,
+            "full" => Synchronous::Full,
+            other => {
+                errs.push(format!(
+                    "buffer.synchronous: {other:?} is not one of \"normal\", \"full\""
+                ));
+                Synchronous::Normal
+            }
+        };
+        if !(1..=100_000).contains(&b.commit_max_rows) {
+            errs.push("buffer.commit_max_rows: must be between 1 and 100000".into());
+        }
+        if b.commit_max_delay_ms > 10_000 {
+            errs.push("buffer.commit_max_delay_ms: must be at most 10000".into());
+        }
+
+        let inf = &self.inference;
+        if !(1..=1_000_000).contains(&inf.queue_capacity) {
+            errs.push("inference.queue_capacity: must be between 1 and 1000000".into());
+        }
+
+        let p = &self.publish;
+        if p.qos > 2 {
+            errs.push("publish.qos: must be 0, 1 or 2".into());
+        }
+        for (key, t) in [
+            ("publish.prediction_topic", &p.prediction_topic),
+            ("publish.alert_topic", &p.alert_topic),
+        ] {
+            if t.is_empty() || t.contains('+') || t.contains('#') {
+                errs.push(format!(
+                    "{key}: must be a non-empty topic without wildcards"
+                ));
+            }
+        }
+
+        let s = &self.sync;
+        let sync = if s.enabled {
+            if !(s.url.starts_with("http://") || s.url.starts_with("https://")) {
+                errs.push(format!(
+                    "sync.url: {:?} must start with http:// or https://",
+                    s.url
+                ));
+            }
+            if !(1..=100_000).contains(&s.batch_max_rows) {
+                errs.push("sync.batch_max_rows: must be between 1 and 100000".into());
+            }
+            if s.request_timeout_ms == 0 {
+                errs.push("sync.request_timeout_ms: must be at least 1".into());
+            }
+            if s.backoff_min_ms == 0 || s.backoff_min_ms > s.backoff_max_ms {
+                errs.push(
+                    "sync.backoff_min_ms: must be at least 1 and not above sync.backoff_max_ms"
+                        .into(),
+                );
+            }
+            let token_path = resolve(&s.token_file);
+            let token = match std::fs::read_to_string(&token_path) {
+                Ok(t) if !t.trim().is_empty() => t.trim().to_owned(),
+                Ok(_) => {
+                    errs.push(format!(
+                        "sync.token_file: {} is empty",
+                        token_path.display()
+                    ));
+                    String::new()
+                }
+                Err(e) => {
+                    errs.push(format!(
+                        "sync.token_file: cannot read {}: {e}",
+                        token_path.display()
+                    ));
+                    String::new()
+                }
+            };
+            Some(SyncSettings {
+                url: s.url.trim_end_matches('/').to_owned(),
+                token: Secret(token),
+                batch_max_rows: s.batch_max_rows,
+                interval: Duration::from_millis(s.interval_ms),
+                request_timeout: Duration::from_millis(s.request_timeout_ms),
+                backoff_min: Duration::from_millis(s.backoff_min_ms),
+                backoff_max: Duration::from_millis(s.backoff_max_ms),
+            })
+        } else {
+            None
+        };
+        if self.shutdown.deadline_ms == 0 || self.shutdown.deadline_ms > 600_000 {
+            errs.push("shutdown.deadline_ms: must be between 1 and 600000".into());
+        }
+
+        if !errs.is_empty() {
+            return Err(ConfigError::Invalid(errs));
+        }
+        Ok(Settings {
+            device_id: a.device_id.clone(),
+            state_dir: a.state_dir.clone(),
+            mqtt: MqttSettings {
+                host,
+                port,
+                client_id: m.client_id.clone(),
+                clean_session: m.clean_session,
+                keep_alive: Duration::from_secs(m.keep_alive_secs),
+                max_unacked: m.max_unacked,
+                max_payload_bytes: m.max_payload_bytes,
+                reconnect_min: Duration::from_millis(m.reconnect_min_ms),
+                reconnect_max: Duration::from_millis(m.reconnect_max_ms),
+                subscriptions,
+            },
+            buffer: BufferSettings {
+                path: resolve(&b.path),
+                synchronous,
+                commit_max_rows: b.commit_max_rows,
+                commit_max_delay: Duration::from_millis(b.commit_max_delay_ms),
+            },
+            inference: InferenceSettings {
+                models: inf.models.iter().map(|p| resolve(p)).collect(),
+                queue_capacity: inf.queue_capacity,
+            },
+            publish: PublishSettings {
+                prediction_topic: p.prediction_topic.clone(),
+                alert_topic: p.alert_topic.clone(),
+                qos: p.qos,
+            },
+            sync,
+            shutdown_deadline: Duration::from_millis(self.shutdown.deadline_ms),
+        })
+    }
+}
+
+/// Splits `mqtt://host:port` (port defaults to 1883).
+fn parse_mqtt_url(url: &str) -> std::result::Result<(String, u16), String> {
+    let rest = url
+        .strip_prefix("mqtt://")
+        .or_else(|| url.strip_prefix("tcp://"))
+        .ok_or_else(|| format!("{url:?} must start with mqtt://"))?;
+    let rest = rest.trim_end_matches('/');
+    if let Ok(addr) = rest.parse::<SocketAddr>() {
+        return Ok((addr.ip().to_string(), addr.port()));
+    }
+    let (host, port) = match rest.rsplit_once(':') {
+        Some((h, p)) => (
+            h,
+            p.parse::<u16>()
+                .map_err(|_| format!("{url:?} has an invalid port"))?,
+        ),
+        None => (rest, 1883),
+    };
+    if host.is_empty() || port == 0 {
+        return Err(format!("{url:?} needs a host and a non-zero port"));
+    }
+    Ok((host.to_owned(), port))
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+    use super::*;
+
+    fn with_token(text: &str) -> (tempfile::TempDir, String) {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("token"), "abc\n").unwrap();
+        let text = text
+            .replace(
+                "state_dir = \"/var/lib/edge-agent\"",
+                &format!("state_dir = {:?}", dir.path()),
+            )
+            .replace("/etc/edge-agent/token", "token");
+        (dir, text)
+    }
+
+    #[test]
+    fn default_config_parses_and_validates() {
+        let (_dir, text) = with_token(DEFAULT_CONFIG);
+        let s = RawConfig::parse(&text).unwrap().validate().unwrap();
+        assert_eq!(s.mqtt.port, 1883);
+        assert_eq!(s.sync.unwrap().token.expose(), "abc");
+        assert!(s.buffer.path.ends_with("buffer.db"));
+    }
+
+    #[test]
+    fn unknown_key_is_rejected_with_its_name() {
+        let text = DEFAULT_CONFIG.replace("[shutdown]", "[shutdown]\nbogus_ms = 3");
+        let err = RawConfig::parse(&text).unwrap_err().to_string();
+        assert!(err.contains("bogus_ms"), "{err}");
+    }
+
+    #[test]
+    fn every_bad_key_is_reported_at_once() {
+        let (_dir, text) = with_token(DEFAULT_CONFIG);
+        let text = text
+            .replace("keep_alive_secs = 30", "keep_alive_secs = 0")
+            .replace("synchronous = \"normal\"", "synchronous = \"sometimes\"")
+            .replace("qos = 1\n# Maps", "qos = 3\n# Maps")
+            .replace(
+                "template = \"sensors/{device}/{stream}\"",
+                "template = \"x\"",
+            );
+        let err = RawConfig::parse(&text).unwrap().validate().unwrap_err();
+        let msg = err.to_string();
+        for key in [
+            "mqtt.keep_alive_secs",
+            "buffer.synchronous",
+            "mqtt.subscriptions[0].qos",
+            "mqtt.subscriptions[0].template",
+        ] {
+            assert!(msg.contains(key), "{key} missing from {msg}");
+        }
+    }
+
+    #[test]
+    fn missing_token_file_names_the_key() {
+        let text = DEFAULT_CONFIG.replace("/etc/edge-agent/token", "/nonexistent/token");
+        let err = RawConfig::parse(&text).unwrap().validate().unwrap_err();
+        assert!(err.to_string().contains("sync.token_file"), "{err}");
+    }
+
+    #[test]
+    fn secret_is_not_debug_printed() {
+        assert_eq!(
+            format!("{:?}", Secret::new("hunter2".into())),
+            "Secret(***)"
+        );
+    }
+
+    #[test]
+    fn mqtt_urls() {
+        assert_eq!(
+            parse_mqtt_url("mqtt://127.0.0.1:1884").unwrap(),
+            ("127.0.0.1".into(), 1884)
+        );
+        assert_eq!(
+            parse_mqtt_url("mqtt://broker.local").unwrap(),
+            ("broker.local".into(), 1883)
+        );
+        assert!(parse_mqtt_url("http://x").is_err());
+        assert!(parse_mqtt_url("mqtt://x:notaport").is_err());
+    }
+}

@@ -1,0 +1,479 @@
+//! Ingest: MQTT subscription -> decoded readings -> buffer -> broker ack.
+//!
+//! Owns the ingest MQTT connection. Three tasks, connected by bounded channels:
+//! 1. the poll loop drives rumqttc's event loop and never awaits the buffer;
+//!    it only waits for one of `max_unacked` permits before taking a message;
+//! 2. the commit task decodes and submits each message to the buffer's group
+//!    commit without waiting for it;
+//! 3. the ack task awaits each commit in arrival order, then acknowledges the
+//!    message to the broker and forwards the stored reading to inference.
+//!
+//! Invariant: a QoS 1/2 message is acknowledged only after the transaction
+//! holding it (as a reading or a dead letter) has committed, and acks leave
+//! in arrival order. Design: the rumqttc request channel is sized
+//! `max_unacked + 64`, and a permit is released only after its ack was
+//! queued, so queuing an ack can never wait on the poll loop (no deadlock).
+
+pub mod decode;
+mod mqtt;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use rumqttc::{Event, Packet, Publish, QoS};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
+use tokio_util::sync::CancellationToken;
+
+use crate::buffer::{Buffer, BufferError, DeadLetter, Item, NewReading, Outcome, Pending};
+use crate::config::MqttSettings;
+use crate::telemetry::Counters;
+use decode::DecodeError;
+
+pub use mqtt::{backoff_with_jitter, mqtt_options};
+
+/// Device timestamps further than this from the agent clock are flagged.
+pub const MAX_CLOCK_SKEW_MS: i64 = 5 * 60 * 1000;
+
+/// Why ingest stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum IngestError {
+    /// The buffer failed to commit; the message was not acknowledged.
+    #[error("buffer commit failed; unacknowledged messages stay with the broker")]
+    Buffer(#[from] BufferError),
+    /// A stage task panicked or was aborted.
+    #[error("ingest task failed")]
+    Join(#[from] tokio::task::JoinError),
+}
+
+/// Result alias for this module.
+pub type Result<T, E = IngestError> = std::result::Result<T, E>;
+
+/// A reading that is committed, as handed to inference.
+#[derive(Debug, Clone, PartialEq)]
+pub struct CommittedReading {
+    /// Sensor device.
+    pub source: String,
+    /// Stream.
+    pub stream: String,
+    /// Sequence number assigned by the buffer.
+    pub seq: u64,
+    /// Device timestamp.
+    pub device_ts_ms: Option<i64>,
+    /// Values.
+    pub values: std::collections::BTreeMap<String, f64>,
+}
+
+/// The ingest stage.
+pub struct IngestStage {
+    settings: MqttSettings,
+    buffer: Buffer,
+    to_inference: mpsc::Sender<CommittedReading>,
+    counters: Arc<Counters>,
+}
+
+struct Received {
+    publish: Publish,
+    recv_ts_ms: i64,
+    permit: OwnedSemaphorePermit,
+}
+
+struct Submitted {
+    publish: Publish,
+    pending: Pending<Vec<Outcome>>,
+    reading: Option<NewReading>,
+    permit: OwnedSemaphorePermit,
+}
+
+impl IngestStage {
+    /// Builds the stage from validated settings.
+    #[must_use]
+    pub fn new(
+        settings: MqttSettings,
+        buffer: Buffer,
+        to_inference: mpsc::Sender<CommittedReading>,
+        counters: Arc<Counters>,
+    ) -> Self {
+        Self {
+            settings,
+            buffer,
+            to_inference,
+            counters,
+        }
+    }
+
+    /// Runs until `shutdown`, then stops taking messages, commits and acks
+    /// what it holds, disconnects, and returns.
+    ///
+    /// # Errors
+    /// [`IngestError::Buffer`] when a commit fails (nothing further is acked).
+    pub async fn run(self, shutdown: CancellationToken) -> Result<()> {
+        let s = &self.settings;
+        let (client, mut eventloop) =
+            rumqttc::AsyncClient::new(mqtt_options(s, &s.client_id, true), s.max_unacked + 64);
+        let permits = Arc::new(Semaphore::new(s.max_unacked));
+        let (recv_tx, recv_rx) = mpsc::channel::<Received>(s.max_unacked);
+        let (ack_tx, ack_rx) = mpsc::channel::<Submitted>(s.max_unacked);
+
+        let commit = tokio::spawn(commit_task(recv_rx, ack_tx, self.buffer.clone(), s.clone()));
+        let stop_acks = CancellationToken::new();
+        let mut acker = tokio::spawn(ack_task(
+            ack_rx,
+            client.clone(),
+            self.to_inference.clone(),
+            self.counters.clone(),
+            stop_acks.clone(),
+        ));
+
+        let filters: Vec<rumqttc::SubscribeFilter> = s
+            .subscriptions
+            .iter()
+            .map(|sub| rumqttc::SubscribeFilter::new(sub.filter.clone(), qos(sub.qos)))
+            .collect();
+        let mut attempt: u32 = 0;
+        let mut failed: Option<IngestError> = None;
+        loop {
+            tokio::select! {
+                biased;
+                () = shutdown.cancelled() => break,
+                res = &mut acker => {
+                    // The ack task only ends early on a commit failure.
+                    failed = Some(match res {
+                        Ok(Err(e)) => e,
+                        Ok(Ok(())) => IngestError::Buffer(BufferError::Closed),
+                        Err(e) => IngestError::Join(e),
+                    });
+                    break;
+                }
+                ev = eventloop.poll() => match ev {
+                    Ok(Event::Incoming(Packet::ConnAck(ack))) => {
+                        attempt = 0;
+                        tracing::info!(
+                            session_present = ack.session_present,
+                            broker = %format!("{}:{}", s.host, s.port),
+                            "ingest connected; subscribing"
+                        );
+                        if let Err(e) = client.try_subscribe_many(filters.clone()) {
+                            tracing::warn!(error = %e, "cannot queue subscription");
+                        }
+                    }
+                    Ok(Event::Incoming(Packet::SubAck(_))) => {
+                        Counters::add(&self.counters.subscribed, 1);
+                    }
+                    Ok(Event::Incoming(Packet::Publish(publish))) => {
+                        Counters::add(&self.counters.received, 1);
+                        let recv_ts_ms = crate::now_ms();
+                        let permit = tokio::select! {
+                            p = permits.clone().acquire_owned() => match p {
+                                Ok(p) => p,
+                                Err(_) => break,
+                            },
+                            () = shutdown.cancelled() => break,
+                        };
+                        if recv_tx.send(Received { publish, recv_ts_ms, permit }).await.is_err() {
+                            break;
+                        }
+                    }
+                    Ok(_) => {}
+                    Err(e) => {
+                        Counters::add(&self.counters.ingest_reconnects, 1);
+                        let delay = backoff_with_jitter(s.reconnect_min, s.reconnect_max, attempt);
+                        attempt = attempt.saturating_add(1);
+                        tracing::warn!(error = %e, retry_in_ms = delay.as_millis(), "ingest connection lost");
+                        tokio::select! {
+                            () = tokio::time::sleep(delay) => {}
+                            () = shutdown.cancelled() => break,
+                        }
+                    }
+                }
+            }
+        }
+
+        // Drain: stop taking messages, let the commit and ack tasks finish,
+        // and keep polling so the queued acks actually reach the broker.
+        drop(recv_tx);
+        if let Some(e) = failed {
+            return Err(e);
+        }
+        let drained = async {
+            let mut acker_done = false;
+            loop {
+                tokio::select! {
+                    res = &mut acker, if !acker_done => {
+                        acker_done = true;
+                        match res {
+                            Ok(r) => r?,
+                            Err(e) => return Err(IngestError::Join(e)),
+                        }
+                        let _ = client.try_disconnect();
+                    }
+                    ev = eventloop.poll() => {
+                        if acker_done {
+                            // Disconnect sent (or connection gone): done.
+                            if matches!(ev, Ok(Event::Outgoing(rumqttc::Outgoing::Disconnect)) | Err(_)) {
+                                break;
+                            }
+                        } else if ev.is_err() {
+                            tokio::time::sleep(Duration::from_millis(50)).await;
+                        }
+                    }
+                }
+            }
+            Ok(())
+        };
+        let res = drained.await;
+        stop_acks.cancel();
+        commit.await?;
+        tracing::info!("ingest stopped");
+        res
+    }
+}
+
+fn qos(level: u8) -> QoS {
+    match level {
+        0 => QoS::AtMostOnce,
+        1 => QoS::AtLeastOnce,
+        _ => QoS::ExactlyOnce,
+    }
+}
+
+async fn commit_task(
+    mut rx: mpsc::Receiver<Received>,
+    tx: mpsc::Sender<Submitted>,
+    buffer: Buffer,
+    settings: MqttSettings,
+) {
+    while let Some(Received {
+        publish,
+        recv_ts_ms,
+        permit,
+    }) = rx.recv().await
+    {
+        let item = to_item(&publish, recv_ts_ms, &settings);
+        let reading = match &item {
+            Item::Reading(r) => Some(r.clone()),
+            Item::DeadLetter(d) => {
+                tracing::debug!(topic = %d.topic, reason = d.reason, detail = %d.detail, "dead letter");
+                None
+            }
+        };
+        let pending = match buffer.submit(vec![item]).await {
+            Ok(p) => p,
+            Err(e) => {
+                tracing::error!(error = %format!("{e:#}"), "buffer closed; stopping commit task");
+                break;
+            }
+        };
+        if tx
+            .send(Submitted {
+                publish,
+                pending,
+                reading,
+                permit,
+            })
+            .await
+            .is_err()
+        {
+            break;
+        }
+    }
+}
+
+async fn ack_task(
+    mut rx: mpsc::Receiver<Submitted>,
+    client: rumqttc::AsyncClient,
+    to_inference: mpsc::Sender<CommittedReading>,
+    counters: Arc<Counters>,
+    stop: CancellationToken,
+) -> Result<()> {
+    while let Some(Submitted {
+        publish,
+        pending,
+        reading,
+        permit,
+    }) = rx.recv().await
+    {
+        let outcomes = pending.wait().await?;
+        if publish.qos != QoS::AtMostOnce {
+            // The request channel has room for every permit holder, so this
+            // only fails when the client is gone; the broker then redelivers.
+            if client.ack(&publish).await.is_ok() {
+                Counters::add(&counters.acked, 1);
+            }
+        }
+        drop(permit);
+        match (outcomes.first(), reading) {
+            (Some(Outcome::Stored(seq)), Some(r)) => {
+                Counters::add(&counters.committed, 1);
+                let committed = CommittedReading {
+                    source: r.source,
+                    stream: r.stream,
+                    seq: *seq,
+                    device_ts_ms: r.device_ts_ms,
+                    values: r.values,
+                };
+                tokio::select! {
+                    res = to_inference.send(committed) => if res.is_err() {
+                        tracing::debug!("inference queue closed");
+                    },
+                    () = stop.cancelled() => {}
+                }
+            }
+            (Some(Outcome::Duplicate), _) => Counters::add(&counters.duplicates, 1),
+            (Some(Outcome::DeadLettered), _) => Counters::add(&counters.dead_letters, 1),
+            _ => {}
+        }
+    }
+    Ok(())
+}
+
+/// Turns a publish into a reading or a dead letter. Pure apart from reading
+/// the settings; never panics.
+fn to_item(publish: &Publish, recv_ts_ms: i64, settings: &MqttSettings) -> Item {
+    let topic = publish.topic.clone();
+    let dead = |err: DecodeError| {
+        let reason = match err {
+            DecodeError::Oversized { .. } => "oversized",
+            DecodeError::UnmatchedTopic => "unmatched_topic",
+            DecodeError::Malformed(_) => "malformed",
+            DecodeError::Shape(_) => "wrong_type",
+            DecodeError::NonFinite(_) => "non_finite",
+            DecodeError::Empty => "empty",
+        };
+        Item::DeadLetter(DeadLetter {
+            topic: topic.clone(),
+            reason,
+            detail: err.to_string(),
+            payload: publish.payload[..publish
+                .payload
+                .len()
+                .min(crate::buffer::DEAD_LETTER_MAX_BYTES)]
+                .to_vec(),
+            payload_len: publish.payload.len(),
+            recv_ts_ms,
+        })
+    };
+    let Some((source, stream)) = settings
+        .subscriptions
+        .iter()
+        .find_map(|s| s.template.matches(&topic))
+    else {
+        return dead(DecodeError::UnmatchedTopic);
+    };
+    match decode::decode_payload(&publish.payload, settings.max_payload_bytes) {
+        Ok(d) => {
+            // Design: dedupe only on what identifies a message at its producer:
+            // an explicit id, or a device timestamp plus the exact payload. A
+            // payload with neither has no identity, and a redelivery of it is
+            // stored twice (QoS 1 allows that) rather than risk dropping a
+            // genuinely new reading.
+            let ident = d.producer_id.clone().or_else(|| {
+                d.device_ts_ms
+                    .map(|_| crate::short_hash(&[publish.topic.as_bytes(), &publish.payload[..]]))
+            });
+            let clock_ok = d
+                .device_ts_ms
+                .is_some_and(|t| (t - recv_ts_ms).abs() <= MAX_CLOCK_SKEW_MS);
+            Item::Reading(NewReading {
+                source: source.to_owned(),
+                stream: stream.to_owned(),
+                ident,
+                device_ts_ms: d.device_ts_ms,
+                recv_ts_ms,
+                clock_ok,
+                values: d.values,
+            })
+        }
+        Err(e) => dead(e),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+    use crate::config::Subscription;
+
+    fn settings() -> MqttSettings {
+        MqttSettings {
+            host: "127.0.0.1".into(),
+            port: 1883,
+            client_id: "t".into(),
+            clean_session: false,
+            keep_alive: Duration::from_secs(5),
+            max_unacked: 10,
+            max_payload_bytes: 64,
+            reconnect_min: Duration::from_millis(10),
+            reconnect_max: Duration::from_millis(100),
+            subscriptions: vec![Subscription {
+                filter: "sensors/+/+".into(),
+                qos: 1,
+                template: decode::TopicTemplate::parse("sensors/{device}/{stream}").unwrap(),
+            }],
+        }
+    }
+
+    fn publish(topic: &str, payload: &[u8]) -> Publish {
+        Publish::new(topic, QoS::AtLeastOnce, payload.to_vec())
+    }
+
+    #[test]
+    fn same_timestamped_payload_gets_same_identity() {
+        let s = settings();
+        let a = to_item(&publish("sensors/m1/t", br#"{"ts":1,"v":2}"#), 5, &s);
+        let b = to_item(&publish("sensors/m1/t", br#"{"ts":1,"v":2}"#), 9, &s);
+        let c = to_item(&publish("sensors/m1/t", br#"{"ts":2,"v":2}"#), 9, &s);
+        let id = |i: &Item| match i {
+            Item::Reading(r) => r.ident.clone(),
+            Item::DeadLetter(_) => None,
+        };
+        assert!(id(&a).is_some());
+        assert_eq!(id(&a), id(&b));
+        assert_ne!(id(&a), id(&c));
+        assert_eq!(id(&to_item(&publish("sensors/m1/t", b"3.5"), 1, &s)), None);
+    }
+
+    #[test]
+    fn bad_messages_become_dead_letters_with_reasons() {
+        let s = settings();
+        let reason = |topic: &str, payload: &[u8]| match to_item(&publish(topic, payload), 1, &s) {
+            Item::DeadLetter(d) => d.reason,
+            Item::Reading(_) => "stored",
+        };
+        assert_eq!(reason("other/m1/t", b"1"), "unmatched_topic");
+        assert_eq!(reason("sensors/m1/t", b"{"), "malformed");
+        assert_eq!(reason("sensors/m1/t", &[b'1'; 100]), "oversized");
+        assert_eq!(reason("sensors/m1/t", br#"{"v":"x"}"#), "wrong_type");
+        assert_eq!(reason("sensors/m1/t", b"inf"), "non_finite");
+        assert_eq!(reason("sensors/m1/t", b"2.5"), "stored");
+    }
+
+    #[test]
+    fn clock_sanity_is_recorded() {
+        let s = settings();
+        let now = 1_700_000_000_000;
+        let item = to_item(
+            &publish(
+                "sensors/m1/t",
+                format!("{{\"ts\":{now},\"v\":1}}").as_bytes(),
+            ),
+            now + 1000,
+            &s,
+        );
+        assert!(matches!(
+            item,
+            Item::Reading(NewReading { clock_ok: true, .. })
+        ));
+        let old = to_item(
+            &publish("sensors/m1/t", br#"{"ts":1386021300,"v":1}"#),
+            now,
+            &s,
+        );
+        assert!(matches!(
+            old,
+            Item::Reading(NewReading {
+                clock_ok: false,
+                ..
+            })
+        ));
+    }
+}

@@ -1,0 +1,120 @@
+//! `edge-agent` binary: parses the command line, initialises telemetry,
+//! loads and validates config, runs the library, maps the result to an exit code.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use clap::{Parser, Subcommand};
+use edge_agent::config::{DEFAULT_CONFIG, RawConfig};
+use edge_agent::telemetry::{self, Counters};
+use tokio_util::sync::CancellationToken;
+
+#[derive(Parser)]
+#[command(
+    name = "edge-agent",
+    version,
+    about = "Edge ML agent: durable MQTT ingest, local ONNX inference, cloud sync"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the agent with a config file.
+    Run {
+        /// Path to the TOML config.
+        #[arg(long, short)]
+        config: PathBuf,
+    },
+    /// Validate a config file and exit (0 when valid, 78 when not).
+    CheckConfig {
+        /// Path to the TOML config.
+        file: PathBuf,
+    },
+    /// Print a commented example config.
+    PrintDefaultConfig,
+    /// Replay real NAB sensor data through an embedded broker, the agent and
+    /// an in-process cloud, then print a report.
+    #[cfg(feature = "demo")]
+    Demo(edge_agent::demo::DemoArgs),
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::PrintDefaultConfig => {
+            print!("{DEFAULT_CONFIG}");
+            ExitCode::SUCCESS
+        }
+        Command::CheckConfig { file } => match RawConfig::load(&file).and_then(RawConfig::validate)
+        {
+            Ok(_) => {
+                println!("{}: ok", file.display());
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("{}: {e}", file.display());
+                ExitCode::from(edge_agent::EXIT_CONFIG)
+            }
+        },
+        Command::Run { config } => {
+            telemetry::init("info");
+            let settings = match RawConfig::load(&config).and_then(RawConfig::validate) {
+                Ok(s) => s,
+                Err(e) => {
+                    eprintln!("{}: {e}", config.display());
+                    return ExitCode::from(edge_agent::EXIT_CONFIG);
+                }
+            };
+            runtime_then(|| async move {
+                let shutdown = CancellationToken::new();
+                let signal = shutdown.clone();
+                tokio::spawn(async move {
+                    match edge_agent::shutdown_signal().await {
+                        Ok(name) => tracing::info!(signal = name, "stopping"),
+                        Err(e) => tracing::error!(error = %e, "cannot install signal handlers"),
+                    }
+                    signal.cancel();
+                });
+                edge_agent::supervisor::run(settings, Arc::new(Counters::default()), shutdown)
+                    .await
+                    .map_err(anyhow::Error::from)
+            })
+        }
+        #[cfg(feature = "demo")]
+        Command::Demo(args) => runtime_then(|| async move {
+            edge_agent::demo::run(args)
+                .await
+                .map(|_| ())
+                .map_err(anyhow::Error::from)
+        }),
+    }
+}
+
+fn runtime_then<F, Fut>(f: F) -> ExitCode
+where
+    F: FnOnce() -> Fut,
+    Fut: std::future::Future<Output = anyhow::Result<()>>,
+{
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match rt.block_on(f()) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!("{e:#}");
+            eprintln!("edge-agent: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,160 @@
+//! Cloud endpoint for edge agents: authenticated, exactly-once batch ingest.
+//!
+//! Crate map:
+//! - [`config`]: TOML [`Config`] → validated [`Settings`]; the embedded example config.
+//! - [`store`]: the only module touching SQLite. [`Store`] is a cloneable handle
+//!   to one worker thread; batches are stored in one transaction, deduplicated
+//!   on `(device, stream, seq)` / `(device, model, seq)`.
+//! - [`auth`]: bearer-token authentication and per-device authorization.
+//! - [`api`]: the axum router ([`app`]), request decoding and error responses.
+//! - this file: [`start`] / [`Server`] for in-process use (tests, demos) and
+//!   [`serve`] for the binary.
+//!
+//! Wire types come from [`sync_protocol`] and are used unchanged.
+
+pub mod api;
+pub mod auth;
+pub mod config;
+pub mod store;
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+pub use api::{ApiError, AppState, app};
+pub use config::{Config, ConfigError, Settings};
+pub use store::{Store, StoreError};
+pub use sync_protocol;
+
+/// Extra time, beyond `request_timeout`, that shutdown waits for requests in flight.
+const DRAIN_GRACE: Duration = Duration::from_secs(5);
+
+/// Why the server could not start or stopped with an error.
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    /// The database could not be opened.
+    #[error("cannot open store")]
+    Store(#[from] StoreError),
+    /// The listen address could not be bound.
+    #[error("cannot bind listen_addr {addr}")]
+    Bind {
+        /// Address from `listen_addr`.
+        addr: SocketAddr,
+        /// Underlying OS error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The bound socket has no local address.
+    #[error("cannot read the bound address")]
+    LocalAddr(#[source] std::io::Error),
+    /// The accept loop failed.
+    #[error("server failed")]
+    Serve(#[source] std::io::Error),
+    /// The server task panicked.
+    #[error("server task panicked")]
+    Panicked(#[source] tokio::task::JoinError),
+}
+
+/// A running server (see [`start`]).
+#[derive(Debug)]
+pub struct Server {
+    /// The address actually bound (resolves port 0).
+    pub addr: SocketAddr,
+    store: Store,
+    task: JoinHandle<std::io::Result<()>>,
+    shutdown: CancellationToken,
+    drain_timeout: Duration,
+}
+
+/// Opens the store, binds `settings.listen_addr` (port 0 allowed), spawns the
+/// server on the current tokio runtime and returns once listening.
+///
+/// The server stops accepting when `shutdown` is cancelled and finishes the
+/// requests in flight; await [`Server::join`] for that.
+///
+/// # Errors
+/// [`ServeError::Store`] if the database cannot be opened, [`ServeError::Bind`]
+/// if the address cannot be bound.
+pub async fn start(settings: Settings, shutdown: CancellationToken) -> Result<Server, ServeError> {
+    let store = Store::open(&settings.database_path).await?;
+    let listener = tokio::net::TcpListener::bind(settings.listen_addr)
+        .await
+        .map_err(|source| ServeError::Bind {
+            addr: settings.listen_addr,
+            source,
+        })?;
+    let addr = listener.local_addr().map_err(ServeError::LocalAddr)?;
+    let router = app(AppState::new(store.clone(), &settings));
+    let signal = shutdown.clone().cancelled_owned();
+    let task = tokio::spawn(async move {
+        axum::serve(listener, router)
+            .with_graceful_shutdown(signal)
+            .await
+    });
+    tracing::info!(%addr, database = %settings.database_path.display(), "cloud-sync listening");
+    Ok(Server {
+        addr,
+        store,
+        task,
+        shutdown,
+        drain_timeout: settings.request_timeout + DRAIN_GRACE,
+    })
+}
+
+impl Server {
+    /// The store the server writes to (for inspection in tests and demos).
+    #[must_use]
+    pub fn store(&self) -> &Store {
+        &self.store
+    }
+
+    /// Waits until the server has stopped: after the shutdown token is
+    /// cancelled and requests in flight finished, or were aborted once
+    /// `request_timeout` plus a grace period had passed (logged at WARN).
+    ///
+    /// The store stays open while any [`Store`] handle lives.
+    ///
+    /// # Errors
+    /// [`ServeError::Serve`] if the server failed, [`ServeError::Panicked`] if
+    /// its task panicked.
+    pub async fn join(self) -> Result<(), ServeError> {
+        let Server {
+            addr,
+            mut task,
+            shutdown,
+            drain_timeout,
+            ..
+        } = self;
+        let deadline = async {
+            shutdown.cancelled().await;
+            tokio::time::sleep(drain_timeout).await;
+        };
+        tokio::select! {
+            joined = &mut task => {
+                joined.map_err(ServeError::Panicked)?.map_err(ServeError::Serve)?;
+                tracing::info!(%addr, "cloud-sync stopped");
+                Ok(())
+            }
+            () = deadline => {
+                task.abort();
+                tracing::warn!(%addr, ?drain_timeout, "requests still in flight at shutdown deadline; aborted");
+                Ok(())
+            }
+        }
+    }
+}
+
+/// Runs the server until `shutdown` is cancelled, then drains and closes the store.
+///
+/// # Errors
+/// As [`start`] and [`Server::join`]; [`ServeError::Store`] if the database
+/// cannot be closed cleanly.
+pub async fn serve(settings: Settings, shutdown: CancellationToken) -> Result<(), ServeError> {
+    let server = start(settings, shutdown).await?;
+    let store = server.store().clone();
+    server.join().await?;
+    store.close().await?;
+    Ok(())
+}

@@ -1,0 +1,215 @@
+//! `cloud-sync` binary: parse the CLI, initialise tracing, load and validate
+//! the config, call the library, map the outcome to an exit code.
+//!
+//! Exit codes: 0 success, 78 (`EX_CONFIG`) bad or unreadable config, 1 any
+//! other failure.
+
+use std::io::IsTerminal as _;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use anyhow::Context as _;
+use clap::{Parser, Subcommand};
+use cloud_sync::config::DEFAULT_CONFIG_TOML;
+use cloud_sync::{Config, Settings, Store};
+use tokio_util::sync::CancellationToken;
+
+/// Exit code for configuration errors (sysexits `EX_CONFIG`).
+const EXIT_CONFIG: u8 = 78;
+
+/// Cloud endpoint for edge agents: authenticated, exactly-once batch ingest.
+#[derive(Debug, Parser)]
+#[command(name = "cloud-sync", version, about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run the HTTP API until SIGINT or SIGTERM.
+    Serve {
+        /// Config file (TOML).
+        #[arg(long, value_name = "FILE")]
+        config: PathBuf,
+    },
+    /// Print the commented default config to stdout.
+    PrintDefaultConfig,
+    /// Parse and validate a config file; report every problem.
+    CheckConfig {
+        /// Config file (TOML).
+        file: PathBuf,
+    },
+    /// Manage device registrations.
+    Devices {
+        #[command(subcommand)]
+        command: DevicesCommand,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum DevicesCommand {
+    /// Register a device and print its bearer token (shown only once).
+    Add {
+        /// Device id: 1 to 128 characters from [A-Za-z0-9._-].
+        id: String,
+        /// Config file (TOML) naming the database.
+        #[arg(long, value_name = "FILE")]
+        config: PathBuf,
+    },
+    /// Revoke a device's token; its stored data is kept.
+    Revoke {
+        /// Device id.
+        id: String,
+        /// Config file (TOML) naming the database.
+        #[arg(long, value_name = "FILE")]
+        config: PathBuf,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::PrintDefaultConfig => {
+            print!("{DEFAULT_CONFIG_TOML}");
+            ExitCode::SUCCESS
+        }
+        Command::CheckConfig { file } => match load_settings(&file) {
+            Ok(_) => {
+                println!("{}: ok", file.display());
+                ExitCode::SUCCESS
+            }
+            Err(code) => code,
+        },
+        Command::Serve { config } => with_settings(&config, |settings| run(serve(settings))),
+        Command::Devices {
+            command: DevicesCommand::Add { id, config },
+        } => with_settings(&config, |settings| run(add_device(settings, id))),
+        Command::Devices {
+            command: DevicesCommand::Revoke { id, config },
+        } => with_settings(&config, |settings| run(revoke_device(settings, id))),
+    }
+}
+
+/// Loads and validates `path`; on failure prints the problem (naming the key)
+/// and returns exit code 78.
+fn load_settings(path: &Path) -> Result<Settings, ExitCode> {
+    Config::load(path)
+        .and_then(|config| config.validate())
+        .map_err(|err| {
+            eprintln!(
+                "cloud-sync: {}: {:#}",
+                path.display(),
+                anyhow::Error::from(err)
+            );
+            ExitCode::from(EXIT_CONFIG)
+        })
+}
+
+fn with_settings(path: &Path, f: impl FnOnce(Settings) -> ExitCode) -> ExitCode {
+    match load_settings(path) {
+        Ok(settings) => f(settings),
+        Err(code) => code,
+    }
+}
+
+/// Initialises tracing, runs `job` on a multi-threaded runtime, maps errors to exit 1.
+fn run(job: impl Future<Output = anyhow::Result<()>>) -> ExitCode {
+    init_tracing();
+    let result = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("cannot start tokio runtime")
+        .and_then(|runtime| runtime.block_on(job));
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            eprintln!("cloud-sync: {err:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn init_tracing() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(std::io::stderr().is_terminal())
+        .with_writer(std::io::stderr)
+        .init();
+}
+
+async fn serve(settings: Settings) -> anyhow::Result<()> {
+    let shutdown = CancellationToken::new();
+    let signals = shutdown_signal().context("cannot install signal handlers")?;
+    let on_signal = shutdown.clone();
+    tokio::spawn(async move {
+        match signals.await {
+            Ok(name) => tracing::info!(signal = name, "shutting down"),
+            Err(err) => tracing::error!(error = %err, "signal handler failed; shutting down"),
+        }
+        on_signal.cancel();
+    });
+    cloud_sync::serve(settings, shutdown).await?;
+    Ok(())
+}
+
+/// Installs SIGINT and SIGTERM handlers now; the returned future resolves with
+/// the name of the first signal received.
+fn shutdown_signal()
+-> std::io::Result<impl Future<Output = std::io::Result<&'static str>> + Send + 'static> {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        let mut interrupt = signal(SignalKind::interrupt())?;
+        let mut terminate = signal(SignalKind::terminate())?;
+        Ok(async move {
+            tokio::select! {
+                _ = interrupt.recv() => Ok("SIGINT"),
+                _ = terminate.recv() => Ok("SIGTERM"),
+            }
+        })
+    }
+    #[cfg(not(unix))]
+    {
+        Ok(async {
+            tokio::signal::ctrl_c().await?;
+            Ok("ctrl-c")
+        })
+    }
+}
+
+async fn add_device(settings: Settings, id: String) -> anyhow::Result<()> {
+    let store = open_store(&settings).await?;
+    let added = store
+        .add_device(&id)
+        .await
+        .with_context(|| format!("cannot add device {id:?}"));
+    let closed = store.close().await.context("cannot close database");
+    let token = added?;
+    // The device is registered once `added` is Ok: print its token even if closing fails.
+    println!("{token}");
+    eprintln!("cloud-sync: device {id:?} added; the token above is shown only once");
+    closed?;
+    Ok(())
+}
+
+async fn revoke_device(settings: Settings, id: String) -> anyhow::Result<()> {
+    let store = open_store(&settings).await?;
+    let revoked = store
+        .revoke_device(&id)
+        .await
+        .with_context(|| format!("cannot revoke device {id:?}"));
+    let closed = store.close().await.context("cannot close database");
+    revoked?;
+    closed?;
+    eprintln!("cloud-sync: device {id:?} revoked");
+    Ok(())
+}
+
+async fn open_store(settings: &Settings) -> anyhow::Result<Store> {
+    Store::open(&settings.database_path)
+        .await
+        .with_context(|| format!("database_path {}", settings.database_path.display()))
+}
