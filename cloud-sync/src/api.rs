@@ -103,7 +103,7 @@ pub enum ApiError {
     /// The route exists but not for this method (405).
     #[error("method not allowed on this endpoint")]
     MethodNotAllowed,
-    /// The store answered with an error (500), or is unreachable (503 on `/readyz`).
+    /// The store answered with an error or is unreachable (500).
     #[error("storage failure")]
     Store(#[source] StoreError),
     /// The store does not answer a trivial query (503).
@@ -132,8 +132,9 @@ impl ApiError {
     #[must_use]
     pub fn status_and_code(&self) -> (StatusCode, &'static str) {
         match self {
-            ApiError::Auth(AuthError::MissingHeader | AuthError::MalformedHeader) => {
-                (StatusCode::UNAUTHORIZED, "missing_token")
+            ApiError::Auth(AuthError::MissingHeader) => (StatusCode::UNAUTHORIZED, "missing_token"),
+            ApiError::Auth(AuthError::MalformedHeader) => {
+                (StatusCode::UNAUTHORIZED, "malformed_token")
             }
             ApiError::Auth(AuthError::InvalidToken) => (StatusCode::UNAUTHORIZED, "invalid_token"),
             ApiError::Auth(AuthError::WrongDevice { .. }) => (StatusCode::FORBIDDEN, "forbidden"),

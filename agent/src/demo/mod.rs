@@ -335,6 +335,8 @@ pub async fn run(args: DemoArgs) -> Result<DemoReport, DemoError> {
     raw.agent.state_dir.clone_from(&state_dir);
     raw.mqtt.broker_url.clone_from(&broker_url);
     raw.mqtt.client_id = format!("edge-agent-demo-{run_id}");
+    // A one-off client id on a shared broker must not leave a session behind.
+    raw.mqtt.clean_session = args.broker.is_some();
     raw.mqtt.subscriptions[0].topic = format!("{prefix}sensors/+/+");
     raw.mqtt.subscriptions[0].template = format!("{prefix}sensors/{{device}}/{{stream}}");
     raw.inference.models = vec![model_dir.clone()];

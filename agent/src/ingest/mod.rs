@@ -156,8 +156,18 @@ impl IngestStage {
                             tracing::warn!(error = %e, "cannot queue subscription");
                         }
                     }
-                    Ok(Event::Incoming(Packet::SubAck(_))) => {
+                    Ok(Event::Incoming(Packet::SubAck(ack))) => {
                         Counters::add(&self.counters.subscribed, 1);
+                        let refused = ack
+                            .return_codes
+                            .iter()
+                            .filter(|c| matches!(c, rumqttc::SubscribeReasonCode::Failure))
+                            .count();
+                        if refused > 0 {
+                            tracing::error!(refused, "broker refused subscriptions; check the broker's ACL");
+                        } else {
+                            tracing::info!(filters = filters.len(), "ingest subscribed");
+                        }
                     }
                     Ok(Event::Incoming(Packet::Publish(publish))) => {
                         Counters::add(&self.counters.received, 1);

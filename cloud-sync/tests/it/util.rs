@@ -71,12 +71,16 @@ pub fn prediction(model: &str, seq: u64, is_anomaly: bool) -> Prediction {
 /// Readings `readings` on `m1/temperature`, predictions `predictions` of
 /// `iforest` (every third one anomalous).
 pub fn sample_batch(
-    readings: std::ops::RangeInclusive<u64>,
-    predictions: std::ops::RangeInclusive<u64>,
+    readings: impl IntoIterator<Item = u64>,
+    predictions: impl IntoIterator<Item = u64>,
 ) -> UploadBatch {
     UploadBatch {
-        readings: readings.map(|s| reading("m1", "temperature", s)).collect(),
+        readings: readings
+            .into_iter()
+            .map(|s| reading("m1", "temperature", s))
+            .collect(),
         predictions: predictions
+            .into_iter()
             .map(|s| prediction("iforest", s, s % 3 == 0))
             .collect(),
     }
