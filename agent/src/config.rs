@@ -11,6 +11,9 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
+/// Smallest accepted `buffer.max_bytes`.
+pub const MIN_BUFFER_BYTES: u64 = 1 << 20;
+
 /// The commented example configuration printed by `print-default-config`.
 pub const DEFAULT_CONFIG: &str = include_str!("default-config.toml");
 
@@ -87,8 +90,33 @@ pub struct RawMqtt {
     pub reconnect_min_ms: u64,
     /// Largest reconnect delay.
     pub reconnect_max_ms: u64,
+    /// `"3.1.1"` or `"5"`.
+    #[serde(default = "default_protocol")]
+    pub protocol: String,
+    /// Username, if the broker wants one.
+    #[serde(default)]
+    pub username: Option<String>,
+    /// File holding the password (first line); mutually exclusive with `password_env`.
+    #[serde(default)]
+    pub password_file: Option<PathBuf>,
+    /// Environment variable holding the password.
+    #[serde(default)]
+    pub password_env: Option<String>,
+    /// PEM CA bundle for `mqtts://` (default: the system's roots).
+    #[serde(default)]
+    pub ca_file: Option<PathBuf>,
+    /// PEM client certificate chain for mutual TLS.
+    #[serde(default)]
+    pub client_cert_file: Option<PathBuf>,
+    /// PEM private key for mutual TLS.
+    #[serde(default)]
+    pub client_key_file: Option<PathBuf>,
     /// Subscriptions.
     pub subscriptions: Vec<RawSubscription>,
+}
+
+fn default_protocol() -> String {
+    "3.1.1".into()
 }
 
 /// One `[[mqtt.subscriptions]]` entry as written.
@@ -101,6 +129,9 @@ pub struct RawSubscription {
     pub qos: u8,
     /// Topic template with `{device}` and `{stream}`.
     pub template: String,
+    /// Reconnect when this subscription is quiet this long; 0 disables.
+    #[serde(default)]
+    pub idle_timeout_secs: u64,
 }
 
 /// `[buffer]` as written.
@@ -115,6 +146,26 @@ pub struct RawBuffer {
     pub commit_max_rows: usize,
     /// Group commit delay bound.
     pub commit_max_delay_ms: u64,
+    /// Quota for the database including its WAL.
+    pub max_bytes: u64,
+    /// Rows older than this are evicted; 0 disables.
+    #[serde(default)]
+    pub max_age_secs: u64,
+    /// `drop_oldest` or `reject_new`, for streams without their own policy.
+    pub full_policy: String,
+    /// Per-stream overrides of `full_policy`.
+    #[serde(default)]
+    pub stream_policies: Vec<RawStreamPolicy>,
+}
+
+/// One `[[buffer.stream_policies]]` entry as written.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawStreamPolicy {
+    /// Stream name (from the topic template's `{stream}`).
+    pub stream: String,
+    /// `drop_oldest` or `reject_new`.
+    pub full_policy: String,
 }
 
 /// `[inference]` as written.
@@ -197,6 +248,12 @@ pub struct MqttSettings {
     pub host: String,
     /// Broker port.
     pub port: u16,
+    /// Protocol version.
+    pub protocol: MqttProtocol,
+    /// TLS, when the URL is `mqtts://`.
+    pub tls: Option<MqttTls>,
+    /// Username and password (never logged).
+    pub credentials: Option<(String, Secret)>,
     /// Client id for the ingest connection (the publisher appends `-pub`).
     pub client_id: String,
     /// Whether to start a clean session.
@@ -224,6 +281,26 @@ pub struct Subscription {
     pub qos: u8,
     /// Topic template.
     pub template: crate::ingest::decode::TopicTemplate,
+    /// Liveness: reconnect when nothing arrives on this filter for this long.
+    pub idle_timeout: Option<Duration>,
+}
+
+/// MQTT protocol version.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MqttProtocol {
+    /// MQTT 3.1.1.
+    V311,
+    /// MQTT 5.
+    V5,
+}
+
+/// TLS material for `mqtts://` brokers.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct MqttTls {
+    /// PEM CA bundle; `None` uses the system's roots.
+    pub ca_file: Option<PathBuf>,
+    /// Client certificate chain and key for mutual TLS.
+    pub client_auth: Option<(PathBuf, PathBuf)>,
 }
 
 /// How hard SQLite syncs to disk.
@@ -234,6 +311,26 @@ pub enum Synchronous {
     Normal,
     /// WAL + `synchronous=FULL`: every commit is fsynced.
     Full,
+}
+
+/// What the buffer does with a stream's new rows when the quota is reached.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FullPolicy {
+    /// Evict the oldest rows (synced ones first, then unsynced) to make room.
+    DropOldest,
+    /// Refuse new rows: ingest stops acknowledging, so the broker keeps the
+    /// data and applies backpressure.
+    RejectNew,
+}
+
+impl FullPolicy {
+    fn parse(s: &str) -> Option<Self> {
+        match s {
+            "drop_oldest" => Some(Self::DropOldest),
+            "reject_new" => Some(Self::RejectNew),
+            _ => None,
+        }
+    }
 }
 
 /// Validated buffer settings.
@@ -247,6 +344,41 @@ pub struct BufferSettings {
     pub commit_max_rows: usize,
     /// Group commit delay bound.
     pub commit_max_delay: Duration,
+    /// Quota in bytes, database plus WAL.
+    pub max_bytes: u64,
+    /// Rows older than this (by receive time) are evicted.
+    pub max_age: Option<Duration>,
+    /// Policy for streams not listed in `stream_policies`.
+    pub full_policy: FullPolicy,
+    /// Per-stream policies.
+    pub stream_policies: std::collections::BTreeMap<String, FullPolicy>,
+}
+
+impl BufferSettings {
+    /// Defaults for a database at `path` (as in the default config): 1 GiB
+    /// quota, `drop_oldest`, no max age, `synchronous = normal`.
+    #[must_use]
+    pub fn for_path(path: impl Into<PathBuf>) -> Self {
+        Self {
+            path: path.into(),
+            synchronous: Synchronous::Normal,
+            commit_max_rows: 512,
+            commit_max_delay: Duration::from_millis(10),
+            max_bytes: 1 << 30,
+            max_age: None,
+            full_policy: FullPolicy::DropOldest,
+            stream_policies: std::collections::BTreeMap::new(),
+        }
+    }
+
+    /// The policy in force for `stream`.
+    #[must_use]
+    pub fn policy_for(&self, stream: &str) -> FullPolicy {
+        self.stream_policies
+            .get(stream)
+            .copied()
+            .unwrap_or(self.full_policy)
+    }
 }
 
 /// Validated inference settings.
@@ -359,12 +491,92 @@ impl RawConfig {
         };
 
         let m = &self.mqtt;
-        let (host, port) = match parse_mqtt_url(&m.broker_url) {
+        let (host, port, use_tls) = match parse_mqtt_url(&m.broker_url) {
             Ok(hp) => hp,
             Err(e) => {
                 errs.push(format!("mqtt.broker_url: {e}"));
-                (String::new(), 0)
+                (String::new(), 0, false)
             }
+        };
+        let protocol = match m.protocol.as_str() {
+            "3.1.1" | "3" | "4" => MqttProtocol::V311,
+            "5" | "5.0" => MqttProtocol::V5,
+            other => {
+                errs.push(format!(
+                    "mqtt.protocol: {other:?} is not one of \"3.1.1\", \"5\""
+                ));
+                MqttProtocol::V311
+            }
+        };
+        let file_check = |key: &str, p: &Option<PathBuf>, errs: &mut Vec<String>| {
+            if let Some(p) = p {
+                let p = resolve(p);
+                if let Err(e) = std::fs::metadata(&p) {
+                    errs.push(format!("{key}: cannot read {}: {e}", p.display()));
+                }
+            }
+        };
+        file_check("mqtt.ca_file", &m.ca_file, &mut errs);
+        file_check("mqtt.client_cert_file", &m.client_cert_file, &mut errs);
+        file_check("mqtt.client_key_file", &m.client_key_file, &mut errs);
+        let client_auth = match (&m.client_cert_file, &m.client_key_file) {
+            (Some(c), Some(k)) => Some((resolve(c), resolve(k))),
+            (None, None) => None,
+            _ => {
+                errs.push(
+                    "mqtt.client_cert_file: client_cert_file and client_key_file go together"
+                        .into(),
+                );
+                None
+            }
+        };
+        let tls = if use_tls {
+            Some(MqttTls {
+                ca_file: m.ca_file.as_deref().map(resolve),
+                client_auth,
+            })
+        } else {
+            if m.ca_file.is_some() || client_auth.is_some() {
+                errs.push("mqtt.broker_url: TLS files are set but the URL is not mqtts://".into());
+            }
+            None
+        };
+        let password = match (&m.password_file, &m.password_env) {
+            (Some(_), Some(_)) => {
+                errs.push("mqtt.password_file: set password_file or password_env, not both".into());
+                None
+            }
+            (Some(f), None) => {
+                let f = resolve(f);
+                match std::fs::read_to_string(&f) {
+                    Ok(t) => Some(t.lines().next().unwrap_or_default().to_owned()),
+                    Err(e) => {
+                        errs.push(format!(
+                            "mqtt.password_file: cannot read {}: {e}",
+                            f.display()
+                        ));
+                        None
+                    }
+                }
+            }
+            (None, Some(var)) => match std::env::var(var) {
+                Ok(v) => Some(v),
+                Err(_) => {
+                    errs.push(format!(
+                        "mqtt.password_env: environment variable {var:?} is not set"
+                    ));
+                    None
+                }
+            },
+            (None, None) => None,
+        };
+        let credentials = match (&m.username, password) {
+            (Some(u), p) => Some((u.clone(), Secret(p.unwrap_or_default()))),
+            (None, Some(_)) => {
+                errs.push("mqtt.username: a password is configured without a username".into());
+                None
+            }
+            (None, None) => None,
         };
         if m.client_id.is_empty() || m.client_id.len() > 200 {
             errs.push("mqtt.client_id: must be 1..=200 characters".into());
@@ -400,6 +612,8 @@ impl RawConfig {
                     filter: s.topic.clone(),
                     qos: s.qos.min(2),
                     template,
+                    idle_timeout: (s.idle_timeout_secs > 0)
+                        .then(|| Duration::from_secs(s.idle_timeout_secs)),
                 }),
                 Err(e) => errs.push(format!("mqtt.subscriptions[{i}].template: {e}")),
             }
@@ -421,6 +635,35 @@ impl RawConfig {
         }
         if b.commit_max_delay_ms > 10_000 {
             errs.push("buffer.commit_max_delay_ms: must be at most 10000".into());
+        }
+        if b.max_bytes < MIN_BUFFER_BYTES {
+            errs.push(format!(
+                "buffer.max_bytes: must be at least {MIN_BUFFER_BYTES} (1 MiB)"
+            ));
+        }
+        let full_policy = FullPolicy::parse(&b.full_policy).unwrap_or_else(|| {
+            errs.push(format!(
+                "buffer.full_policy: {:?} is not one of \"drop_oldest\", \"reject_new\"",
+                b.full_policy
+            ));
+            FullPolicy::DropOldest
+        });
+        let mut stream_policies = std::collections::BTreeMap::new();
+        for (i, sp) in b.stream_policies.iter().enumerate() {
+            match FullPolicy::parse(&sp.full_policy) {
+                Some(p) => {
+                    if stream_policies.insert(sp.stream.clone(), p).is_some() {
+                        errs.push(format!(
+                            "buffer.stream_policies[{i}].stream: {:?} is listed twice",
+                            sp.stream
+                        ));
+                    }
+                }
+                None => errs.push(format!(
+                    "buffer.stream_policies[{i}].full_policy: {:?} is not one of \"drop_oldest\", \"reject_new\"",
+                    sp.full_policy
+                )),
+            }
         }
 
         let inf = &self.inference;
@@ -506,6 +749,9 @@ impl RawConfig {
             mqtt: MqttSettings {
                 host,
                 port,
+                protocol,
+                tls,
+                credentials,
                 client_id: m.client_id.clone(),
                 clean_session: m.clean_session,
                 keep_alive: Duration::from_secs(m.keep_alive_secs),
@@ -520,6 +766,10 @@ impl RawConfig {
                 synchronous,
                 commit_max_rows: b.commit_max_rows,
                 commit_max_delay: Duration::from_millis(b.commit_max_delay_ms),
+                max_bytes: b.max_bytes,
+                max_age: (b.max_age_secs > 0).then(|| Duration::from_secs(b.max_age_secs)),
+                full_policy,
+                stream_policies,
             },
             inference: InferenceSettings {
                 models: inf.models.iter().map(|p| resolve(p)).collect(),
@@ -536,15 +786,23 @@ impl RawConfig {
     }
 }
 
-/// Splits `mqtt://host:port` (port defaults to 1883).
-fn parse_mqtt_url(url: &str) -> std::result::Result<(String, u16), String> {
-    let rest = url
+/// Splits `mqtt://host:port` or `mqtts://host:port` (ports default to 1883
+/// and 8883); the flag says whether TLS is on.
+fn parse_mqtt_url(url: &str) -> std::result::Result<(String, u16, bool), String> {
+    let (rest, tls) = if let Some(r) = url.strip_prefix("mqtts://") {
+        (r, true)
+    } else if let Some(r) = url
         .strip_prefix("mqtt://")
         .or_else(|| url.strip_prefix("tcp://"))
-        .ok_or_else(|| format!("{url:?} must start with mqtt://"))?;
+    {
+        (r, false)
+    } else {
+        return Err(format!("{url:?} must start with mqtt:// or mqtts://"));
+    };
+    let default_port = if tls { 8883 } else { 1883 };
     let rest = rest.trim_end_matches('/');
     if let Ok(addr) = rest.parse::<SocketAddr>() {
-        return Ok((addr.ip().to_string(), addr.port()));
+        return Ok((addr.ip().to_string(), addr.port(), tls));
     }
     let (host, port) = match rest.rsplit_once(':') {
         Some((h, p)) => (
@@ -552,12 +810,12 @@ fn parse_mqtt_url(url: &str) -> std::result::Result<(String, u16), String> {
             p.parse::<u16>()
                 .map_err(|_| format!("{url:?} has an invalid port"))?,
         ),
-        None => (rest, 1883),
+        None => (rest, default_port),
     };
     if host.is_empty() || port == 0 {
         return Err(format!("{url:?} needs a host and a non-zero port"));
     }
-    Ok((host.to_owned(), port))
+    Ok((host.to_owned(), port, tls))
 }
 
 #[cfg(test)]
@@ -635,11 +893,15 @@ mod tests {
     fn mqtt_urls() {
         assert_eq!(
             parse_mqtt_url("mqtt://127.0.0.1:1884").unwrap(),
-            ("127.0.0.1".into(), 1884)
+            ("127.0.0.1".into(), 1884, false)
         );
         assert_eq!(
             parse_mqtt_url("mqtt://broker.local").unwrap(),
-            ("broker.local".into(), 1883)
+            ("broker.local".into(), 1883, false)
+        );
+        assert_eq!(
+            parse_mqtt_url("mqtts://broker.local").unwrap(),
+            ("broker.local".into(), 8883, true)
         );
         assert!(parse_mqtt_url("http://x").is_err());
         assert!(parse_mqtt_url("mqtt://x:notaport").is_err());

@@ -6,14 +6,13 @@ use std::time::Duration;
 use proptest::prelude::*;
 
 use super::*;
-use crate::config::{BufferSettings, Synchronous};
+use crate::config::BufferSettings;
 
 fn settings(dir: &Path) -> BufferSettings {
     BufferSettings {
-        path: dir.join("buffer.db"),
-        synchronous: Synchronous::Normal,
         commit_max_rows: 64,
         commit_max_delay: Duration::from_millis(2),
+        ..BufferSettings::for_path(dir.join("buffer.db"))
     }
 }
 

@@ -450,12 +450,7 @@ pub async fn run(args: DemoArgs) -> Result<DemoReport, DemoError> {
         .map_err(|_| DemoError::Agent(AgentError::Join("supervisor")))??;
 
     // The agent has stopped: read the report from its buffer and the cloud store.
-    let buffer_settings = crate::config::BufferSettings {
-        path: agent_db.clone(),
-        synchronous: crate::config::Synchronous::Normal,
-        commit_max_rows: 1,
-        commit_max_delay: Duration::ZERO,
-    };
+    let buffer_settings = crate::config::BufferSettings::for_path(&agent_db);
     let (buffer, thread) = Buffer::open(&buffer_settings)?;
     let stats = buffer.stats().await?;
     let anomalies = buffer.anomalies().await?;

@@ -407,6 +407,9 @@ mod tests {
         MqttSettings {
             host: "127.0.0.1".into(),
             port: 1883,
+            protocol: crate::config::MqttProtocol::V311,
+            tls: None,
+            credentials: None,
             client_id: "t".into(),
             clean_session: false,
             keep_alive: Duration::from_secs(5),
@@ -418,6 +421,7 @@ mod tests {
                 filter: "sensors/+/+".into(),
                 qos: 1,
                 template: decode::TopicTemplate::parse("sensors/{device}/{stream}").unwrap(),
+                idle_timeout: None,
             }],
         }
     }

@@ -8,7 +8,7 @@ use std::process::Command;
 use std::time::Duration;
 
 use edge_agent::buffer::Buffer;
-use edge_agent::config::{BufferSettings, RawConfig, Synchronous};
+use edge_agent::config::{BufferSettings, RawConfig};
 use edge_agent::demo::broker::start_embedded_broker;
 
 #[test]
@@ -125,12 +125,7 @@ async fn sigterm_drains_and_restart_resumes_the_session() {
     let agent = util::Agent::start(&cfg);
     assert!(agent.wait_for("ingest subscribed", Duration::from_secs(30)));
 
-    let settings = BufferSettings {
-        path: dir.path().join("buffer.db"),
-        synchronous: Synchronous::Normal,
-        commit_max_rows: 1,
-        commit_max_delay: Duration::ZERO,
-    };
+    let settings = BufferSettings::for_path(dir.path().join("buffer.db"));
     let deadline = std::time::Instant::now() + Duration::from_secs(60);
     let stored = loop {
         tokio::time::sleep(Duration::from_millis(300)).await;
