@@ -105,9 +105,9 @@ where
     (handle, name)
 }
 
-impl From<std::convert::Infallible> for AgentError {
-    fn from(e: std::convert::Infallible) -> Self {
-        match e {}
+impl From<crate::ingest::TlsError> for AgentError {
+    fn from(e: crate::ingest::TlsError) -> Self {
+        Self::Ingest(IngestError::Tls(e))
     }
 }
 

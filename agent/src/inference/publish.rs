@@ -8,14 +8,13 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use rumqttc::{Event, Packet, QoS};
 use serde::Serialize;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use crate::buffer::NewPrediction;
 use crate::config::{MqttSettings, PublishSettings};
-use crate::ingest::{backoff_with_jitter, mqtt_options};
+use crate::ingest::{Ev, TlsError, backoff_with_jitter, conn};
 use crate::telemetry::Counters;
 
 /// A stored prediction on its way to MQTT.
@@ -79,19 +78,11 @@ impl PublishStage {
     /// outstanding broker acks and disconnects.
     ///
     /// # Errors
-    /// None today; the signature leaves room for fatal publisher errors.
-    pub async fn run(
-        mut self,
-        shutdown: CancellationToken,
-    ) -> Result<(), std::convert::Infallible> {
+    /// [`TlsError`] when the TLS material cannot be loaded.
+    pub async fn run(mut self, shutdown: CancellationToken) -> Result<(), TlsError> {
         let client_id = format!("{}-pub", self.mqtt.client_id);
-        let (client, mut eventloop) =
-            rumqttc::AsyncClient::new(mqtt_options(&self.mqtt, &client_id, false), 1024);
-        let qos = match self.settings.qos {
-            0 => QoS::AtMostOnce,
-            1 => QoS::AtLeastOnce,
-            _ => QoS::ExactlyOnce,
-        };
+        let (client, mut eventloop) = conn::connect(&self.mqtt, &client_id, false, true, 1024)?;
+        let qos = self.settings.qos;
         let poll_stop = CancellationToken::new();
         let counters = self.counters.clone();
         let (min, max) = (self.mqtt.reconnect_min, self.mqtt.reconnect_max);
@@ -102,11 +93,9 @@ impl PublishStage {
                 tokio::select! {
                     () = stop.cancelled() => break,
                     ev = eventloop.poll() => match ev {
-                        Ok(Event::Incoming(Packet::ConnAck(_))) => attempt = 0,
-                        Ok(Event::Incoming(Packet::PubAck(_) | Packet::PubComp(_))) => {
-                            Counters::add(&counters.published, 1);
-                        }
-                        Ok(Event::Outgoing(rumqttc::Outgoing::Disconnect)) => break,
+                        Ok(Ev::Connected { .. }) => attempt = 0,
+                        Ok(Ev::PublishAcked) => Counters::add(&counters.published, 1),
+                        Ok(Ev::DisconnectSent) => break,
                         Ok(_) => {}
                         Err(e) => {
                             let delay = backoff_with_jitter(min, max, attempt);
@@ -161,10 +150,10 @@ impl PublishStage {
                 ));
             }
             for topic in topics {
-                match client.try_publish(topic, qos, false, payload.clone()) {
+                match client.try_publish(topic, qos, payload.clone()) {
                     Ok(()) => {
                         queued += 1;
-                        if qos == QoS::AtMostOnce {
+                        if qos == 0 {
                             Counters::add(&self.counters.published, 1);
                         }
                     }
@@ -173,7 +162,7 @@ impl PublishStage {
             }
         }
 
-        if qos != QoS::AtMostOnce {
+        if qos > 0 {
             let deadline = tokio::time::Instant::now() + Duration::from_secs(2);
             while Counters::get(&self.counters.published) < queued
                 && tokio::time::Instant::now() < deadline

@@ -14,13 +14,13 @@
 //! `max_unacked + 64`, and a permit is released only after its ack was
 //! queued, so queuing an ack can never wait on the poll loop (no deadlock).
 
+pub mod conn;
 pub mod decode;
 mod mqtt;
 
 use std::sync::Arc;
 use std::time::Duration;
 
-use rumqttc::{Event, Packet, Publish, QoS};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
 use tokio_util::sync::CancellationToken;
 
@@ -29,7 +29,8 @@ use crate::config::MqttSettings;
 use crate::telemetry::Counters;
 use decode::DecodeError;
 
-pub use mqtt::{backoff_with_jitter, mqtt_options};
+pub use conn::{Client, Ev, EventLoop, Message, TlsError};
+pub use mqtt::backoff_with_jitter;
 
 /// Device timestamps further than this from the agent clock are flagged.
 pub const MAX_CLOCK_SKEW_MS: i64 = 5 * 60 * 1000;
@@ -40,6 +41,9 @@ pub enum IngestError {
     /// The buffer failed to commit; the message was not acknowledged.
     #[error("buffer commit failed; unacknowledged messages stay with the broker")]
     Buffer(#[from] BufferError),
+    /// TLS material could not be loaded.
+    #[error("cannot set up MQTT TLS")]
+    Tls(#[from] TlsError),
     /// A stage task panicked or was aborted.
     #[error("ingest task failed")]
     Join(#[from] tokio::task::JoinError),
@@ -72,15 +76,15 @@ pub struct IngestStage {
 }
 
 struct Received {
-    publish: Publish,
+    message: Message,
     recv_ts_ms: i64,
     permit: OwnedSemaphorePermit,
 }
 
 struct Submitted {
-    publish: Publish,
+    message: Message,
     pending: Pending<Vec<Outcome>>,
-    reading: Option<NewReading>,
+    items: Vec<Item>,
     permit: OwnedSemaphorePermit,
 }
 
@@ -109,7 +113,7 @@ impl IngestStage {
     pub async fn run(self, shutdown: CancellationToken) -> Result<()> {
         let s = &self.settings;
         let (client, mut eventloop) =
-            rumqttc::AsyncClient::new(mqtt_options(s, &s.client_id, true), s.max_unacked + 64);
+            conn::connect(s, &s.client_id, true, s.clean_session, s.max_unacked + 64)?;
         let permits = Arc::new(Semaphore::new(s.max_unacked));
         let (recv_tx, recv_rx) = mpsc::channel::<Received>(s.max_unacked);
         let (ack_tx, ack_rx) = mpsc::channel::<Submitted>(s.max_unacked);
@@ -119,16 +123,16 @@ impl IngestStage {
         let mut acker = tokio::spawn(ack_task(
             ack_rx,
             client.clone(),
+            self.buffer.clone(),
             self.to_inference.clone(),
             self.counters.clone(),
             stop_acks.clone(),
         ));
 
-        let filters: Vec<rumqttc::SubscribeFilter> = s
-            .subscriptions
-            .iter()
-            .map(|sub| rumqttc::SubscribeFilter::new(sub.filter.clone(), qos(sub.qos)))
-            .collect();
+        let mut liveness = Liveness::new(&s.subscriptions);
+        let mut tick = tokio::time::interval(Duration::from_secs(1));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut connected = false;
         let mut attempt: u32 = 0;
         let mut failed: Option<IngestError> = None;
         loop {
@@ -144,34 +148,41 @@ impl IngestStage {
                     });
                     break;
                 }
+                _ = tick.tick() => {
+                    if connected && let Some(filter) = liveness.stale(tokio::time::Instant::now()) {
+                        Counters::add(&self.counters.liveness_reconnects, 1);
+                        tracing::warn!(filter, "subscription idle past its idle_timeout_secs; reconnecting");
+                        connected = false;
+                        liveness.reset(tokio::time::Instant::now());
+                        eventloop.force_reconnect();
+                    }
+                }
                 ev = eventloop.poll() => match ev {
-                    Ok(Event::Incoming(Packet::ConnAck(ack))) => {
+                    Ok(Ev::Connected { session_present }) => {
                         attempt = 0;
+                        connected = true;
+                        liveness.reset(tokio::time::Instant::now());
                         tracing::info!(
-                            session_present = ack.session_present,
+                            session_present,
                             broker = %format!("{}:{}", s.host, s.port),
                             "ingest connected; subscribing"
                         );
-                        if let Err(e) = client.try_subscribe_many(filters.clone()) {
+                        if let Err(e) = client.try_subscribe_all(&s.subscriptions) {
                             tracing::warn!(error = %e, "cannot queue subscription");
                         }
                     }
-                    Ok(Event::Incoming(Packet::SubAck(ack))) => {
+                    Ok(Ev::Subscribed { refused }) => {
                         Counters::add(&self.counters.subscribed, 1);
-                        let refused = ack
-                            .return_codes
-                            .iter()
-                            .filter(|c| matches!(c, rumqttc::SubscribeReasonCode::Failure))
-                            .count();
                         if refused > 0 {
                             tracing::error!(refused, "broker refused subscriptions; check the broker's ACL");
                         } else {
-                            tracing::info!(filters = filters.len(), "ingest subscribed");
+                            tracing::info!(filters = s.subscriptions.len(), "ingest subscribed");
                         }
                     }
-                    Ok(Event::Incoming(Packet::Publish(publish))) => {
+                    Ok(Ev::Publish(message)) => {
                         Counters::add(&self.counters.received, 1);
                         let recv_ts_ms = crate::now_ms();
+                        liveness.seen(&message.topic(), tokio::time::Instant::now());
                         let permit = tokio::select! {
                             p = permits.clone().acquire_owned() => match p {
                                 Ok(p) => p,
@@ -179,12 +190,13 @@ impl IngestStage {
                             },
                             () = shutdown.cancelled() => break,
                         };
-                        if recv_tx.send(Received { publish, recv_ts_ms, permit }).await.is_err() {
+                        if recv_tx.send(Received { message, recv_ts_ms, permit }).await.is_err() {
                             break;
                         }
                     }
                     Ok(_) => {}
                     Err(e) => {
+                        connected = false;
                         Counters::add(&self.counters.ingest_reconnects, 1);
                         let delay = backoff_with_jitter(s.reconnect_min, s.reconnect_max, attempt);
                         attempt = attempt.saturating_add(1);
@@ -219,7 +231,7 @@ impl IngestStage {
                     ev = eventloop.poll() => {
                         if acker_done {
                             // Disconnect sent (or connection gone): done.
-                            if matches!(ev, Ok(Event::Outgoing(rumqttc::Outgoing::Disconnect)) | Err(_)) {
+                            if matches!(ev, Ok(Ev::DisconnectSent) | Err(_)) {
                                 break;
                             }
                         } else if ev.is_err() {
@@ -238,11 +250,44 @@ impl IngestStage {
     }
 }
 
-fn qos(level: u8) -> QoS {
-    match level {
-        0 => QoS::AtMostOnce,
-        1 => QoS::AtLeastOnce,
-        _ => QoS::ExactlyOnce,
+/// Per-subscription data-flow liveness: when a subscription with an
+/// `idle_timeout` hears nothing for that long while connected, the
+/// connection is presumed silently stuck and is rebuilt.
+struct Liveness {
+    subs: Vec<(String, Duration, tokio::time::Instant)>,
+}
+
+impl Liveness {
+    fn new(subs: &[crate::config::Subscription]) -> Self {
+        let now = tokio::time::Instant::now();
+        Self {
+            subs: subs
+                .iter()
+                .filter_map(|s| s.idle_timeout.map(|t| (s.filter.clone(), t, now)))
+                .collect(),
+        }
+    }
+
+    fn seen(&mut self, topic: &str, now: tokio::time::Instant) {
+        for (filter, _, last) in &mut self.subs {
+            if rumqttc::mqttbytes::matches(topic, filter) {
+                *last = now;
+            }
+        }
+    }
+
+    fn reset(&mut self, now: tokio::time::Instant) {
+        for (_, _, last) in &mut self.subs {
+            *last = now;
+        }
+    }
+
+    /// The first subscription idle past its timeout, if any.
+    fn stale(&self, now: tokio::time::Instant) -> Option<&str> {
+        self.subs
+            .iter()
+            .find(|(_, timeout, last)| now.duration_since(*last) > *timeout)
+            .map(|(f, _, _)| f.as_str())
     }
 }
 
@@ -253,20 +298,18 @@ async fn commit_task(
     settings: MqttSettings,
 ) {
     while let Some(Received {
-        publish,
+        message,
         recv_ts_ms,
         permit,
     }) = rx.recv().await
     {
-        let item = to_item(&publish, recv_ts_ms, &settings);
-        let reading = match &item {
-            Item::Reading(r) => Some(r.clone()),
-            Item::DeadLetter(d) => {
+        let items = to_items(&message, recv_ts_ms, &settings);
+        for item in &items {
+            if let Item::DeadLetter(d) = item {
                 tracing::debug!(topic = %d.topic, reason = d.reason, detail = %d.detail, "dead letter");
-                None
             }
-        };
-        let pending = match buffer.submit(vec![item]).await {
+        }
+        let pending = match buffer.submit(items.clone()).await {
             Ok(p) => p,
             Err(e) => {
                 tracing::error!(error = %format!("{e:#}"), "buffer closed; stopping commit task");
@@ -275,9 +318,9 @@ async fn commit_task(
         };
         if tx
             .send(Submitted {
-                publish,
+                message,
                 pending,
-                reading,
+                items,
                 permit,
             })
             .await
@@ -290,56 +333,61 @@ async fn commit_task(
 
 async fn ack_task(
     mut rx: mpsc::Receiver<Submitted>,
-    client: rumqttc::AsyncClient,
+    client: Client,
+    buffer: Buffer,
     to_inference: mpsc::Sender<CommittedReading>,
     counters: Arc<Counters>,
     stop: CancellationToken,
 ) -> Result<()> {
+    let _ = &buffer;
     while let Some(Submitted {
-        publish,
+        message,
         pending,
-        reading,
+        items,
         permit,
     }) = rx.recv().await
     {
         let outcomes = pending.wait().await?;
-        if publish.qos != QoS::AtMostOnce {
+        if message.qos() > 0 {
             // The request channel has room for every permit holder, so this
             // only fails when the client is gone; the broker then redelivers.
-            if client.ack(&publish).await.is_ok() {
+            if client.ack(&message).await.is_ok() {
                 Counters::add(&counters.acked, 1);
             }
         }
         drop(permit);
-        match (outcomes.first(), reading) {
-            (Some(Outcome::Stored(seq)), Some(r)) => {
-                Counters::add(&counters.committed, 1);
-                let committed = CommittedReading {
-                    source: r.source,
-                    stream: r.stream,
-                    seq: *seq,
-                    device_ts_ms: r.device_ts_ms,
-                    values: r.values,
-                };
-                tokio::select! {
-                    res = to_inference.send(committed) => if res.is_err() {
-                        tracing::debug!("inference queue closed");
-                    },
-                    () = stop.cancelled() => {}
+        for (item, outcome) in items.into_iter().zip(outcomes) {
+            match (outcome, item) {
+                (Outcome::Stored(seq), Item::Reading(r)) => {
+                    Counters::add(&counters.committed, 1);
+                    let committed = CommittedReading {
+                        source: r.source,
+                        stream: r.stream,
+                        seq,
+                        device_ts_ms: r.device_ts_ms,
+                        values: r.values,
+                    };
+                    tokio::select! {
+                        res = to_inference.send(committed) => if res.is_err() {
+                            tracing::debug!("inference queue closed");
+                        },
+                        () = stop.cancelled() => {}
+                    }
                 }
+                (Outcome::Duplicate, _) => Counters::add(&counters.duplicates, 1),
+                (Outcome::DeadLettered, _) => Counters::add(&counters.dead_letters, 1),
+                (Outcome::Stored(_), Item::DeadLetter(_)) => {}
             }
-            (Some(Outcome::Duplicate), _) => Counters::add(&counters.duplicates, 1),
-            (Some(Outcome::DeadLettered), _) => Counters::add(&counters.dead_letters, 1),
-            _ => {}
         }
     }
     Ok(())
 }
 
-/// Turns a publish into a reading or a dead letter. Pure apart from reading
-/// the settings; never panics.
-fn to_item(publish: &Publish, recv_ts_ms: i64, settings: &MqttSettings) -> Item {
-    let topic = publish.topic.clone();
+/// Turns a message into readings or one dead letter. Pure apart from
+/// reading the settings; never panics.
+fn to_items(message: &Message, recv_ts_ms: i64, settings: &MqttSettings) -> Vec<Item> {
+    let topic = message.topic();
+    let payload = message.payload();
     let dead = |err: DecodeError| {
         let reason = match err {
             DecodeError::Oversized { .. } => "oversized",
@@ -349,18 +397,14 @@ fn to_item(publish: &Publish, recv_ts_ms: i64, settings: &MqttSettings) -> Item 
             DecodeError::NonFinite(_) => "non_finite",
             DecodeError::Empty => "empty",
         };
-        Item::DeadLetter(DeadLetter {
+        vec![Item::DeadLetter(DeadLetter {
             topic: topic.clone(),
             reason,
             detail: err.to_string(),
-            payload: publish.payload[..publish
-                .payload
-                .len()
-                .min(crate::buffer::DEAD_LETTER_MAX_BYTES)]
-                .to_vec(),
-            payload_len: publish.payload.len(),
+            payload: payload[..payload.len().min(crate::buffer::DEAD_LETTER_MAX_BYTES)].to_vec(),
+            payload_len: payload.len(),
             recv_ts_ms,
-        })
+        })]
     };
     let Some((source, stream)) = settings
         .subscriptions
@@ -369,16 +413,29 @@ fn to_item(publish: &Publish, recv_ts_ms: i64, settings: &MqttSettings) -> Item 
     else {
         return dead(DecodeError::UnmatchedTopic);
     };
-    match decode::decode_payload(&publish.payload, settings.max_payload_bytes) {
-        Ok(d) => {
+    let decoded = match decode::decode_payload(payload, settings.max_payload_bytes) {
+        Ok(d) => vec![d],
+        Err(e) => return dead(e),
+    };
+    let many = decoded.len() > 1;
+    decoded
+        .into_iter()
+        .enumerate()
+        .map(|(i, d)| {
             // Design: dedupe only on what identifies a message at its producer:
             // an explicit id, or a device timestamp plus the exact payload. A
             // payload with neither has no identity, and a redelivery of it is
             // stored twice (QoS 1 allows that) rather than risk dropping a
             // genuinely new reading.
             let ident = d.producer_id.clone().or_else(|| {
-                d.device_ts_ms
-                    .map(|_| crate::short_hash(&[publish.topic.as_bytes(), &publish.payload[..]]))
+                d.device_ts_ms.map(|_| {
+                    let index = if many {
+                        i.to_le_bytes().to_vec()
+                    } else {
+                        Vec::new()
+                    };
+                    crate::short_hash(&[topic.as_bytes(), payload, &index])
+                })
             });
             let clock_ok = d
                 .device_ts_ms
@@ -392,9 +449,8 @@ fn to_item(publish: &Publish, recv_ts_ms: i64, settings: &MqttSettings) -> Item 
                 clock_ok,
                 values: d.values,
             })
-        }
-        Err(e) => dead(e),
-    }
+        })
+        .collect()
 }
 
 #[cfg(test)]
@@ -426,8 +482,16 @@ mod tests {
         }
     }
 
-    fn publish(topic: &str, payload: &[u8]) -> Publish {
-        Publish::new(topic, QoS::AtLeastOnce, payload.to_vec())
+    fn publish(topic: &str, payload: &[u8]) -> Message {
+        Message::V4(rumqttc::Publish::new(
+            topic,
+            rumqttc::QoS::AtLeastOnce,
+            payload.to_vec(),
+        ))
+    }
+
+    fn to_item(m: &Message, recv_ts_ms: i64, s: &MqttSettings) -> Item {
+        to_items(m, recv_ts_ms, s).remove(0)
     }
 
     #[test]

@@ -1,33 +1,9 @@
-//! MQTT connection options and reconnect backoff, shared by the ingest
-//! connection and the prediction publisher. Owns nothing stateful.
+//! Reconnect backoff shared by the ingest connection, the prediction
+//! publisher and sync. Owns nothing stateful.
 
 use std::time::Duration;
 
 use rand::Rng;
-
-use crate::config::MqttSettings;
-
-/// Largest incoming packet accepted from the broker. Payloads between
-/// `max_payload_bytes` and this are dead-lettered; larger ones make rumqttc
-/// drop the connection, so brokers should cap `message_size_limit` below it.
-pub const MAX_INCOMING_PACKET_BYTES: usize = 16 * 1024 * 1024;
-
-/// rumqttc options for one connection. `manual_acks` is on for ingest.
-///
-/// Settings are validated beforehand (keep-alive >= 1 s), so none of
-/// rumqttc's asserting setters can panic here.
-#[must_use]
-pub fn mqtt_options(s: &MqttSettings, client_id: &str, manual_acks: bool) -> rumqttc::MqttOptions {
-    let mut o = rumqttc::MqttOptions::new(client_id, s.host.clone(), s.port);
-    o.set_keep_alive(s.keep_alive.max(Duration::from_secs(1)));
-    o.set_clean_session(s.clean_session);
-    o.set_manual_acks(manual_acks);
-    o.set_max_packet_size(
-        MAX_INCOMING_PACKET_BYTES.max(s.max_payload_bytes.saturating_mul(2)),
-        MAX_INCOMING_PACKET_BYTES,
-    );
-    o
-}
 
 /// Capped exponential backoff with full jitter: a uniform delay in
 /// `[min, min(max, min * 2^attempt)]`.
