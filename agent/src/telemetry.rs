@@ -32,6 +32,8 @@ pub struct Counters {
     pub acked: AtomicU64,
     /// Subscription acknowledgements received on the ingest connection.
     pub subscribed: AtomicU64,
+    /// Times ingest held messages because a `reject_new` stream was full.
+    pub quota_waits: AtomicU64,
     /// Reconnects forced because a subscription was idle past its timeout.
     pub liveness_reconnects: AtomicU64,
     /// MQTT connection errors on the ingest connection.

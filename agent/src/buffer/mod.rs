@@ -12,8 +12,16 @@
 //!   assigned inside the committing transaction and never reused;
 //! - a reading with a producer identity is stored at most once per
 //!   `(source, stream, ident)`, so broker redeliveries are absorbed;
-//! - `synced` only goes from 0 to 1, and only through [`Buffer::mark_synced`].
+//! - `synced` only goes from 0 to 1, and only through [`Buffer::mark_synced`];
+//! - the database plus its WAL stay within `max_bytes` (see [`quota`]): an
+//!   append that does not fit evicts in the same transaction, or is answered
+//!   [`Outcome::Rejected`] and not stored when only unsynced rows of
+//!   `reject_new` streams are left to evict;
+//! - a row leaves the database only by eviction (quota or `max_age`), and
+//!   every eviction is counted durably in the transaction that deletes it
+//!   ([`BufferStats::evicted`]).
 
+mod quota;
 mod schema;
 mod worker;
 
@@ -127,6 +135,10 @@ pub enum Outcome {
     Duplicate,
     /// Stored in the dead-letter table.
     DeadLettered,
+    /// Not stored: the quota is reached and no room can be made without
+    /// evicting unsynced rows of `reject_new` streams. Do not acknowledge the
+    /// message, so the broker keeps it.
+    Rejected,
 }
 
 /// A prediction to store; the buffer assigns its per-model sequence number.
@@ -165,8 +177,8 @@ pub struct Unsynced {
     pub predictions: Vec<(i64, sync_protocol::Prediction)>,
 }
 
-/// Row counts.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+/// Row counts, eviction counters and disk use.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct BufferStats {
     /// Readings stored.
     pub readings: u64,
@@ -180,6 +192,12 @@ pub struct BufferStats {
     pub anomalies: u64,
     /// Dead letters stored.
     pub dead_letters: u64,
+    /// Rows evicted since the database was created, by `(stream, reason)`;
+    /// reason is `quota` or `max_age`. Predictions count under
+    /// `model:<model name>`, dead letters under `dead_letters`.
+    pub evicted: BTreeMap<(String, String), u64>,
+    /// Bytes in use: live database pages plus the WAL file.
+    pub bytes_used: u64,
 }
 
 type Reply<T> = oneshot::Sender<Result<T>>;

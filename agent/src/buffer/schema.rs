@@ -65,6 +65,23 @@ pub(crate) const MIGRATIONS: &[&str] = &[
         recv_ts_ms  INTEGER NOT NULL
     );
     ",
+    // v2: durable eviction counters; indexes for quota eviction (synced rows
+    // oldest first) and for the max-age sweep.
+    r"
+    CREATE TABLE evictions (
+        kind    TEXT NOT NULL,
+        name    TEXT NOT NULL,
+        reason  TEXT NOT NULL,
+        evicted INTEGER NOT NULL,
+        PRIMARY KEY (kind, name, reason)
+    ) WITHOUT ROWID;
+
+    CREATE INDEX readings_synced ON readings (id) WHERE synced = 1;
+    CREATE INDEX predictions_synced ON predictions (id) WHERE synced = 1;
+    CREATE INDEX readings_recv ON readings (recv_ts_ms);
+    CREATE INDEX predictions_created ON predictions (created_ms);
+    CREATE INDEX dead_letters_recv ON dead_letters (recv_ts_ms);
+    ",
 ];
 
 /// Brings `conn` to the newest schema version.
@@ -118,8 +135,8 @@ mod tests {
     #[test]
     fn migrates_once_and_is_idempotent() {
         let mut conn = Connection::open_in_memory().unwrap();
-        assert_eq!(migrate(&mut conn).unwrap(), 1);
-        assert_eq!(migrate(&mut conn).unwrap(), 1);
+        assert_eq!(migrate(&mut conn).unwrap(), 2);
+        assert_eq!(migrate(&mut conn).unwrap(), 2);
         let n: i64 = conn
             .query_row(
                 "SELECT count(*) FROM sqlite_master WHERE type='table'",
@@ -127,7 +144,33 @@ mod tests {
                 |r| r.get(0),
             )
             .unwrap();
-        assert_eq!(n, 5);
+        assert_eq!(n, 6);
+    }
+
+    #[test]
+    fn migrates_a_v1_database_keeping_rows() {
+        let mut conn = Connection::open_in_memory().unwrap();
+        conn.execute_batch(MIGRATIONS[0]).unwrap();
+        conn.pragma_update(None, "user_version", 1).unwrap();
+        conn.execute(
+            "INSERT INTO readings (source, stream, seq, recv_ts_ms, clock_ok, values_json)
+             VALUES ('m', 's', 1, 5, 1, '{}')",
+            [],
+        )
+        .unwrap();
+        assert_eq!(migrate(&mut conn).unwrap(), 2);
+        let n: i64 = conn
+            .query_row(
+                "SELECT count(*) FROM readings WHERE recv_ts_ms < 10",
+                [],
+                |r| r.get(0),
+            )
+            .unwrap();
+        assert_eq!(n, 1);
+        let e: i64 = conn
+            .query_row("SELECT count(*) FROM evictions", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(e, 0);
     }
 
     #[test]

@@ -6,7 +6,7 @@ use std::time::Duration;
 use proptest::prelude::*;
 
 use super::*;
-use crate::config::BufferSettings;
+use crate::config::{BufferSettings, FullPolicy};
 
 fn settings(dir: &Path) -> BufferSettings {
     BufferSettings {
@@ -260,5 +260,587 @@ proptest! {
         prop_assert_eq!(all, stored);
         drop(b);
         t.join();
+    }
+}
+
+// ---- quota and eviction ----
+
+const MIB: u64 = 1 << 20;
+
+fn quota_settings(dir: &Path, max_bytes: u64, policy: FullPolicy) -> BufferSettings {
+    BufferSettings {
+        max_bytes,
+        full_policy: policy,
+        ..settings(dir)
+    }
+}
+
+/// A reading with ~100 bytes of values.
+fn sized_reading(stream: &str, i: u64, recv_ts_ms: i64) -> Item {
+    let values = (0..6)
+        .map(|k| (format!("v{k}"), i as f64 * 1.000_001 + f64::from(k) / 7.0))
+        .collect();
+    Item::Reading(NewReading {
+        source: "dev".into(),
+        stream: stream.into(),
+        ident: None,
+        device_ts_ms: Some(recv_ts_ms),
+        recv_ts_ms,
+        clock_ok: true,
+        values,
+    })
+}
+
+/// Database plus WAL size on disk.
+fn disk_bytes(db: &Path) -> u64 {
+    let size = |p: &Path| std::fs::metadata(p).map_or(0, |m| m.len());
+    let mut wal = db.as_os_str().to_owned();
+    wal.push("-wal");
+    size(db) + size(Path::new(&wal))
+}
+
+/// Every reading in the file: `(stream, seq) -> (id, synced, ident)`, read
+/// through a second connection.
+fn rows_on_disk(db: &Path) -> BTreeMap<(String, u64), (i64, bool, Option<String>)> {
+    let conn = rusqlite::Connection::open(db).unwrap();
+    let mut st = conn
+        .prepare("SELECT stream, seq, id, synced, ident FROM readings")
+        .unwrap();
+    let mut out = BTreeMap::new();
+    let rows = st
+        .query_map([], |r| {
+            Ok((
+                (r.get::<_, String>(0)?, r.get::<_, i64>(1)? as u64),
+                (r.get(2)?, r.get(3)?, r.get(4)?),
+            ))
+        })
+        .unwrap();
+    for row in rows {
+        let (k, v) = row.unwrap();
+        assert!(out.insert(k, v).is_none(), "duplicate row");
+    }
+    out
+}
+
+fn quota_evicted(stats: &BufferStats, stream: &str) -> u64 {
+    stats
+        .evicted
+        .get(&(stream.to_owned(), "quota".to_owned()))
+        .copied()
+        .unwrap_or(0)
+}
+
+/// Marks up to `n` of the oldest unsynced readings synced; returns them.
+async fn sync_oldest(b: &Buffer, n: usize) -> Vec<(String, u64)> {
+    let u = b.unsynced(n).await.unwrap();
+    let keys = u
+        .readings
+        .iter()
+        .map(|(_, r)| (r.stream.clone(), r.seq))
+        .collect();
+    b.mark_synced(u.readings.iter().map(|(id, _)| *id).collect(), vec![])
+        .await
+        .unwrap();
+    keys
+}
+
+const STREAMS: [&str; 3] = ["a", "b", "c"];
+
+#[tokio::test]
+async fn drop_oldest_holds_quota_and_counts_every_eviction() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = quota_settings(dir.path(), 2 * MIB, FullPolicy::DropOldest);
+    let (b, t) = Buffer::open(&s).unwrap();
+    let mut stored: BTreeMap<String, u64> = BTreeMap::new();
+    let mut synced: BTreeSet<(String, u64)> = BTreeSet::new();
+    let mut max_disk = 0;
+    let now = crate::now_ms();
+    for batch in 0..300u64 {
+        let items = (0..100)
+            .map(|k| sized_reading(STREAMS[(k % 3) as usize], batch * 100 + k, now))
+            .collect();
+        for o in b.append(items).await.unwrap() {
+            assert!(
+                matches!(o, Outcome::Stored(_)),
+                "drop_oldest never rejects: {o:?}"
+            );
+        }
+        for k in 0..100 {
+            *stored.entry(STREAMS[k % 3].to_owned()).or_default() += 1;
+        }
+        if batch % 4 == 0 {
+            synced.extend(sync_oldest(&b, 150).await);
+        }
+        max_disk = max_disk.max(disk_bytes(&s.path));
+    }
+    let stats = b.stats().await.unwrap();
+    drop(b);
+    t.join();
+    max_disk = max_disk.max(disk_bytes(&s.path));
+    eprintln!(
+        "drop_oldest: quota {} bytes, max on disk {max_disk} ({:.1}%), bytes_used {}, rows {}",
+        s.max_bytes,
+        max_disk as f64 * 100.0 / s.max_bytes as f64,
+        stats.bytes_used,
+        stats.readings
+    );
+    assert!(
+        max_disk <= s.max_bytes * 105 / 100,
+        "disk {max_disk} over quota"
+    );
+    assert!(
+        max_disk >= s.max_bytes * 90 / 100,
+        "the quota is used: {max_disk}"
+    );
+    assert!(stats.bytes_used <= s.max_bytes);
+
+    let rows = rows_on_disk(&s.path);
+    assert_eq!(stats.readings, rows.len() as u64);
+    for stream in STREAMS {
+        let present = rows.keys().filter(|(st, _)| st == stream).count() as u64;
+        let evicted = quota_evicted(&stats, stream);
+        assert!(evicted > 0);
+        assert_eq!(stored[stream] - evicted, present, "stream {stream}");
+        // Oldest first: what is left unsynced is the newest of the stream.
+        let unsynced: Vec<u64> = rows
+            .iter()
+            .filter(|((st, _), (_, sy, _))| st == stream && !*sy)
+            .map(|((_, seq), _)| *seq)
+            .collect();
+        assert_eq!(unsynced.last().copied(), Some(stored[stream]));
+        assert!(
+            unsynced.windows(2).all(|w| w[1] == w[0] + 1),
+            "gap in unsynced rows"
+        );
+    }
+    // Every synced row left is one this test marked.
+    for (k, (_, sy, _)) in &rows {
+        assert_eq!(*sy, synced.contains(k));
+    }
+}
+
+#[tokio::test]
+async fn reject_new_never_evicts_unsynced_and_resumes_after_sync() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = quota_settings(dir.path(), 2 * MIB, FullPolicy::RejectNew);
+    let (b, t) = Buffer::open(&s).unwrap();
+    let mut stored: BTreeMap<(String, u64), ()> = BTreeMap::new();
+    let mut synced: BTreeSet<(String, u64)> = BTreeSet::new();
+    let mut rejected = 0u64;
+    let mut max_disk = 0;
+    let now = crate::now_ms();
+    for batch in 0..300u64 {
+        let items: Vec<Item> = (0..100)
+            .map(|k| sized_reading(STREAMS[(k % 3) as usize], batch * 100 + k, now))
+            .collect();
+        let streams: Vec<String> = items
+            .iter()
+            .map(|i| match i {
+                Item::Reading(r) => r.stream.clone(),
+                Item::DeadLetter(_) => unreachable!(),
+            })
+            .collect();
+        for (stream, o) in streams.into_iter().zip(b.append(items).await.unwrap()) {
+            match o {
+                Outcome::Stored(seq) => {
+                    stored.insert((stream, seq), ());
+                }
+                Outcome::Rejected => rejected += 1,
+                other => panic!("unexpected {other:?}"),
+            }
+        }
+        // Sync falls behind: the buffer fills with unsynced rows.
+        if batch % 10 == 0 && batch < 150 {
+            synced.extend(sync_oldest(&b, 200).await);
+        }
+        max_disk = max_disk.max(disk_bytes(&s.path));
+    }
+    let stats = b.stats().await.unwrap();
+    eprintln!(
+        "reject_new: quota {} bytes, max on disk {max_disk} ({:.1}%), bytes_used {}, rows {}, rejected {rejected}",
+        s.max_bytes,
+        max_disk as f64 * 100.0 / s.max_bytes as f64,
+        stats.bytes_used,
+        stats.readings
+    );
+    assert!(
+        max_disk <= s.max_bytes * 105 / 100,
+        "disk {max_disk} over quota"
+    );
+    assert!(
+        max_disk >= s.max_bytes * 90 / 100,
+        "the quota is used: {max_disk}"
+    );
+    assert!(rejected > 0, "the quota was reached");
+    assert_eq!(stored.len() as u64 + rejected, 30_000);
+
+    let rows = rows_on_disk(&s.path);
+    for k in stored.keys() {
+        if !synced.contains(k) {
+            assert!(rows.contains_key(k), "unsynced row {k:?} was evicted");
+        }
+    }
+    for stream in STREAMS {
+        let stored_n = stored.keys().filter(|(st, _)| st == stream).count() as u64;
+        let present = rows.keys().filter(|(st, _)| st == stream).count() as u64;
+        assert_eq!(
+            stored_n - quota_evicted(&stats, stream),
+            present,
+            "stream {stream}"
+        );
+    }
+    assert!(stats.evicted.keys().all(|(_, reason)| reason == "quota"));
+
+    // Still full: new rows are rejected and nothing is evicted.
+    let again = b
+        .append(vec![sized_reading("a", 0, now), sized_reading("b", 0, now)])
+        .await
+        .unwrap();
+    assert_eq!(again, vec![Outcome::Rejected, Outcome::Rejected]);
+    assert_eq!(b.stats().await.unwrap().evicted, stats.evicted);
+
+    // Once the cloud has the rows, they make room again.
+    while !sync_oldest(&b, 5000).await.is_empty() {}
+    let items = (0..100).map(|k| sized_reading("a", k, now)).collect();
+    let out = b.append(items).await.unwrap();
+    assert!(
+        out.iter().all(|o| matches!(o, Outcome::Stored(_))),
+        "{out:?}"
+    );
+    let after = b.stats().await.unwrap();
+    assert!(quota_evicted(&after, "a") > quota_evicted(&stats, "a"));
+    drop(b);
+    t.join();
+    assert!(disk_bytes(&s.path) <= s.max_bytes * 105 / 100);
+}
+
+#[tokio::test]
+async fn mixed_policies_keep_reject_new_rows_and_drop_the_others() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut s = quota_settings(dir.path(), 2 * MIB, FullPolicy::DropOldest);
+    s.stream_policies
+        .insert("crit".to_owned(), FullPolicy::RejectNew);
+    let (b, t) = Buffer::open(&s).unwrap();
+    let mut crit: BTreeSet<u64> = BTreeSet::new();
+    let mut bulk = 0u64;
+    let mut crit_rejected = 0u64;
+    let now = crate::now_ms();
+    // Three bulk readings per critical one; no sync at all.
+    for batch in 0..300u64 {
+        let items: Vec<Item> = (0..100)
+            .map(|k| {
+                sized_reading(
+                    if k % 4 == 0 { "crit" } else { "bulk" },
+                    batch * 100 + k,
+                    now,
+                )
+            })
+            .collect();
+        for (k, o) in b.append(items).await.unwrap().into_iter().enumerate() {
+            match (k % 4 == 0, o) {
+                (true, Outcome::Stored(seq)) => {
+                    crit.insert(seq);
+                }
+                (true, Outcome::Rejected) => crit_rejected += 1,
+                (false, Outcome::Stored(_)) => bulk += 1,
+                (false, Outcome::Rejected) => {}
+                (_, other) => panic!("unexpected {other:?}"),
+            }
+        }
+    }
+    let stats = b.stats().await.unwrap();
+    drop(b);
+    t.join();
+    let disk = disk_bytes(&s.path);
+    eprintln!(
+        "mixed: disk {disk} ({:.1}%), bytes_used {}, crit stored {} rejected {crit_rejected}, bulk stored {bulk}, evicted {:?}",
+        disk as f64 * 100.0 / s.max_bytes as f64,
+        stats.bytes_used,
+        crit.len(),
+        stats.evicted
+    );
+    assert!(disk <= s.max_bytes * 105 / 100);
+    let rows = rows_on_disk(&s.path);
+    let crit_left: BTreeSet<u64> = rows
+        .keys()
+        .filter(|(st, _)| st == "crit")
+        .map(|(_, seq)| *seq)
+        .collect();
+    assert_eq!(crit_left, crit, "no unsynced crit row is evicted");
+    assert_eq!(quota_evicted(&stats, "crit"), 0);
+    let bulk_left = rows.keys().filter(|(st, _)| st == "bulk").count() as u64;
+    assert_eq!(bulk - quota_evicted(&stats, "bulk"), bulk_left);
+    assert!(quota_evicted(&stats, "bulk") > 0);
+}
+
+#[tokio::test]
+async fn dead_letters_are_evicted_first_and_counted() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = quota_settings(dir.path(), MIB, FullPolicy::RejectNew);
+    let (b, t) = Buffer::open(&s).unwrap();
+    let dead = |i: i64| {
+        Item::DeadLetter(DeadLetter {
+            topic: "x".into(),
+            reason: "malformed",
+            detail: "bad".into(),
+            payload: vec![7; 1000],
+            payload_len: 1000,
+            recv_ts_ms: i,
+        })
+    };
+    let mut stored = 0u64;
+    for batch in 0..40 {
+        let out = b
+            .append((0..50).map(|i| dead(batch * 50 + i)).collect())
+            .await
+            .unwrap();
+        assert!(out.iter().all(|o| *o == Outcome::DeadLettered));
+        stored += 50;
+    }
+    let stats = b.stats().await.unwrap();
+    let evicted = quota_evicted(&stats, "dead_letters");
+    assert!(evicted > 0);
+    assert_eq!(stored - evicted, stats.dead_letters);
+    // Readings of a reject_new stream push dead letters out before being rejected.
+    let now = crate::now_ms();
+    let out = b
+        .append((0..100).map(|k| sized_reading("a", k, now)).collect())
+        .await
+        .unwrap();
+    assert!(out.iter().all(|o| matches!(o, Outcome::Stored(_))));
+    let after = b.stats().await.unwrap();
+    assert!(after.dead_letters < stats.dead_letters);
+    assert_eq!(
+        stored - quota_evicted(&after, "dead_letters"),
+        after.dead_letters
+    );
+    assert!(after.bytes_used <= s.max_bytes);
+    drop(b);
+    t.join();
+    assert!(disk_bytes(&s.path) <= s.max_bytes * 105 / 100);
+}
+
+#[tokio::test]
+async fn max_age_evicts_old_rows_synced_or_not() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = BufferSettings {
+        max_age: Some(Duration::from_secs(3600)),
+        ..settings(dir.path())
+    };
+    let now = crate::now_ms();
+    let old = now - 2 * 3600 * 1000;
+    {
+        let (b, t) = Buffer::open(&s).unwrap();
+        let mut items: Vec<Item> = (0..40).map(|i| sized_reading("a", i, old)).collect();
+        items.extend((0..10).map(|i| sized_reading("b", i, old)));
+        items.extend((0..30).map(|i| sized_reading("a", i, now)));
+        items.push(Item::DeadLetter(DeadLetter {
+            topic: "x".into(),
+            reason: "malformed",
+            detail: "bad".into(),
+            payload: vec![1; 10],
+            payload_len: 10,
+            recv_ts_ms: old,
+        }));
+        b.append(items).await.unwrap();
+        let pred = |created_ms| NewPrediction {
+            model: "m".into(),
+            model_version: "1".into(),
+            model_sha256: "00".into(),
+            source: "dev".into(),
+            stream: "a".into(),
+            window_end_seq: 1,
+            window_end_ts_ms: None,
+            score: 1.0,
+            threshold: 2.0,
+            is_anomaly: false,
+            created_ms,
+        };
+        b.append_predictions(vec![pred(old), pred(now)])
+            .await
+            .unwrap();
+        // Some old rows are synced, some not: both go.
+        sync_oldest(&b, 20).await;
+        drop(b);
+        t.join();
+    }
+    // The sweep runs when the writer starts (and then at most once a second).
+    let (b, t) = Buffer::open(&s).unwrap();
+    let stats = b.stats().await.unwrap();
+    let age = |k: &str| {
+        stats
+            .evicted
+            .get(&(k.to_owned(), "max_age".to_owned()))
+            .copied()
+    };
+    assert_eq!(age("a"), Some(40));
+    assert_eq!(age("b"), Some(10));
+    assert_eq!(age("model:m"), Some(1));
+    assert_eq!(age("dead_letters"), Some(1));
+    assert_eq!(
+        (stats.readings, stats.predictions, stats.dead_letters),
+        (30, 1, 0)
+    );
+    let u = b.unsynced(1000).await.unwrap();
+    assert!(u.readings.iter().all(|(_, r)| r.recv_ts_ms == now));
+    assert_eq!(u.readings.len(), 30);
+    // Counters are durable and only grow.
+    drop(b);
+    t.join();
+    let (b, t) = Buffer::open(&s).unwrap();
+    assert_eq!(b.stats().await.unwrap().evicted, stats.evicted);
+    drop(b);
+    t.join();
+}
+
+#[derive(Debug, Clone)]
+enum QuotaOp {
+    /// `(stream, producer id, big)`; big rows carry ~9 KB of values.
+    Append(Vec<(u8, Option<u8>, bool)>),
+    SyncSome(usize),
+    Restart,
+}
+
+fn quota_op() -> impl Strategy<Value = QuotaOp> {
+    prop_oneof![
+        5 => proptest::collection::vec(
+            (0u8..3, proptest::option::of(0u8..12), proptest::bool::weighted(0.6)),
+            1..32
+        )
+        .prop_map(QuotaOp::Append),
+        2 => (0usize..40).prop_map(QuotaOp::SyncSome),
+        1 => Just(QuotaOp::Restart),
+    ]
+}
+
+fn model_reading(stream: u8, ident: Option<u8>, big: bool, seqish: usize) -> Item {
+    let n = if big { 800 } else { 2 };
+    Item::Reading(NewReading {
+        source: "m".into(),
+        stream: format!("s{stream}"),
+        ident: ident.map(|i| format!("id{i}")),
+        device_ts_ms: None,
+        recv_ts_ms: 1,
+        clock_ok: false,
+        values: (0..n)
+            .map(|k| (format!("k{k:03}"), (seqish + k) as f64))
+            .collect(),
+    })
+}
+
+type Present = BTreeMap<(String, u64), (i64, bool, Option<String>)>;
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 16, ..ProptestConfig::default() })]
+
+    /// Model test under a 1 MiB quota with `drop_oldest`: random appends
+    /// (with and without producer ids, small and big rows), partial syncs
+    /// and restarts. After every step: each stored row is either present or
+    /// counted as evicted exactly once (stored - evicted == present, per
+    /// stream), nothing evicted comes back, no row is duplicated, synced
+    /// flags match the model, unsynced rows go only once no synced row is
+    /// left and oldest first, producer ids dedupe against present rows, and
+    /// the files stay within 5% of the quota.
+    #[test]
+    fn eviction_matches_model(ops in proptest::collection::vec(quota_op(), 10..50)) {
+        let dir = tempfile::tempdir().unwrap();
+        let s = quota_settings(dir.path(), MIB, FullPolicy::DropOldest);
+        let rt = rt();
+        let (mut b, mut t) = Buffer::open(&s).unwrap();
+        let mut next_seq: BTreeMap<String, u64> = BTreeMap::new();
+        let mut stored: BTreeMap<String, u64> = BTreeMap::new();
+        let mut synced: BTreeSet<(String, u64)> = BTreeSet::new();
+        let mut gone: BTreeSet<(String, u64)> = BTreeSet::new();
+        let mut present: Present = BTreeMap::new();
+        let mut counter = 0usize;
+        for op in ops {
+            let before = present.clone();
+            match op {
+                QuotaOp::Append(items) => {
+                    let batch = items.iter().map(|(st, id, big)| {
+                        counter += 1;
+                        model_reading(*st, *id, *big, counter)
+                    }).collect();
+                    let out = rt.block_on(b.append(batch)).unwrap();
+                    let mut in_batch: BTreeMap<(String, String), u64> = BTreeMap::new();
+                    let after = rows_on_disk(&s.path);
+                    for ((st, id, _), o) in items.iter().zip(out) {
+                        let stream = format!("s{st}");
+                        let ident = id.map(|i| format!("id{i}"));
+                        let earlier = ident.as_ref().and_then(|i| {
+                            in_batch.get(&(stream.clone(), i.clone())).copied().or_else(|| {
+                                before.iter().find(|((s2, _), (_, _, i2))| *s2 == stream && i2.as_ref() == Some(i)).map(|((_, q), _)| *q)
+                            })
+                        });
+                        match o {
+                            Outcome::Duplicate => prop_assert!(earlier.is_some(), "duplicate of nothing"),
+                            Outcome::Stored(seq) => {
+                                let n = next_seq.entry(stream.clone()).or_insert(1);
+                                prop_assert_eq!(seq, *n);
+                                *n += 1;
+                                *stored.entry(stream.clone()).or_default() += 1;
+                                if let (Some(_), Some(old)) = (&ident, earlier) {
+                                    // Stored again only because the earlier row was evicted.
+                                    prop_assert!(!after.contains_key(&(stream.clone(), old)));
+                                }
+                                if let Some(i) = ident {
+                                    in_batch.insert((stream, i), seq);
+                                }
+                            }
+                            other => prop_assert!(false, "unexpected outcome {:?}", other),
+                        }
+                    }
+                    // Unsynced rows are evicted only when no synced row is left, oldest first.
+                    let lost: Vec<i64> = before.iter()
+                        .filter(|(k, (_, sy, _))| !*sy && !after.contains_key(*k))
+                        .map(|(_, (id, _, _))| *id).collect();
+                    if let Some(newest_lost) = lost.iter().max() {
+                        prop_assert!(
+                            before.iter().all(|(k, (_, sy, _))| !*sy || !after.contains_key(k)),
+                            "unsynced row evicted while a synced one was kept"
+                        );
+                        prop_assert!(
+                            before.iter().all(|(k, (id, sy, _))| *sy || !after.contains_key(k) || id > newest_lost),
+                            "a newer unsynced row was evicted before an older one"
+                        );
+                    }
+                }
+                QuotaOp::SyncSome(n) => {
+                    let u = rt.block_on(b.unsynced(n)).unwrap();
+                    for (_, r) in &u.readings {
+                        prop_assert!(synced.insert((r.stream.clone(), r.seq)), "synced row came back");
+                    }
+                    rt.block_on(b.mark_synced(u.readings.iter().map(|(id, _)| *id).collect(), vec![])).unwrap();
+                }
+                QuotaOp::Restart => {
+                    drop(b);
+                    t.join();
+                    (b, t) = Buffer::open(&s).unwrap();
+                }
+            }
+            present = rows_on_disk(&s.path);
+            for k in before.keys() {
+                if !present.contains_key(k) {
+                    gone.insert(k.clone());
+                }
+            }
+            let stats = rt.block_on(b.stats()).unwrap();
+            for (stream, n) in &stored {
+                let here = present.keys().filter(|(st, _)| st == stream).count() as u64;
+                prop_assert_eq!(n - quota_evicted(&stats, stream), here, "stream {}", stream);
+            }
+            prop_assert!(stats.evicted.keys().all(|(st, r)| r == "quota" && stored.contains_key(st)));
+            for (k, (_, sy, _)) in &present {
+                prop_assert!(!gone.contains(k), "evicted row came back");
+                prop_assert!(k.1 < next_seq[&k.0], "row never stored");
+                prop_assert_eq!(*sy, synced.contains(k));
+            }
+            let disk = disk_bytes(&s.path);
+            prop_assert!(disk <= s.max_bytes * 105 / 100, "disk {} over quota", disk);
+            prop_assert!(stats.bytes_used <= s.max_bytes, "bytes_used {}", stats.bytes_used);
+        }
+        drop(b);
+        t.join();
+        prop_assert!(disk_bytes(&s.path) <= s.max_bytes * 105 / 100);
     }
 }

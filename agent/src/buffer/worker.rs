@@ -1,11 +1,13 @@
 //! The writer thread: owns the rusqlite connection, group-commits appends,
-//! answers queries between transactions.
+//! answers queries between transactions, and runs the quota and max-age
+//! housekeeping ([`super::quota`]) inside those transactions.
 
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
 use rusqlite::{Connection, OptionalExtension, params};
 
+use super::quota::{self, Evicted, Quota, Space};
 use super::{
     BufferError, BufferStats, Command, DEAD_LETTER_MAX_BYTES, Item, NewPrediction, Outcome, Result,
     Unsynced, quarantine_path, schema,
@@ -70,7 +72,8 @@ fn open(settings: &BufferSettings) -> Result<Connection> {
         source,
     };
     let mut conn = Connection::open(path).map_err(wrap)?;
-    conn.busy_timeout(Duration::from_secs(5)).map_err(wrap)?;
+    conn.busy_timeout(BUSY_TIMEOUT).map_err(wrap)?;
+    conn.set_prepared_statement_cache_capacity(64);
     let mode: String = conn
         .query_row("PRAGMA journal_mode=WAL", [], |r| r.get(0))
         .map_err(wrap)?;
@@ -102,12 +105,68 @@ fn open(settings: &BufferSettings) -> Result<Connection> {
     Ok(conn)
 }
 
+/// How long a statement waits for another connection's lock.
+const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
+/// The max-age sweep runs at most this often.
+const SWEEP_INTERVAL: Duration = Duration::from_secs(1);
+/// Data-loss warnings (unsynced rows evicted, items rejected) are logged at
+/// most this often; the counters in [`BufferStats`] are exact.
+const WARN_INTERVAL: Duration = Duration::from_secs(60);
+
 pub(super) struct Worker {
     conn: Connection,
     max_rows: usize,
     max_delay: Duration,
     stream_seqs: HashMap<(String, String), u64>,
     model_seqs: HashMap<String, u64>,
+    quota: Quota,
+    last_sweep: Option<Instant>,
+    pressure: Pressure,
+}
+
+/// Quota pressure since the last warning.
+#[derive(Debug, Default)]
+struct Pressure {
+    evicted_unsynced: u64,
+    rejected: u64,
+    stored_over_quota: u64,
+    wal_over_budget: bool,
+    warned: Option<Instant>,
+}
+
+impl Pressure {
+    fn note(&mut self, evicted_unsynced: u64, rejected: u64, stored_over_quota: u64) {
+        self.evicted_unsynced += evicted_unsynced;
+        self.rejected += rejected;
+        self.stored_over_quota += stored_over_quota;
+        self.flush(false);
+    }
+
+    fn wal(&mut self, within_budget: bool) {
+        if !within_budget {
+            self.wal_over_budget = true;
+            self.flush(false);
+        }
+    }
+
+    fn flush(&mut self, force: bool) {
+        let pending = self.evicted_unsynced + self.rejected + self.stored_over_quota > 0
+            || self.wal_over_budget;
+        let due = self.warned.is_none_or(|t| t.elapsed() >= WARN_INTERVAL);
+        if pending && (due || force) {
+            tracing::warn!(
+                evicted_unsynced = self.evicted_unsynced,
+                rejected = self.rejected,
+                stored_over_quota = self.stored_over_quota,
+                wal_over_budget = self.wal_over_budget,
+                "buffer dropped data: unsynced rows evicted (quota or max_age) or new rows rejected (quota)"
+            );
+            *self = Self {
+                warned: Some(Instant::now()),
+                ..Self::default()
+            };
+        }
+    }
 }
 
 enum GroupResult {
@@ -122,12 +181,16 @@ enum Batchable {
 
 impl Worker {
     pub(super) fn new(conn: Connection, settings: &BufferSettings) -> Result<Self> {
+        let quota = Quota::new(&conn, settings)?;
         let mut w = Self {
             conn,
             max_rows: settings.commit_max_rows,
             max_delay: settings.commit_max_delay,
             stream_seqs: HashMap::new(),
             model_seqs: HashMap::new(),
+            quota,
+            last_sweep: None,
+            pressure: Pressure::default(),
         };
         w.load_seqs()?;
         Ok(w)
@@ -161,13 +224,14 @@ impl Worker {
     }
 
     pub(super) fn run(mut self, rx: &flume::Receiver<Command>) {
+        self.housekeeping();
         let mut carry: Option<Command> = None;
         loop {
             let cmd = match carry.take() {
                 Some(c) => c,
-                None => match rx.recv() {
-                    Ok(c) => c,
-                    Err(_) => break,
+                None => match self.recv(rx) {
+                    Some(c) => c,
+                    None => break,
                 },
             };
             let first = match cmd {
@@ -200,15 +264,103 @@ impl Worker {
             }
             self.commit_group(group);
         }
+        self.pressure.flush(true);
         tracing::debug!("buffer writer stopped");
+    }
+
+    /// The next command; while idle, runs the max-age sweep when it is due.
+    fn recv(&mut self, rx: &flume::Receiver<Command>) -> Option<Command> {
+        loop {
+            if self.quota.max_age().is_none() {
+                return rx.recv().ok();
+            }
+            let wait = self.last_sweep.map_or(Duration::ZERO, |t| {
+                SWEEP_INTERVAL.saturating_sub(t.elapsed())
+            });
+            match rx.recv_timeout(wait) {
+                Ok(c) => return Some(c),
+                Err(flume::RecvTimeoutError::Timeout) => self.housekeeping(),
+                Err(flume::RecvTimeoutError::Disconnected) => return None,
+            }
+        }
+    }
+
+    fn sweep_due(&self) -> bool {
+        self.quota.max_age().is_some()
+            && self
+                .last_sweep
+                .is_none_or(|t| t.elapsed() >= SWEEP_INTERVAL)
+    }
+
+    /// Its own transaction: the max-age sweep (when due) and evictions down
+    /// to the quota (after a restart with a smaller quota, or when the WAL
+    /// grew past its share).
+    fn housekeeping(&mut self) {
+        let sweep = self.sweep_due();
+        let stream_seqs = &self.stream_seqs;
+        let quota = &self.quota;
+        let result = (|| -> Result<(Evicted, bool)> {
+            let tx = self.conn.transaction()?;
+            let mut evicted = Evicted::default();
+            if sweep {
+                quota.sweep(&tx, crate::now_ms(), &mut evicted)?;
+            }
+            let mut space = quota.space(&tx)?;
+            let within = quota.enforce(&tx, &mut space, stream_seqs, &mut evicted)?;
+            evicted.write(&tx)?;
+            tx.commit()?;
+            Ok((evicted, within))
+        })();
+        if sweep {
+            self.last_sweep = Some(Instant::now());
+        }
+        match result {
+            Ok((evicted, within)) => {
+                if evicted.total() > 0 {
+                    tracing::debug!(
+                        evicted = evicted.total(),
+                        "buffer housekeeping evicted rows"
+                    );
+                }
+                self.pressure.note(evicted.unsynced, 0, u64::from(!within));
+                self.checkpoint();
+            }
+            Err(e) => {
+                tracing::error!(error = %format!("{e:#}"), "buffer housekeeping failed; rolled back");
+            }
+        }
+    }
+
+    fn checkpoint(&mut self) {
+        match self.quota.after_commit(&self.conn, BUSY_TIMEOUT) {
+            Ok(within) => self.pressure.wal(within),
+            Err(e) => {
+                tracing::warn!(error = %format!("{e:#}"), "buffer WAL checkpoint failed");
+            }
+        }
     }
 
     fn commit_group(&mut self, group: Vec<Batchable>) {
         let started = Instant::now();
         let mut stream_seqs = self.stream_seqs.clone();
         let mut model_seqs = self.model_seqs.clone();
-        let result = (|| -> Result<Vec<GroupResult>> {
+        let sweep = self.sweep_due();
+        let quota = &self.quota;
+        let result = (|| -> Result<(Vec<GroupResult>, Tally)> {
             let tx = self.conn.transaction()?;
+            let mut ctx = Room {
+                quota,
+                evicted: Evicted::default(),
+                space: Space::default(),
+                tally: Tally::default(),
+            };
+            // Design: the sweep, the evictions and the appends share one
+            // transaction, so a row is never evicted for an append that then
+            // rolls back, and counters move with the rows they count.
+            if sweep {
+                quota.sweep(&tx, crate::now_ms(), &mut ctx.evicted)?;
+            }
+            ctx.space = quota.space(&tx)?;
             let mut results = Vec::with_capacity(group.len());
             for g in &group {
                 match g {
@@ -217,17 +369,26 @@ impl Worker {
                             &tx,
                             &mut stream_seqs,
                             items,
+                            &mut ctx,
                         )?));
                     }
                     Batchable::Predictions(items, _) => {
                         results.push(GroupResult::Predictions(append_predictions(
                             &tx,
                             &mut model_seqs,
+                            &stream_seqs,
                             items,
+                            &mut ctx,
                         )?));
                     }
                 }
             }
+            if !quota.enforce(&tx, &mut ctx.space, &stream_seqs, &mut ctx.evicted)? {
+                ctx.tally.over_quota = true;
+            }
+            ctx.evicted.write(&tx)?;
+            ctx.tally.evicted = ctx.evicted.total();
+            ctx.tally.evicted_unsynced = ctx.evicted.unsynced;
             {
                 let mut up = tx.prepare_cached(
                     "INSERT INTO streams (source, stream, next_seq) VALUES (?1, ?2, ?3)
@@ -249,17 +410,28 @@ impl Worker {
                 }
             }
             tx.commit()?;
-            Ok(results)
+            Ok((results, ctx.tally))
         })();
+        if sweep {
+            self.last_sweep = Some(Instant::now());
+        }
         match result {
-            Ok(results) => {
+            Ok((results, tally)) => {
                 self.stream_seqs = stream_seqs;
                 self.model_seqs = model_seqs;
                 tracing::debug!(
                     groups = group.len(),
+                    evicted = tally.evicted,
+                    rejected = tally.rejected,
                     elapsed_us = started.elapsed().as_micros(),
                     "buffer group committed"
                 );
+                self.pressure.note(
+                    tally.evicted_unsynced,
+                    tally.rejected,
+                    tally.stored_over_quota + u64::from(tally.over_quota),
+                );
+                self.checkpoint();
                 for (g, r) in group.into_iter().zip(results) {
                     match (g, r) {
                         (Batchable::Append(_, reply), GroupResult::Append(out)) => {
@@ -414,7 +586,17 @@ impl Worker {
                 st.execute([id])?;
             }
         }
+        // Moving rows between the synced and unsynced indexes can take a
+        // page; every transaction ends within the quota.
+        let mut evicted = Evicted::default();
+        let mut space = self.quota.space(&tx)?;
+        let within = self
+            .quota
+            .enforce(&tx, &mut space, &self.stream_seqs, &mut evicted)?;
+        evicted.write(&tx)?;
         tx.commit()?;
+        self.pressure.note(evicted.unsynced, 0, u64::from(!within));
+        self.checkpoint();
         Ok(())
     }
 
@@ -430,6 +612,8 @@ impl Worker {
             predictions_unsynced: count("SELECT count(*) FROM predictions WHERE synced = 0")?,
             anomalies: count("SELECT count(*) FROM predictions WHERE is_anomaly = 1")?,
             dead_letters: count("SELECT count(*) FROM dead_letters")?,
+            evicted: quota::load_evicted(&self.conn)?,
+            bytes_used: self.quota.bytes_used(&self.conn)?,
         })
     }
 }
@@ -448,10 +632,29 @@ fn to_i64(v: u64) -> i64 {
     i64::try_from(v).unwrap_or(i64::MAX)
 }
 
+/// Quota state threaded through one group transaction.
+struct Room<'q> {
+    quota: &'q Quota,
+    space: Space,
+    evicted: Evicted,
+    tally: Tally,
+}
+
+/// What one group transaction did beyond storing rows.
+#[derive(Debug, Default)]
+struct Tally {
+    evicted: u64,
+    evicted_unsynced: u64,
+    rejected: u64,
+    stored_over_quota: u64,
+    over_quota: bool,
+}
+
 fn append_items(
     tx: &rusqlite::Transaction<'_>,
     seqs: &mut HashMap<(String, String), u64>,
     items: &[Item],
+    room: &mut Room<'_>,
 ) -> Result<Vec<Outcome>> {
     let mut out = Vec::with_capacity(items.len());
     let mut find = tx.prepare_cached(
@@ -477,6 +680,16 @@ fn append_items(
                         continue;
                     }
                 }
+                let values = serde_json::to_string(&r.values)?;
+                let cost = quota::reading_cost(&r.source, &r.stream, r.ident.as_deref(), &values);
+                if !room
+                    .quota
+                    .reserve(tx, &mut room.space, cost, seqs, &mut room.evicted)?
+                {
+                    room.tally.rejected += 1;
+                    out.push(Outcome::Rejected);
+                    continue;
+                }
                 let next = seqs
                     .entry((r.source.clone(), r.stream.clone()))
                     .or_insert(1);
@@ -489,13 +702,22 @@ fn append_items(
                     r.device_ts_ms,
                     r.recv_ts_ms,
                     r.clock_ok,
-                    serde_json::to_string(&r.values)?,
+                    values,
                 ])?;
                 *next = seq + 1;
                 out.push(Outcome::Stored(seq));
             }
             Item::DeadLetter(d) => {
                 let keep = &d.payload[..d.payload.len().min(DEAD_LETTER_MAX_BYTES)];
+                let cost = quota::dead_letter_cost(&d.topic, d.reason, &d.detail, keep);
+                if !room
+                    .quota
+                    .reserve(tx, &mut room.space, cost, seqs, &mut room.evicted)?
+                {
+                    room.tally.rejected += 1;
+                    out.push(Outcome::Rejected);
+                    continue;
+                }
                 dead.execute(params![
                     d.topic,
                     d.reason,
@@ -511,10 +733,16 @@ fn append_items(
     Ok(out)
 }
 
+/// Predictions are always stored: they are small, derived from readings that
+/// were stored, and the caller has no way to retry them. When no room can be
+/// made they are stored over the quota (bounded: no new readings, hence no
+/// new predictions, are stored until room is made) and reported in a warning.
 fn append_predictions(
     tx: &rusqlite::Transaction<'_>,
     seqs: &mut HashMap<String, u64>,
+    stream_seqs: &HashMap<(String, String), u64>,
     items: &[NewPrediction],
+    room: &mut Room<'_>,
 ) -> Result<Vec<u64>> {
     let mut out = Vec::with_capacity(items.len());
     let mut insert = tx.prepare_cached(
@@ -523,6 +751,14 @@ fn append_predictions(
          VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)",
     )?;
     for p in items {
+        let cost = quota::prediction_cost(p);
+        if !room
+            .quota
+            .reserve(tx, &mut room.space, cost, stream_seqs, &mut room.evicted)?
+        {
+            Quota::charge(&mut room.space, cost);
+            room.tally.stored_over_quota += 1;
+        }
         let next = seqs.entry(p.model.clone()).or_insert(1);
         let seq = *next;
         insert.execute(params![

@@ -97,7 +97,7 @@ pub enum DemoError {
     Config(#[from] ConfigError),
     /// The agent failed.
     #[error("agent")]
-    Agent(#[from] AgentError),
+    Agent(#[source] Box<AgentError>),
     /// The buffer could not be read for the report.
     #[error("buffer")]
     Buffer(#[from] BufferError),
@@ -107,6 +107,12 @@ pub enum DemoError {
     /// The data did not arrive in time.
     #[error("timed out waiting for {0}")]
     Timeout(&'static str),
+}
+
+impl From<AgentError> for DemoError {
+    fn from(e: AgentError) -> Self {
+        Self::Agent(Box::new(e))
+    }
 }
 
 /// How the flagged windows line up with one NAB labeled window.
@@ -445,9 +451,7 @@ pub async fn run(args: DemoArgs) -> Result<DemoReport, DemoError> {
     }
 
     agent_stop.cancel();
-    agent
-        .await
-        .map_err(|_| DemoError::Agent(AgentError::Join("supervisor")))??;
+    agent.await.map_err(|_| AgentError::Join("supervisor"))??;
 
     // The agent has stopped: read the report from its buffer and the cloud store.
     let buffer_settings = crate::config::BufferSettings::for_path(&agent_db);

@@ -34,7 +34,7 @@ pub enum InferenceError {
         dir: PathBuf,
         /// Why.
         #[source]
-        source: PackageError,
+        source: Box<PackageError>,
     },
     /// A model failed to load or to reproduce its golden pairs.
     #[error("model package {dir} failed its checks")]
@@ -83,7 +83,7 @@ impl LoadedModel {
     pub fn load(dir: &std::path::Path) -> Result<Self> {
         let package = Package::read(dir).map_err(|source| InferenceError::Package {
             dir: dir.to_owned(),
-            source,
+            source: Box::new(source),
         })?;
         let handle = runtime::load(&package).map_err(|source| InferenceError::Runtime {
             dir: dir.to_owned(),

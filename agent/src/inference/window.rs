@@ -47,7 +47,7 @@ impl Windower {
         self.values.push_back(value);
         self.seen += 1;
         let w = self.window as u64;
-        if self.seen >= w && (self.seen - w) % self.hop as u64 == 0 {
+        if self.seen >= w && (self.seen - w).is_multiple_of(self.hop as u64) {
             return Some(Window {
                 values: self.values.iter().copied().collect(),
                 end_seq: seq,

@@ -166,7 +166,7 @@ pub enum Ev {
         refused: usize,
     },
     /// A message.
-    Publish(Message),
+    Publish(Box<Message>),
     /// A QoS 1 or 2 publish of ours completed.
     PublishAcked,
     /// Our DISCONNECT went out.
@@ -333,7 +333,7 @@ impl EventLoop {
                             .filter(|c| matches!(c, rumqttc::SubscribeReasonCode::Failure))
                             .count(),
                     },
-                    Event::Incoming(Packet::Publish(p)) => Ev::Publish(Message::V4(p)),
+                    Event::Incoming(Packet::Publish(p)) => Ev::Publish(Box::new(Message::V4(p))),
                     Event::Incoming(Packet::PubAck(_) | Packet::PubComp(_)) => Ev::PublishAcked,
                     Event::Outgoing(Outgoing::Disconnect) => Ev::DisconnectSent,
                     _ => Ev::Other,
@@ -353,7 +353,9 @@ impl EventLoop {
                             .filter(|c| !matches!(c, m5::SubscribeReasonCode::Success(_)))
                             .count(),
                     },
-                    Event::Incoming(m5::Packet::Publish(p)) => Ev::Publish(Message::V5(p)),
+                    Event::Incoming(m5::Packet::Publish(p)) => {
+                        Ev::Publish(Box::new(Message::V5(p)))
+                    }
                     Event::Incoming(m5::Packet::PubAck(_) | m5::Packet::PubComp(_)) => {
                         Ev::PublishAcked
                     }

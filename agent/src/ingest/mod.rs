@@ -190,7 +190,7 @@ impl IngestStage {
                             },
                             () = shutdown.cancelled() => break,
                         };
-                        if recv_tx.send(Received { message, recv_ts_ms, permit }).await.is_err() {
+                        if recv_tx.send(Received { message: *message, recv_ts_ms, permit }).await.is_err() {
                             break;
                         }
                     }
@@ -339,7 +339,6 @@ async fn ack_task(
     counters: Arc<Counters>,
     stop: CancellationToken,
 ) -> Result<()> {
-    let _ = &buffer;
     while let Some(Submitted {
         message,
         pending,
@@ -347,7 +346,38 @@ async fn ack_task(
         permit,
     }) = rx.recv().await
     {
-        let outcomes = pending.wait().await?;
+        let mut outcomes = pending.wait().await?;
+        if outcomes.contains(&Outcome::Rejected) {
+            // A `reject_new` stream is at its quota: hold this message
+            // (unacknowledged, so the broker keeps it) and everything behind
+            // it, retrying until sync frees space or shutdown. The permits
+            // held meanwhile stop the poll loop from taking more.
+            Counters::add(&counters.quota_waits, 1);
+            tracing::warn!(topic = %message.topic(), "buffer full for a reject_new stream; holding messages until space frees");
+            let mut delay = Duration::from_millis(100);
+            loop {
+                tokio::select! {
+                    () = tokio::time::sleep(delay) => {}
+                    () = stop.cancelled() => return Ok(()),
+                }
+                let retry: Vec<Item> = items
+                    .iter()
+                    .zip(&outcomes)
+                    .filter(|(_, o)| **o == Outcome::Rejected)
+                    .map(|(i, _)| i.clone())
+                    .collect();
+                let mut again = buffer.append(retry).await?.into_iter();
+                for o in &mut outcomes {
+                    if *o == Outcome::Rejected {
+                        *o = again.next().unwrap_or(Outcome::Rejected);
+                    }
+                }
+                if !outcomes.contains(&Outcome::Rejected) {
+                    break;
+                }
+                delay = (delay * 2).min(Duration::from_secs(5));
+            }
+        }
         if message.qos() > 0 {
             // The request channel has room for every permit holder, so this
             // only fails when the client is gone; the broker then redelivers.
@@ -376,7 +406,7 @@ async fn ack_task(
                 }
                 (Outcome::Duplicate, _) => Counters::add(&counters.duplicates, 1),
                 (Outcome::DeadLettered, _) => Counters::add(&counters.dead_letters, 1),
-                (Outcome::Stored(_), Item::DeadLetter(_)) => {}
+                (Outcome::Stored(_), Item::DeadLetter(_)) | (Outcome::Rejected, _) => {}
             }
         }
     }
@@ -413,8 +443,8 @@ fn to_items(message: &Message, recv_ts_ms: i64, settings: &MqttSettings) -> Vec<
     else {
         return dead(DecodeError::UnmatchedTopic);
     };
-    let decoded = match decode::decode_payload(payload, settings.max_payload_bytes) {
-        Ok(d) => vec![d],
+    let decoded = match decode::decode_payload(payload, settings.max_payload_bytes, recv_ts_ms) {
+        Ok(d) => d,
         Err(e) => return dead(e),
     };
     let many = decoded.len() > 1;
@@ -427,8 +457,9 @@ fn to_items(message: &Message, recv_ts_ms: i64, settings: &MqttSettings) -> Vec<
             // payload with neither has no identity, and a redelivery of it is
             // stored twice (QoS 1 allows that) rather than risk dropping a
             // genuinely new reading.
+            // SenML times relative to "now" say nothing about identity.
             let ident = d.producer_id.clone().or_else(|| {
-                d.device_ts_ms.map(|_| {
+                d.device_ts_ms.filter(|_| !d.relative_time).map(|_| {
                     let index = if many {
                         i.to_le_bytes().to_vec()
                     } else {

@@ -2,6 +2,8 @@
 //! buffer, an embedded broker.
 #![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
 
+mod crash;
+mod mqtt;
 mod util;
 
 use std::process::Command;
