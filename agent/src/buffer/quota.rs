@@ -405,7 +405,6 @@ impl Quota {
                 tier = tiers.next();
                 continue;
             }
-            // One tier, one table per step.
             let mut del =
                 conn.prepare_cached(&format!("DELETE FROM {} WHERE id = ?1", t.kind().table()))?;
             for v in &victims {

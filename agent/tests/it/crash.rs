@@ -30,7 +30,7 @@ const KILLS: usize = 8;
 /// Broker restarts in the restart test.
 const RESTARTS: usize = 3;
 /// How long the agent gets to store everything once the load is over.
-const DRAIN: Duration = Duration::from_secs(5);
+const DRAIN: Duration = Duration::from_secs(60);
 
 fn seeded(test: &str) -> StdRng {
     let seed = std::env::var("EDGE_TEST_SEED")
@@ -383,7 +383,7 @@ async fn broker_restart_under_load_mosquitto() {
     }
     let mut rng = seeded(TEST);
     let dir = tempfile::tempdir().unwrap();
-    let mut broker = util::spawn_mosquitto(dir.path(), false);
+    let mut broker = util::spawn_mosquitto(dir.path(), true);
     let cfg = write_config(dir.path(), broker.addr, CLIENT);
     let db = dir.path().join("buffer.db");
     let mut agent = Running::start(&cfg);
