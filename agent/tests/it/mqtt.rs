@@ -380,29 +380,51 @@ async fn every_bad_input_class_is_dead_lettered_and_acked() {
         })
     };
     let bad: Vec<(&str, Vec<u8>)> = vec![
-        ("sensors/m1/t/extra", b"1.0".to_vec()),           // unmatched topic
-        ("sensors/m1/t", b"{\"v\": 1".to_vec()),            // truncated
-        ("sensors/m1/t", b"\xff\xfe garbage".to_vec()),     // malformed
-        ("sensors/m1/t", b"{\"v\": \"hot\"}".to_vec()),     // wrong type
-        ("sensors/m1/t", b"NaN".to_vec()),                  // NaN
-        ("sensors/m1/t", b"{\"v\": 1e999}".to_vec()),       // infinity
-        ("sensors/m1/t", vec![b'7'; 2000]),                 // oversized
-        ("sensors/m1/t", b"{\"ts\": 5}".to_vec()),          // no values
+        ("sensors/m1/t/extra", b"1.0".to_vec()), // unmatched topic
+        ("sensors/m1/t", b"{\"v\": 1".to_vec()), // truncated
+        ("sensors/m1/t", b"\xff\xfe garbage".to_vec()), // malformed
+        ("sensors/m1/t", b"{\"v\": \"hot\"}".to_vec()), // wrong type
+        ("sensors/m1/t", b"NaN".to_vec()),       // NaN
+        ("sensors/m1/t", b"{\"v\": 1e999}".to_vec()), // infinity
+        ("sensors/m1/t", vec![b'7'; 2000]),      // oversized
+        ("sensors/m1/t", b"{\"ts\": 5}".to_vec()), // no values
     ];
     let counters = Arc::new(Counters::default());
     let stop = CancellationToken::new();
-    let agent = tokio::spawn(edge_agent::supervisor::run(make(), counters.clone(), stop.clone()));
-    wait_until("subscription", Duration::from_secs(20), || Counters::get(&counters.subscribed) >= 1).await;
-    let good = |i: u32| ("sensors/m1/t", format!("{{\"id\":{i},\"v\":{i}}}").into_bytes());
+    let agent = tokio::spawn(edge_agent::supervisor::run(
+        make(),
+        counters.clone(),
+        stop.clone(),
+    ));
+    wait_until("subscription", Duration::from_secs(20), || {
+        Counters::get(&counters.subscribed) >= 1
+    })
+    .await;
+    let good = |i: u32| {
+        (
+            "sensors/m1/t",
+            format!("{{\"id\":{i},\"v\":{i}}}").into_bytes(),
+        )
+    };
     let mut all = vec![good(1)];
     all.extend(bad.iter().cloned());
     all.push(good(2));
     for (topic, payload) in all {
-        super::util::publish_all(broker, topic, vec![String::from_utf8_lossy(&payload).into_owned()]).await;
+        super::util::publish_all(
+            broker,
+            topic,
+            vec![String::from_utf8_lossy(&payload).into_owned()],
+        )
+        .await;
     }
-    wait_until("dead letters and good readings", Duration::from_secs(20), || {
-        Counters::get(&counters.dead_letters) >= bad.len() as u64 && Counters::get(&counters.committed) >= 2
-    })
+    wait_until(
+        "dead letters and good readings",
+        Duration::from_secs(20),
+        || {
+            Counters::get(&counters.dead_letters) >= bad.len() as u64
+                && Counters::get(&counters.committed) >= 2
+        },
+    )
     .await;
     stop.cancel();
     agent.await.unwrap().unwrap();
@@ -410,10 +432,21 @@ async fn every_bad_input_class_is_dead_lettered_and_acked() {
     // Restart on the same persistent session: nothing is redelivered.
     let counters = Arc::new(Counters::default());
     let stop = CancellationToken::new();
-    let agent = tokio::spawn(edge_agent::supervisor::run(make(), counters.clone(), stop.clone()));
-    wait_until("subscription", Duration::from_secs(20), || Counters::get(&counters.subscribed) >= 1).await;
+    let agent = tokio::spawn(edge_agent::supervisor::run(
+        make(),
+        counters.clone(),
+        stop.clone(),
+    ));
+    wait_until("subscription", Duration::from_secs(20), || {
+        Counters::get(&counters.subscribed) >= 1
+    })
+    .await;
     tokio::time::sleep(Duration::from_millis(500)).await;
-    assert_eq!(Counters::get(&counters.received), 0, "acked messages came back");
+    assert_eq!(
+        Counters::get(&counters.received),
+        0,
+        "acked messages came back"
+    );
     stop.cancel();
     agent.await.unwrap().unwrap();
 
