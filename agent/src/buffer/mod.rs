@@ -11,9 +11,10 @@
 //! - sequence numbers per `(source, stream)` and per model start at 1, are
 //!   assigned inside the committing transaction and never reused;
 //! - a reading with a producer identity is stored at most once per
-//!   `(source, stream, ident)`, so broker redeliveries are absorbed;
+//!   `(source, stream, ident)` among the rows present, so broker redeliveries
+//!   are absorbed (one arriving after the first copy was evicted is stored);
 //! - `synced` only goes from 0 to 1, and only through [`Buffer::mark_synced`];
-//! - the database plus its WAL stay within `max_bytes` (see [`quota`]): an
+//! - the database plus its WAL stay within `max_bytes` (see `quota.rs`): an
 //!   append that does not fit evicts in the same transaction, or is answered
 //!   [`Outcome::Rejected`] and not stored when only unsynced rows of
 //!   `reject_new` streams are left to evict;
