@@ -882,6 +882,83 @@ mod tests {
     }
 
     #[test]
+    fn password_comes_from_file_or_env_never_the_config() {
+        let (dir, text) = with_token(DEFAULT_CONFIG);
+        std::fs::write(dir.path().join("pw"), "s3cret\nignored\n").unwrap();
+        let from_file = text.replace(
+            "# username = \"edge\"\n# password_file = \"/etc/edge-agent/mqtt-password\"",
+            "username = \"edge\"\npassword_file = \"pw\"",
+        );
+        let s = RawConfig::parse(&from_file).unwrap().validate().unwrap();
+        let (user, pass) = s.mqtt.credentials.clone().unwrap();
+        assert_eq!((user.as_str(), pass.expose()), ("edge", "s3cret"));
+        assert!(
+            !format!("{s:?}").contains("s3cret"),
+            "password leaked into Debug"
+        );
+
+        let var = format!("EDGE_TEST_PW_{}", std::process::id());
+        let from_env = text.replace(
+            "# username = \"edge\"",
+            &format!("username = \"edge\"\npassword_env = \"{var}\""),
+        );
+        let err = RawConfig::parse(&from_env).unwrap().validate().unwrap_err();
+        assert!(err.to_string().contains("mqtt.password_env"), "{err}");
+
+        let both = from_file.replace(
+            "password_file = \"pw\"",
+            &format!("password_file = \"pw\"\npassword_env = \"{var}\""),
+        );
+        let err = RawConfig::parse(&both).unwrap().validate().unwrap_err();
+        assert!(err.to_string().contains("mqtt.password_file"), "{err}");
+    }
+
+    #[test]
+    fn several_subscriptions_and_tls_keys() {
+        let (dir, text) = with_token(DEFAULT_CONFIG);
+        let two = text.replace(
+            "idle_timeout_secs = 0\n",
+            "idle_timeout_secs = 0\n\n[[mqtt.subscriptions]]\ntopic = \"site/+/+/+\"\nqos = 2\ntemplate = \"site/{_}/{device}/{stream}\"\nidle_timeout_secs = 30\n",
+        );
+        let s = RawConfig::parse(&two).unwrap().validate().unwrap();
+        assert_eq!(s.mqtt.subscriptions.len(), 2);
+        assert_eq!(s.mqtt.subscriptions[1].qos, 2);
+        assert_eq!(
+            s.mqtt.subscriptions[1].idle_timeout,
+            Some(Duration::from_secs(30))
+        );
+        assert!(s.mqtt.tls.is_none());
+
+        std::fs::write(dir.path().join("ca.pem"), "x").unwrap();
+        let tls = text
+            .replace("mqtt://127.0.0.1:1883", "mqtts://broker.example")
+            .replace(
+                "# ca_file = \"/etc/edge-agent/ca.pem\"",
+                "ca_file = \"ca.pem\"",
+            )
+            .replace(
+                "# client_cert_file = \"/etc/edge-agent/client.pem\"",
+                "client_cert_file = \"missing.pem\"",
+            );
+        let err = RawConfig::parse(&tls)
+            .unwrap()
+            .validate()
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("mqtt.client_cert_file"), "{err}");
+        let plain_with_ca = text.replace(
+            "# ca_file = \"/etc/edge-agent/ca.pem\"",
+            "ca_file = \"ca.pem\"",
+        );
+        let err = RawConfig::parse(&plain_with_ca)
+            .unwrap()
+            .validate()
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("not mqtts://"), "{err}");
+    }
+
+    #[test]
     fn secret_is_not_debug_printed() {
         assert_eq!(
             format!("{:?}", Secret::new("hunter2".into())),
