@@ -20,11 +20,15 @@ pub const DEFAULT_CONFIG_TOML: &str = include_str!("default-config.toml");
 pub const DEFAULT_LISTEN_ADDR: &str = "127.0.0.1:8443";
 /// Default for `database_path`.
 pub const DEFAULT_DATABASE_PATH: &str = "cloud-sync.db";
+/// Default for `database_max_connections`.
+pub const DEFAULT_DATABASE_MAX_CONNECTIONS: usize = 8;
 /// Default for `max_body_bytes` (8 MiB).
 pub const DEFAULT_MAX_BODY_BYTES: u64 = 8 * 1024 * 1024;
 /// Default for `request_timeout_secs`.
 pub const DEFAULT_REQUEST_TIMEOUT_SECS: u64 = 30;
 
+/// Largest accepted `database_max_connections`.
+pub const MAX_DATABASE_MAX_CONNECTIONS: u64 = 256;
 /// Largest accepted `max_body_bytes` (1 GiB): one request body is held in memory.
 pub const MAX_MAX_BODY_BYTES: u64 = 1024 * 1024 * 1024;
 /// Largest accepted `request_timeout_secs` (1 hour).
@@ -98,9 +102,17 @@ pub struct Config {
     /// Socket address the HTTP API listens on (`IP:port`; port 0 picks a free port).
     #[serde(default = "default_listen_addr")]
     pub listen_addr: String,
-    /// SQLite database file; created on first start.
+    /// SQLite database file; created on first start. Ignored when
+    /// `database_url` is set.
     #[serde(default = "default_database_path")]
     pub database_path: PathBuf,
+    /// PostgreSQL connection URL (`postgres://user:password@host:5432/dbname`);
+    /// when set, PostgreSQL is used instead of SQLite.
+    #[serde(default)]
+    pub database_url: Option<String>,
+    /// Most PostgreSQL connections one instance opens at once.
+    #[serde(default = "default_database_max_connections")]
+    pub database_max_connections: u64,
     /// Largest accepted request body in bytes, raw and (for zstd) decompressed.
     #[serde(default = "default_max_body_bytes")]
     pub max_body_bytes: u64,
@@ -117,6 +129,10 @@ fn default_database_path() -> PathBuf {
     PathBuf::from(DEFAULT_DATABASE_PATH)
 }
 
+fn default_database_max_connections() -> u64 {
+    DEFAULT_DATABASE_MAX_CONNECTIONS as u64
+}
+
 fn default_max_body_bytes() -> u64 {
     DEFAULT_MAX_BODY_BYTES
 }
@@ -130,6 +146,8 @@ impl Default for Config {
         Self {
             listen_addr: default_listen_addr(),
             database_path: default_database_path(),
+            database_url: None,
+            database_max_connections: default_database_max_connections(),
             max_body_bytes: default_max_body_bytes(),
             request_timeout_secs: default_request_timeout_secs(),
         }
@@ -190,6 +208,31 @@ impl Config {
             problem("database_path", "must not be empty".to_owned());
         }
 
+        let postgres = match self.database_url.as_deref().map(parse_database_url) {
+            None => None,
+            Some(Ok(config)) => Some(config),
+            Some(Err(message)) => {
+                problem("database_url", message);
+                None
+            }
+        };
+
+        let max_connections =
+            if (1..=MAX_DATABASE_MAX_CONNECTIONS).contains(&self.database_max_connections) {
+                usize::try_from(self.database_max_connections).ok()
+            } else {
+                None
+            };
+        if max_connections.is_none() {
+            problem(
+                "database_max_connections",
+                format!(
+                    "{} is out of range 1..={MAX_DATABASE_MAX_CONNECTIONS}",
+                    self.database_max_connections
+                ),
+            );
+        }
+
         let max_body_bytes = if (1..=MAX_MAX_BODY_BYTES).contains(&self.max_body_bytes) {
             usize::try_from(self.max_body_bytes).ok()
         } else {
@@ -215,16 +258,48 @@ impl Config {
             );
         }
 
-        match (listen_addr, max_body_bytes) {
-            (Some(listen_addr), Some(max_body_bytes)) if problems.is_empty() => Ok(Settings {
-                listen_addr,
-                database_path: self.database_path.clone(),
-                max_body_bytes,
-                request_timeout: Duration::from_secs(self.request_timeout_secs),
-            }),
+        match (listen_addr, max_connections, max_body_bytes) {
+            (Some(listen_addr), Some(max_connections), Some(max_body_bytes))
+                if problems.is_empty() =>
+            {
+                let storage = match postgres {
+                    Some(config) => StorageSettings::Postgres(Box::new(PostgresSettings {
+                        config,
+                        max_connections,
+                    })),
+                    None => StorageSettings::Sqlite {
+                        path: self.database_path.clone(),
+                    },
+                };
+                Ok(Settings {
+                    listen_addr,
+                    storage,
+                    max_body_bytes,
+                    request_timeout: Duration::from_secs(self.request_timeout_secs),
+                })
+            }
             _ => Err(ConfigError::Invalid { problems }),
         }
     }
+}
+
+/// Parses `database_url`; the error message never repeats the URL (it may
+/// hold a password).
+fn parse_database_url(url: &str) -> std::result::Result<tokio_postgres::Config, String> {
+    let config: tokio_postgres::Config = url
+        .trim()
+        .parse()
+        .map_err(|err| format!("is not a PostgreSQL connection URL: {err}"))?;
+    if config.get_hosts().is_empty() && config.get_hostaddrs().is_empty() {
+        return Err("names no host, as in \"postgres://user@host:5432/dbname\"".to_owned());
+    }
+    if config.get_ssl_mode() == tokio_postgres::config::SslMode::Require {
+        return Err(
+            "sslmode=require is not supported: cloud-sync connects to PostgreSQL without TLS"
+                .to_owned(),
+        );
+    }
+    Ok(config)
 }
 
 /// Best effort: the key on the line a TOML error points at (`key = value`).
@@ -246,12 +321,81 @@ fn key_at(text: &str, span: Option<std::ops::Range<usize>>) -> Option<String> {
 pub struct Settings {
     /// Address to bind (port 0 allowed).
     pub listen_addr: SocketAddr,
-    /// SQLite database file.
-    pub database_path: PathBuf,
+    /// The database to store into.
+    pub storage: StorageSettings,
     /// Cap on the raw and the decompressed request body, in bytes.
     pub max_body_bytes: usize,
     /// Time allowed for one request.
     pub request_timeout: Duration,
+}
+
+/// Which database the server stores into.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StorageSettings {
+    /// A SQLite file (`database_path`), used by one process at a time.
+    Sqlite {
+        /// Database file; created on first start.
+        path: PathBuf,
+    },
+    /// A PostgreSQL database (`database_url`), which several cloud-sync
+    /// instances may share.
+    Postgres(Box<PostgresSettings>),
+}
+
+impl fmt::Display for StorageSettings {
+    /// Where the data goes, for logs: never the password.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            StorageSettings::Sqlite { path } => write!(f, "sqlite {}", path.display()),
+            StorageSettings::Postgres(settings) => {
+                let config = &settings.config;
+                f.write_str("postgresql ")?;
+                if let Some(user) = config.get_user() {
+                    write!(f, "{user}@")?;
+                }
+                let ports = config.get_ports();
+                let hosts = config.get_hosts().iter().map(|host| match host {
+                    tokio_postgres::config::Host::Tcp(name) => name.clone(),
+                    #[cfg(unix)]
+                    tokio_postgres::config::Host::Unix(path) => path.display().to_string(),
+                });
+                let addrs = config.get_hostaddrs().iter().map(ToString::to_string);
+                for (i, host) in hosts.chain(addrs).enumerate() {
+                    if i > 0 {
+                        f.write_str(",")?;
+                    }
+                    f.write_str(&host)?;
+                    if let Some(port) = ports.get(i).or(ports.first()) {
+                        write!(f, ":{port}")?;
+                    }
+                }
+                write!(f, "/{}", config.get_dbname().unwrap_or_default())
+            }
+        }
+    }
+}
+
+/// How to reach PostgreSQL.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PostgresSettings {
+    /// Parsed `database_url`. Its `Debug` output hides the password.
+    pub config: tokio_postgres::Config,
+    /// Most connections open at once (`database_max_connections`).
+    pub max_connections: usize,
+}
+
+impl PostgresSettings {
+    /// Settings for a `postgres://` URL or `key=value` connection string,
+    /// with the default `database_max_connections`.
+    ///
+    /// # Errors
+    /// The connection string does not parse.
+    pub fn from_url(url: &str) -> std::result::Result<PostgresSettings, tokio_postgres::Error> {
+        Ok(PostgresSettings {
+            config: url.parse()?,
+            max_connections: DEFAULT_DATABASE_MAX_CONNECTIONS,
+        })
+    }
 }
 
 impl Settings {
@@ -260,7 +404,7 @@ impl Settings {
     pub fn for_database(path: impl Into<PathBuf>) -> Settings {
         Settings {
             listen_addr: SocketAddr::from(([127, 0, 0, 1], 0)),
-            database_path: path.into(),
+            storage: StorageSettings::Sqlite { path: path.into() },
             max_body_bytes: usize::try_from(DEFAULT_MAX_BODY_BYTES).unwrap_or(usize::MAX),
             request_timeout: Duration::from_secs(DEFAULT_REQUEST_TIMEOUT_SECS),
         }
@@ -279,7 +423,68 @@ mod tests {
         assert_eq!(settings.listen_addr.to_string(), DEFAULT_LISTEN_ADDR);
         assert_eq!(settings.max_body_bytes, 8 * 1024 * 1024);
         assert_eq!(settings.request_timeout, Duration::from_secs(30));
+        assert_eq!(
+            settings.storage,
+            StorageSettings::Sqlite {
+                path: PathBuf::from(DEFAULT_DATABASE_PATH)
+            }
+        );
         Ok(())
+    }
+
+    #[test]
+    fn database_url_selects_postgres() -> anyhow::Result<()> {
+        let config = Config::from_toml_str(
+            "database_path = \"ignored.db\"\n\
+             database_url = \"postgres://sync:s3cret@db.example:6432/cloud\"\n\
+             database_max_connections = 3\n",
+        )?;
+        let settings = config.validate()?;
+        let StorageSettings::Postgres(pg) = &settings.storage else {
+            panic!("expected postgres, got {:?}", settings.storage);
+        };
+        assert_eq!(pg.max_connections, 3);
+        assert_eq!(pg.config.get_user(), Some("sync"));
+        assert_eq!(pg.config.get_dbname(), Some("cloud"));
+        assert_eq!(pg.config.get_ports(), [6432]);
+        let shown = format!("{} {:?}", settings.storage, settings);
+        assert!(
+            shown.starts_with("postgresql sync@db.example:6432/cloud "),
+            "{shown}"
+        );
+        assert!(!shown.contains("s3cret"), "{shown}");
+
+        // The schema option the default config documents.
+        let config = Config {
+            database_url: Some("postgres://u@h/db?options=-c%20search_path%3Dsync".into()),
+            ..Config::default()
+        };
+        let StorageSettings::Postgres(pg) = config.validate()?.storage else {
+            panic!("expected postgres");
+        };
+        assert_eq!(pg.config.get_options(), Some("-c search_path=sync"));
+        Ok(())
+    }
+
+    #[test]
+    fn bad_database_urls_are_named_without_the_password() {
+        for url in [
+            "postgres://u:s3cret@h:notaport/db",
+            "postgres://u:s3cret@/db",
+            "postgres://u:s3cret@h/db?sslmode=require",
+            "not a url at all s3cret",
+        ] {
+            let config = Config {
+                database_url: Some(url.to_owned()),
+                ..Config::default()
+            };
+            let Err(ConfigError::Invalid { problems }) = config.validate() else {
+                panic!("{url}: expected invalid config");
+            };
+            assert_eq!(problems.len(), 1, "{url}: {problems:?}");
+            assert_eq!(problems[0].key, "database_url");
+            assert!(!problems[0].message.contains("s3cret"), "{problems:?}");
+        }
     }
 
     #[test]
@@ -313,6 +518,8 @@ mod tests {
         let config = Config {
             listen_addr: "localhost".into(),
             database_path: PathBuf::new(),
+            database_url: Some("postgres://u@h:notaport/db".into()),
+            database_max_connections: 0,
             max_body_bytes: 0,
             request_timeout_secs: 0,
         };
@@ -325,6 +532,8 @@ mod tests {
             [
                 "listen_addr",
                 "database_path",
+                "database_url",
+                "database_max_connections",
                 "max_body_bytes",
                 "request_timeout_secs"
             ]
@@ -337,6 +546,11 @@ mod tests {
     fn for_database_listens_on_port_zero() {
         let settings = Settings::for_database("x.db");
         assert_eq!(settings.listen_addr.port(), 0);
-        assert_eq!(settings.database_path, PathBuf::from("x.db"));
+        assert_eq!(
+            settings.storage,
+            StorageSettings::Sqlite {
+                path: PathBuf::from("x.db")
+            }
+        );
     }
 }

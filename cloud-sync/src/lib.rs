@@ -1,10 +1,15 @@
 //! Cloud endpoint for edge agents: authenticated, exactly-once batch ingest.
 //!
 //! Crate map:
-//! - [`config`]: TOML [`Config`] → validated [`Settings`]; the embedded example config.
-//! - [`store`]: the only module touching SQLite. [`Store`] is a cloneable handle
-//!   to one worker thread; batches are stored in one transaction, deduplicated
-//!   on `(device, stream, seq)` / `(device, model, seq)`.
+//! - [`config`]: TOML [`Config`] → validated [`Settings`], including which
+//!   database ([`StorageSettings`]: a SQLite file, or PostgreSQL when
+//!   `database_url` is set); the embedded example config.
+//! - [`store`]: the only module touching a database. [`Store`] is one
+//!   cloneable handle over two backends: SQLite (one worker thread, one
+//!   process per file) and PostgreSQL (a small connection pool; several
+//!   instances may share one database). Either way a batch is stored in one
+//!   transaction, deduplicated on `(device, source, stream, seq)` /
+//!   `(device, model, seq)` by the database's primary keys.
 //! - [`auth`]: bearer-token authentication and per-device authorization.
 //! - [`api`]: the axum router ([`app`]), request decoding and error responses.
 //! - this file: [`start`] / [`Server`] for in-process use (tests, demos) and
@@ -24,7 +29,7 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 pub use api::{ApiError, AppState, app};
-pub use config::{Config, ConfigError, Settings};
+pub use config::{Config, ConfigError, PostgresSettings, Settings, StorageSettings};
 pub use store::{Store, StoreError};
 pub use sync_protocol;
 
@@ -78,7 +83,7 @@ pub struct Server {
 /// [`ServeError::Store`] if the database cannot be opened, [`ServeError::Bind`]
 /// if the address cannot be bound.
 pub async fn start(settings: Settings, shutdown: CancellationToken) -> Result<Server, ServeError> {
-    let store = Store::open(&settings.database_path).await?;
+    let store = Store::connect(&settings.storage).await?;
     let listener = tokio::net::TcpListener::bind(settings.listen_addr)
         .await
         .map_err(|source| ServeError::Bind {
@@ -93,7 +98,7 @@ pub async fn start(settings: Settings, shutdown: CancellationToken) -> Result<Se
             .with_graceful_shutdown(signal)
             .await
     });
-    tracing::info!(%addr, database = %settings.database_path.display(), "cloud-sync listening");
+    tracing::info!(%addr, database = %settings.storage, "cloud-sync listening");
     Ok(Server {
         addr,
         store,

@@ -209,7 +209,7 @@ async fn revoke_device(settings: Settings, id: String) -> anyhow::Result<()> {
 }
 
 async fn open_store(settings: &Settings) -> anyhow::Result<Store> {
-    Store::open(&settings.database_path)
+    Store::connect(&settings.storage)
         .await
-        .with_context(|| format!("database_path {}", settings.database_path.display()))
+        .with_context(|| format!("database {}", settings.storage))
 }

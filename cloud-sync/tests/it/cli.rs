@@ -8,6 +8,7 @@ use std::time::Duration;
 use anyhow::{Context as _, Result, bail};
 use cloud_sync::config::{Config, DEFAULT_CONFIG_TOML};
 
+use crate::backends::PgSchema;
 use crate::util::raw_http;
 
 const BIN: &str = env!("CARGO_BIN_EXE_cloud-sync");
@@ -52,12 +53,16 @@ fn default_config_round_trips_through_check_config() -> Result<()> {
 #[test]
 fn bad_config_exits_78_naming_the_keys() -> Result<()> {
     let dir = tempfile::tempdir()?;
-    let cases: [(&str, &[&str]); 3] = [
+    let cases: [(&str, &[&str]); 4] = [
         (
             "listen_addr = \"nowhere\"\nmax_body_bytes = 0\nrequest_timeout_secs = 0\n",
             &["listen_addr", "max_body_bytes", "request_timeout_secs"],
         ),
         ("max_body_size = 10\n", &["max_body_size"]),
+        (
+            "database_url = \"postgres://sync@/cloud\"\ndatabase_max_connections = 0\n",
+            &["database_url", "database_max_connections"],
+        ),
         (
             "request_timeout_secs = \"30s\"\n",
             &["request_timeout_secs"],
@@ -113,6 +118,49 @@ fn devices_add_prints_a_token_once_and_revoke_works() -> Result<()> {
     assert!(output.status.success(), "{}", stderr(&output));
     let output = run(&["devices", "revoke", "nobody", "--config", &config])?;
     assert_eq!(output.status.code(), Some(1));
+    Ok(())
+}
+
+#[tokio::test]
+async fn devices_commands_work_on_postgres() -> Result<()> {
+    let Some(schema) = PgSchema::create("devices_commands_work_on_postgres").await? else {
+        println!("skipped");
+        return Ok(());
+    };
+    let base = std::env::var(crate::backends::POSTGRES_ENV)?;
+    let separator = if base.contains('?') { '&' } else { '?' };
+    // The schema is chosen the way the default config documents.
+    let url = format!(
+        "{base}{separator}options=-c%20search_path%3D{}",
+        schema.name
+    );
+    let dir = tempfile::tempdir()?;
+    let config = write_config(dir.path(), &format!("database_url = {url:?}\n"))?;
+
+    let output = run(&["check-config", &config])?;
+    assert!(output.status.success(), "{}", stderr(&output));
+    let output = run(&["devices", "add", "dev-1", "--config", &config])?;
+    assert!(output.status.success(), "{}", stderr(&output));
+    let token = String::from_utf8(output.stdout)?;
+    assert_eq!(token.trim().len(), 64);
+    let output = run(&["devices", "add", "dev-1", "--config", &config])?;
+    assert_eq!(output.status.code(), Some(1));
+    assert!(
+        stderr(&output).contains("already exists"),
+        "{}",
+        stderr(&output)
+    );
+    let output = run(&["devices", "revoke", "dev-1", "--config", &config])?;
+    assert!(output.status.success(), "{}", stderr(&output));
+
+    let revoked: bool = schema
+        .client()
+        .await?
+        .query_one("SELECT revoked FROM devices WHERE id = 'dev-1'", &[])
+        .await?
+        .try_get(0)?;
+    assert!(revoked);
+    assert!(!dir.path().join("cloud.db").exists(), "sqlite file created");
     Ok(())
 }
 

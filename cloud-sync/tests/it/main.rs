@@ -1,8 +1,12 @@
-//! Integration tests for cloud-sync: the router through `oneshot`, a real
-//! server on a port-0 socket, and the `cloud-sync` binary.
+//! Integration tests for cloud-sync: the store contract on every backend, the
+//! router through `oneshot`, real servers on port-0 sockets (two of them on
+//! one PostgreSQL database), and the `cloud-sync` binary.
 #![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
 
 mod api;
+mod backends;
 mod cli;
 mod server;
+mod shared_postgres;
+mod store;
 mod util;

@@ -26,7 +26,7 @@ impl Env {
         let dir = tempfile::tempdir()?;
         let mut settings = Settings::for_database(dir.path().join("cloud.db"));
         settings.max_body_bytes = max_body_bytes;
-        let store = Store::open(&settings.database_path).await?;
+        let store = Store::connect(&settings.storage).await?;
         Ok(Env {
             _dir: dir,
             store,
