@@ -142,6 +142,23 @@ impl Message {
         }
     }
 
+    /// What acknowledging this message needs, without its topic and payload.
+    #[must_use]
+    pub fn ack_token(&self) -> AckToken {
+        match self {
+            Self::V4(p) => AckToken {
+                v5: false,
+                qos: p.qos as u8,
+                pkid: p.pkid,
+            },
+            Self::V5(p) => AckToken {
+                v5: true,
+                qos: p.qos as u8,
+                pkid: p.pkid,
+            },
+        }
+    }
+
     /// Whether the broker flagged this as a redelivery.
     #[must_use]
     pub fn dup(&self) -> bool {
@@ -150,6 +167,15 @@ impl Message {
             Self::V5(p) => p.dup,
         }
     }
+}
+
+/// The part of a received publish its acknowledgement needs (4 bytes, so a
+/// long queue of acks waiting for the event loop costs little memory).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AckToken {
+    v5: bool,
+    qos: u8,
+    pkid: u16,
 }
 
 /// What the agent needs to know from the event loop.
@@ -261,6 +287,27 @@ impl Client {
         match (self, msg) {
             (Self::V4(c), Message::V4(p)) => c.ack(p).await.map_err(|e| ClientError(e.to_string())),
             (Self::V5(c), Message::V5(p)) => c.ack(p).await.map_err(|e| ClientError(e.to_string())),
+            _ => Err(ClientError("message from the other protocol".into())),
+        }
+    }
+
+    /// Queues the acknowledgement described by `token` (no-op for QoS 0),
+    /// waiting while the request queue is full.
+    ///
+    /// # Errors
+    /// [`ClientError`] when the event loop is gone.
+    pub async fn ack_token(&self, token: AckToken) -> Result<(), ClientError> {
+        match (self, token.v5) {
+            (Self::V4(c), false) => {
+                let mut p = rumqttc::Publish::new("", qos4(token.qos), Vec::new());
+                p.pkid = token.pkid;
+                c.ack(&p).await.map_err(|e| ClientError(e.to_string()))
+            }
+            (Self::V5(c), true) => {
+                let mut p = m5::Publish::new("", qos5(token.qos), Vec::new(), None);
+                p.pkid = token.pkid;
+                c.ack(&p).await.map_err(|e| ClientError(e.to_string()))
+            }
             _ => Err(ClientError("message from the other protocol".into())),
         }
     }

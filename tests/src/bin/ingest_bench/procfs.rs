@@ -59,10 +59,22 @@ pub fn self_ticks() -> Result<u64> {
     process_ticks(std::process::id())
 }
 
-/// CPU ticks of each live thread of `pid`, by thread id, with the thread name.
-/// Threads that cannot be read (exited meanwhile) are skipped.
+/// One thread's counters.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ThreadSample {
+    /// Thread name (`comm`).
+    pub name: String,
+    /// CPU time (user + system), clock ticks.
+    pub ticks: u64,
+    /// Time spent runnable but waiting for a CPU, ns (`schedstat` field 2;
+    /// 0 when the kernel does not provide it).
+    pub wait_ns: u64,
+}
+
+/// Counters of each live thread of `pid`, by thread id. Threads that
+/// cannot be read (exited meanwhile) are skipped.
 #[must_use]
-pub fn thread_ticks(pid: u32) -> BTreeMap<u32, (String, u64)> {
+pub fn thread_ticks(pid: u32) -> BTreeMap<u32, ThreadSample> {
     let mut out = BTreeMap::new();
     let Ok(dir) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
         return out;
@@ -71,37 +83,64 @@ pub fn thread_ticks(pid: u32) -> BTreeMap<u32, (String, u64)> {
         let Some(tid) = entry.file_name().to_str().and_then(|s| s.parse().ok()) else {
             continue;
         };
-        if let Some(parsed) = std::fs::read_to_string(entry.path().join("stat"))
+        let Some((name, ticks)) = std::fs::read_to_string(entry.path().join("stat"))
             .ok()
             .as_deref()
             .and_then(parse_stat)
-        {
-            out.insert(tid, parsed);
-        }
+        else {
+            continue;
+        };
+        let wait_ns = std::fs::read_to_string(entry.path().join("schedstat"))
+            .ok()
+            .and_then(|s| s.split_whitespace().nth(1)?.parse().ok())
+            .unwrap_or(0);
+        out.insert(
+            tid,
+            ThreadSample {
+                name,
+                ticks,
+                wait_ns,
+            },
+        );
     }
     out
 }
 
-/// CPU ticks each thread name used between two [`thread_ticks`] snapshots
-/// (a thread absent from `before` started in between and counts from 0),
-/// largest first.
+/// What one thread name used between two [`thread_ticks`] snapshots.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ThreadUse {
+    /// Thread name.
+    pub name: String,
+    /// Threads with that name.
+    pub count: usize,
+    /// CPU ticks.
+    pub ticks: u64,
+    /// Runnable-but-waiting ns.
+    pub wait_ns: u64,
+}
+
+/// Use per thread name between two snapshots (a thread absent from
+/// `before` started in between and counts from 0), largest CPU first.
 #[must_use]
 pub fn thread_delta(
-    before: &BTreeMap<u32, (String, u64)>,
-    after: &BTreeMap<u32, (String, u64)>,
-) -> Vec<(String, u64, usize)> {
-    let mut by_name: BTreeMap<String, (u64, usize)> = BTreeMap::new();
-    for (tid, (name, ticks)) in after {
-        let base = before.get(tid).map_or(0, |(_, t)| *t);
-        let e = by_name.entry(name.clone()).or_default();
-        e.0 += ticks.saturating_sub(base);
-        e.1 += 1;
+    before: &BTreeMap<u32, ThreadSample>,
+    after: &BTreeMap<u32, ThreadSample>,
+) -> Vec<ThreadUse> {
+    let mut by_name: BTreeMap<&str, ThreadUse> = BTreeMap::new();
+    for (tid, t) in after {
+        let (ticks0, wait0) = before.get(tid).map_or((0, 0), |b| (b.ticks, b.wait_ns));
+        let e = by_name.entry(&t.name).or_insert_with(|| ThreadUse {
+            name: t.name.clone(),
+            count: 0,
+            ticks: 0,
+            wait_ns: 0,
+        });
+        e.count += 1;
+        e.ticks += t.ticks.saturating_sub(ticks0);
+        e.wait_ns += t.wait_ns.saturating_sub(wait0);
     }
-    let mut v: Vec<_> = by_name
-        .into_iter()
-        .map(|(name, (ticks, n))| (name, ticks, n))
-        .collect();
-    v.sort_by(|a, b| b.1.cmp(&a.1).then_with(|| a.0.cmp(&b.0)));
+    let mut v: Vec<_> = by_name.into_values().collect();
+    v.sort_by(|a, b| b.ticks.cmp(&a.ticks).then_with(|| a.name.cmp(&b.name)));
     v
 }
 

@@ -360,7 +360,7 @@ async fn agent_phase(
         commits: commit_summary(&log),
         threads: procfs::thread_delta(&threads0, &threads1)
             .into_iter()
-            .map(|(name, t, n)| (name, secs(t), n))
+            .map(|t| (t.name, t.count, secs(t.ticks), t.wait_ns as f64 / 1e9))
             .collect(),
         model_loaded: agent.model_loaded,
         exit,
