@@ -27,6 +27,12 @@ pub fn batch_path(device: &str) -> String {
     format!("/{API_VERSION}/devices/{device}/batches")
 }
 
+/// Path of the heartbeat endpoint for one device (`POST` a [`Heartbeat`]).
+#[must_use]
+pub fn heartbeat_path(device: &str) -> String {
+    format!("/{API_VERSION}/devices/{device}/heartbeats")
+}
+
 /// Path of the per-device summary endpoint.
 #[must_use]
 pub fn summary_path(device: &str) -> String {
@@ -83,6 +89,30 @@ pub struct Prediction {
     pub created_ms: i64,
 }
 
+/// A message the agent could not turn into readings (malformed, oversized,
+/// unmatched topic, ...), kept so operators can see what their devices send.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DeadLetterRecord {
+    /// Per-device dead-letter sequence number, assigned durably by the
+    /// agent, starting at 1, never reused. Identity: `(device, seq)`.
+    pub seq: u64,
+    /// MQTT topic it arrived on.
+    pub topic: String,
+    /// Stable reason code: `oversized`, `unmatched_topic`, `malformed`,
+    /// `wrong_type`, `non_finite` or `empty`.
+    pub reason: String,
+    /// Human-readable detail from the decoder.
+    pub detail: String,
+    /// The payload's first bytes (the agent caps what it keeps), base64
+    /// (standard alphabet, padded).
+    pub payload_b64: String,
+    /// Size of the whole payload as received, bytes.
+    pub payload_len: u64,
+    /// When the agent received it (Unix ms, agent clock).
+    pub recv_ts_ms: i64,
+}
+
 /// Body of `POST /v1/devices/{device}/batches`.
 #[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -91,6 +121,9 @@ pub struct UploadBatch {
     pub readings: Vec<Reading>,
     /// Predictions, any order.
     pub predictions: Vec<Prediction>,
+    /// Dead letters, any order (absent in bodies from older agents).
+    #[serde(default)]
+    pub dead_letters: Vec<DeadLetterRecord>,
 }
 
 /// An inclusive range of sequence numbers on one stream or model.
@@ -122,6 +155,83 @@ pub struct UploadAck {
     pub readings: Vec<SeqRange>,
     /// Sequence ranges per model that the batch touched, now all stored.
     pub predictions: Vec<SeqRange>,
+    /// Dead letters newly inserted by this request.
+    #[serde(default)]
+    pub dead_letters_inserted: u64,
+    /// Dead letters that were already stored (replays).
+    #[serde(default)]
+    pub dead_letters_duplicate: u64,
+    /// Dead-letter sequence ranges the batch touched (key `dead_letters`).
+    #[serde(default)]
+    pub dead_letters: Vec<SeqRange>,
+}
+
+/// A model the agent is serving.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ActiveModel {
+    /// Package name.
+    pub name: String,
+    /// Package version (semver).
+    pub version: String,
+    /// sha256 of its ONNX file.
+    pub sha256: String,
+}
+
+/// What the agent holds that the cloud does not have yet.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Backlog {
+    /// Unsynced readings.
+    pub readings: u64,
+    /// Unsynced predictions.
+    pub predictions: u64,
+    /// Unsynced dead letters.
+    pub dead_letters: u64,
+    /// Bytes the buffer uses on disk (database and WAL).
+    pub bytes: u64,
+    /// The buffer's byte quota.
+    pub quota_bytes: u64,
+    /// Age of the oldest unsynced row by its receive time, ms (`None` when
+    /// nothing is waiting).
+    pub oldest_unsynced_age_ms: Option<u64>,
+}
+
+/// Body of `POST /v1/devices/{device}/heartbeats`: the agent's state, sent
+/// periodically and after start-up. Heartbeats are kept as a time series;
+/// they carry no sequence number and a replay is just another sample.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Heartbeat {
+    /// `edge-agent` version.
+    pub agent_version: String,
+    /// When the agent sent it (Unix ms, agent clock).
+    pub sent_ms: i64,
+    /// When the agent process started (Unix ms, agent clock).
+    pub started_ms: i64,
+    /// Models being served.
+    pub models: Vec<ActiveModel>,
+    /// Unsynced data.
+    pub backlog: Backlog,
+    /// Agent clock minus cloud clock, ms, as estimated from the last
+    /// [`HeartbeatAck`] (`None` before the first one).
+    pub clock_offset_ms: Option<i64>,
+    /// Readings stored since start-up whose device timestamp looked wrong
+    /// against the agent clock.
+    pub clock_suspect_readings: u64,
+    /// Monotonic counters since the agent started (received, committed,
+    /// acked, `dead_letters.{reason}`, `evicted.{stream}.{reason}`,
+    /// sync failures, quarantined batches, ...). Names are stable API.
+    pub counters: BTreeMap<String, u64>,
+}
+
+/// Response to a heartbeat.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HeartbeatAck {
+    /// Cloud clock when the heartbeat was stored (Unix ms), so the agent can
+    /// estimate its clock offset.
+    pub server_ms: i64,
 }
 
 /// Per-stream totals held by the cloud for one device.
@@ -232,6 +342,18 @@ mod tests {
     }
 
     #[test]
+    fn bodies_without_dead_letters_still_parse() {
+        let body = r#"{"readings":[],"predictions":[]}"#;
+        let batch: UploadBatch = serde_json::from_str(body).unwrap_or_default();
+        assert!(batch.dead_letters.is_empty());
+        let ack = r#"{"readings_inserted":1,"readings_duplicate":0,"predictions_inserted":0,
+            "predictions_duplicate":0,"readings":[],"predictions":[]}"#;
+        let ack: UploadAck = serde_json::from_str(ack).unwrap_or_default();
+        assert_eq!(ack.readings_inserted, 1);
+        assert_eq!(ack.dead_letters_inserted, 0);
+    }
+
+    #[test]
     fn unknown_fields_are_rejected() {
         let body = r#"{"readings":[],"predictions":[],"extra":1}"#;
         assert!(serde_json::from_str::<UploadBatch>(body).is_err());
@@ -250,6 +372,15 @@ mod tests {
                 values: BTreeMap::from([("value".into(), 73.5)]),
             }],
             predictions: vec![],
+            dead_letters: vec![DeadLetterRecord {
+                seq: 1,
+                topic: "sensors/m1/temperature".into(),
+                reason: "malformed".into(),
+                detail: "expected value".into(),
+                payload_b64: "e30=".into(),
+                payload_len: 2,
+                recv_ts_ms: 1_700_000_000_000,
+            }],
         };
         let json = serde_json::to_string(&batch).unwrap_or_default();
         let back: UploadBatch = serde_json::from_str(&json).unwrap_or_default();

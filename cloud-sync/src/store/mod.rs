@@ -176,6 +176,7 @@ impl Store {
             predictions_duplicate: counts.predictions_duplicate,
             readings,
             predictions,
+            ..UploadAck::default()
         })
     }
 
@@ -346,6 +347,10 @@ pub enum StoreError {
 /// Why an [`UploadBatch`] was rejected; names the offending item.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum BatchError {
+    /// The batch carries dead letters, which this server cannot store yet;
+    /// refused whole so nothing is acknowledged without being stored.
+    #[error("dead_letters: not supported by this server yet")]
+    DeadLettersUnsupported,
     /// A sequence number was 0 (they start at 1).
     #[error("{list}[{index}]: seq must be >= 1")]
     ZeroSeq {
@@ -393,6 +398,9 @@ pub enum BatchError {
 /// # Errors
 /// The first [`BatchError`] found, in list order.
 pub fn validate_batch(batch: &UploadBatch) -> Result<(), BatchError> {
+    if !batch.dead_letters.is_empty() {
+        return Err(BatchError::DeadLettersUnsupported);
+    }
     for (index, reading) in batch.readings.iter().enumerate() {
         validate_reading(index, reading)?;
     }

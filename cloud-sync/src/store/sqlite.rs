@@ -515,6 +515,7 @@ mod tests {
                 .map(|s| reading("temperature", s, 20.0 + s as f64))
                 .collect(),
             predictions: vec![],
+            dead_letters: vec![],
         }
     }
 

@@ -225,6 +225,7 @@ async fn malformed_bodies_are_400_and_store_nothing() -> Result<()> {
                     reading("m1", "temperature", 0),
                 ],
                 predictions: vec![],
+                dead_letters: vec![],
             })?,
             "invalid_batch",
         ),
@@ -233,6 +234,7 @@ async fn malformed_bodies_are_400_and_store_nothing() -> Result<()> {
             serde_json::to_vec(&UploadBatch {
                 readings: vec![reading("m1", "", 1)],
                 predictions: vec![],
+                dead_letters: vec![],
             })?,
             "invalid_batch",
         ),

@@ -112,6 +112,7 @@ fn one_reading(seq: u64, value: f64) -> UploadBatch {
     UploadBatch {
         readings: vec![r],
         predictions: vec![],
+        dead_letters: vec![],
     }
 }
 

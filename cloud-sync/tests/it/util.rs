@@ -83,6 +83,7 @@ pub fn sample_batch(
             .into_iter()
             .map(|s| prediction("iforest", s, s % 3 == 0))
             .collect(),
+        dead_letters: vec![],
     }
 }
 
