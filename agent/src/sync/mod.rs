@@ -162,6 +162,7 @@ impl SyncStage {
         let body = sync_protocol::UploadBatch {
             readings,
             predictions,
+            dead_letters: Vec::new(),
         };
         let json = serde_json::to_vec(&body).map_err(|e| SyncError::Encode(e.into()))?;
         let compressed = zstd::bulk::compress(&json, 3).map_err(SyncError::Encode)?;
