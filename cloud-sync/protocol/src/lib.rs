@@ -11,6 +11,8 @@
 //! by the agent's buffer and never reused, so replaying a batch (after a crash
 //! between upload and marking rows synced) can never create a duplicate row.
 
+pub mod codec;
+
 use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
@@ -38,6 +40,33 @@ pub fn heartbeat_path(device: &str) -> String {
 pub fn summary_path(device: &str) -> String {
     format!("/{API_VERSION}/devices/{device}/summary")
 }
+
+/// Path listing a device's stored readings (`GET`, a [`ReadingsPage`]).
+#[must_use]
+pub fn readings_path(device: &str) -> String {
+    format!("/{API_VERSION}/devices/{device}/readings")
+}
+
+/// Path listing a device's stored predictions (`GET`, a [`PredictionsPage`]).
+#[must_use]
+pub fn predictions_path(device: &str) -> String {
+    format!("/{API_VERSION}/devices/{device}/predictions")
+}
+
+/// Path listing a device's stored dead letters (`GET`, a [`DeadLettersPage`]).
+#[must_use]
+pub fn dead_letters_path(device: &str) -> String {
+    format!("/{API_VERSION}/devices/{device}/dead-letters")
+}
+
+/// Path of the fleet summary (`GET`, a [`FleetSummary`]; operators only).
+pub const FLEET_PATH: &str = "/v1/fleet";
+
+/// Path of the OpenAPI 3.1 document describing the API.
+pub const OPENAPI_PATH: &str = "/openapi.json";
+
+/// Media type of JSON bodies.
+pub const JSON_MEDIA_TYPE: &str = "application/json";
 
 /// One sensor reading as stored by the agent.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -260,6 +289,181 @@ pub struct DeviceSummary {
     pub predictions: Vec<StreamSummary>,
     /// Predictions stored with `is_anomaly = true`.
     pub anomalies: u64,
+}
+
+/// Page size used when a read request sets no `limit`.
+pub const DEFAULT_PAGE_LIMIT: u32 = 100;
+
+/// Largest accepted `limit` of a read request.
+pub const MAX_PAGE_LIMIT: u32 = 1000;
+
+/// Query string of the read endpoints (`GET .../readings`, `.../predictions`,
+/// `.../dead-letters`, `.../heartbeats`). Every field is optional; a filter
+/// that does not apply to the endpoint (e.g. `model` on readings) is refused.
+///
+/// Rows come in a fixed order per endpoint (time, then identity), and a page
+/// continues strictly after the row its `cursor` names (keyset pagination):
+/// rows inserted while a client pages through can only appear after its
+/// position or not at all, never twice, and no row stored before the first
+/// page is skipped.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ReadQuery {
+    /// Only rows at or after this time (Unix ms, inclusive).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub from_ms: Option<i64>,
+    /// Only rows before this time (Unix ms, exclusive).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub to_ms: Option<i64>,
+    /// Readings and predictions: only this sensor.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub source: Option<String>,
+    /// Readings and predictions: only this stream.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stream: Option<String>,
+    /// Predictions: only this model.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub model: Option<String>,
+    /// Rows per page, 1 to [`MAX_PAGE_LIMIT`] (default [`DEFAULT_PAGE_LIMIT`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub limit: Option<u32>,
+    /// The `next_cursor` of the previous page (opaque).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cursor: Option<String>,
+}
+
+/// A reading as stored by the cloud.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StoredReading {
+    /// When the cloud stored it (Unix ms, cloud clock).
+    pub stored_ms: i64,
+    /// The reading as the first upload carrying it had it.
+    pub reading: Reading,
+}
+
+/// A prediction as stored by the cloud.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StoredPrediction {
+    /// When the cloud stored it (Unix ms, cloud clock).
+    pub stored_ms: i64,
+    /// The prediction as the first upload carrying it had it.
+    pub prediction: Prediction,
+}
+
+/// A dead letter as stored by the cloud.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StoredDeadLetter {
+    /// When the cloud stored it (Unix ms, cloud clock).
+    pub stored_ms: i64,
+    /// The dead letter as the first upload carrying it had it.
+    pub dead_letter: DeadLetterRecord,
+}
+
+/// A heartbeat as stored by the cloud.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StoredHeartbeat {
+    /// When the cloud received it (Unix ms, cloud clock; the
+    /// [`HeartbeatAck::server_ms`] it answered with).
+    pub received_ms: i64,
+    /// The heartbeat as sent.
+    pub heartbeat: Heartbeat,
+}
+
+/// Body of `GET /v1/devices/{device}/readings`: ordered by `recv_ts_ms`,
+/// `source`, `stream`, `seq` (strings in byte order).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ReadingsPage {
+    /// Device id.
+    pub device: String,
+    /// At most `limit` rows.
+    pub readings: Vec<StoredReading>,
+    /// Cursor for the next page; `None` when this page is the last.
+    pub next_cursor: Option<String>,
+}
+
+/// Body of `GET /v1/devices/{device}/predictions`: ordered by `created_ms`,
+/// `model`, `seq`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PredictionsPage {
+    /// Device id.
+    pub device: String,
+    /// At most `limit` rows.
+    pub predictions: Vec<StoredPrediction>,
+    /// Cursor for the next page; `None` when this page is the last.
+    pub next_cursor: Option<String>,
+}
+
+/// Body of `GET /v1/devices/{device}/dead-letters`: ordered by
+/// `recv_ts_ms`, `seq`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DeadLettersPage {
+    /// Device id.
+    pub device: String,
+    /// At most `limit` rows.
+    pub dead_letters: Vec<StoredDeadLetter>,
+    /// Cursor for the next page; `None` when this page is the last.
+    pub next_cursor: Option<String>,
+}
+
+/// Body of `GET /v1/devices/{device}/heartbeats`: ordered by `received_ms`,
+/// then arrival.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HeartbeatsPage {
+    /// Device id.
+    pub device: String,
+    /// At most `limit` rows.
+    pub heartbeats: Vec<StoredHeartbeat>,
+    /// Cursor for the next page; `None` when this page is the last.
+    pub next_cursor: Option<String>,
+}
+
+/// One device in the [`FleetSummary`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FleetDevice {
+    /// Device id.
+    pub device: String,
+    /// Whether the device is revoked.
+    pub revoked: bool,
+    /// When the device was registered (Unix ms, cloud clock).
+    pub created_ms: i64,
+    /// Last time the cloud stored anything from it: a batch row or a
+    /// heartbeat (Unix ms, cloud clock); `None` if never.
+    pub last_seen_ms: Option<i64>,
+    /// When its last heartbeat arrived (Unix ms, cloud clock).
+    pub last_heartbeat_ms: Option<i64>,
+    /// `agent_version` of its last heartbeat.
+    pub agent_version: Option<String>,
+    /// Backlog reported by its last heartbeat.
+    pub backlog: Option<Backlog>,
+    /// Models its last heartbeat reported (empty without heartbeats).
+    pub models: Vec<ActiveModel>,
+    /// Readings stored.
+    pub readings: u64,
+    /// Predictions stored.
+    pub predictions: u64,
+    /// Dead letters stored.
+    pub dead_letters: u64,
+    /// Heartbeats stored.
+    pub heartbeats: u64,
+}
+
+/// Body of `GET /v1/fleet`: every registered device, in id order.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FleetSummary {
+    /// Cloud clock when the summary was taken (Unix ms).
+    pub server_ms: i64,
+    /// Devices, in id order (byte order).
+    pub devices: Vec<FleetDevice>,
 }
 
 /// JSON body of every error response.
