@@ -1,0 +1,77 @@
+//! edge-onnx-ml: the ONNX-ML (`ai.onnx.ml`) operators classic tabular
+//! models need, as tract operators registered with tract's ONNX loader.
+//!
+//! [`onnx_with_ml`] is `tract_onnx::onnx()` plus these operators; load every
+//! model through it. Semantics follow the ONNX-ML specification and, where
+//! the specification is vague (binary classifiers, single-target
+//! post-transforms), onnxruntime, against whose outputs the fixtures in
+//! `models/fixtures/` are checked.
+//!
+//! Crate map:
+//! - [`tree`] — `TreeEnsembleRegressor`, `TreeEnsembleClassifier` (replaces
+//!   tract's, whose labels are wrong for single-score binary forests);
+//! - [`scaler`] — `Scaler`;
+//! - [`elementwise`] — `Imputer`, `Binarizer`;
+//! - [`label_encoder`] — `LabelEncoder` (opsets 1, 2, 4);
+//! - [`one_hot`] — `OneHotEncoder`;
+//! - [`normalizer`] — `Normalizer` (replaces tract's, whose `MAX` divides by
+//!   the largest absolute value);
+//! - [`zipmap`] — `ZipMap`, passed through as the probability tensor;
+//! - [`transform`] — the `post_transform` functions;
+//! - [`run`] — run any ONNX model on JSON rows (`edge-agent model run`).
+//!
+//! tract itself already provides, and the fixtures check against
+//! onnxruntime: `LinearClassifier`, `LinearRegressor`,
+//! `ArrayFeatureExtractor`.
+//!
+//! Invariant: a malformed model is a tract error while loading, never a
+//! panic (no `unsafe`, no unchecked indexing on attribute data).
+
+mod attrs;
+pub mod elementwise;
+pub mod label_encoder;
+pub mod normalizer;
+pub mod one_hot;
+pub mod run;
+pub mod scaler;
+pub mod transform;
+pub mod tree;
+pub mod zipmap;
+
+use tract_onnx::Onnx;
+use tract_onnx::model::OnnxOpRegister;
+
+/// The operators this crate registers, by ONNX `op_type`.
+pub const OPERATORS: &[&str] = &[
+    "TreeEnsembleRegressor",
+    "TreeEnsembleClassifier",
+    "Scaler",
+    "Imputer",
+    "Binarizer",
+    "LabelEncoder",
+    "OneHotEncoder",
+    "Normalizer",
+    "ZipMap",
+];
+
+/// Adds this crate's operators to `reg`, replacing tract's
+/// `TreeEnsembleClassifier` and `Normalizer`.
+pub fn register(reg: &mut OnnxOpRegister) {
+    reg.insert("TreeEnsembleRegressor", tree::regressor);
+    reg.insert("TreeEnsembleClassifier", tree::classifier);
+    reg.insert("Scaler", scaler::build);
+    reg.insert("Imputer", elementwise::imputer);
+    reg.insert("Binarizer", elementwise::binarizer);
+    reg.insert("LabelEncoder", label_encoder::build);
+    reg.insert("OneHotEncoder", one_hot::build);
+    reg.insert("Normalizer", normalizer::build);
+    reg.insert("ZipMap", zipmap::build);
+}
+
+/// `tract_onnx::onnx()` with this crate's operators registered.
+#[must_use]
+pub fn onnx_with_ml() -> Onnx {
+    let mut onnx = tract_onnx::onnx();
+    register(&mut onnx.op_register);
+    onnx
+}
