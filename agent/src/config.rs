@@ -58,6 +58,9 @@ pub struct RawConfig {
     pub sync: RawSync,
     /// `[shutdown]`
     pub shutdown: RawShutdown,
+    /// `[log]`; optional, the defaults apply when it is absent.
+    #[serde(default)]
+    pub log: RawLog,
 }
 
 /// `[agent]` as written.
@@ -220,6 +223,36 @@ pub struct RawShutdown {
     pub deadline_ms: u64,
 }
 
+/// `[log]` as written.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawLog {
+    /// `"auto"`, `"text"`, `"json"` or `"journald"`.
+    #[serde(default = "default_log_format")]
+    pub format: String,
+    /// tracing filter directives (`"info"`, `"warn,edge_agent::ingest=debug"`);
+    /// `RUST_LOG` overrides them.
+    #[serde(default = "default_log_filter")]
+    pub filter: String,
+}
+
+impl Default for RawLog {
+    fn default() -> Self {
+        Self {
+            format: default_log_format(),
+            filter: default_log_filter(),
+        }
+    }
+}
+
+fn default_log_format() -> String {
+    "auto".into()
+}
+
+fn default_log_filter() -> String {
+    "info".into()
+}
+
 /// Validated settings for the whole agent.
 #[derive(Debug, Clone)]
 pub struct Settings {
@@ -239,6 +272,8 @@ pub struct Settings {
     pub sync: Option<SyncSettings>,
     /// Drain deadline on shutdown.
     pub shutdown_deadline: Duration,
+    /// Logging.
+    pub log: LogSettings,
 }
 
 /// Validated MQTT settings (shared by ingest and the publisher).
@@ -435,6 +470,29 @@ impl Secret {
     pub fn expose(&self) -> &str {
         &self.0
     }
+}
+
+/// Where log lines go.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogFormat {
+    /// The journal when stderr is connected to it (started by systemd),
+    /// text otherwise.
+    Auto,
+    /// Human-readable lines on stderr.
+    Text,
+    /// One JSON object per line on stderr.
+    Json,
+    /// The systemd journal, each event field a journal field.
+    Journald,
+}
+
+/// Validated `[log]`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LogSettings {
+    /// Output format.
+    pub format: LogFormat,
+    /// tracing filter directives (already checked to parse).
+    pub filter: String,
 }
 
 impl std::fmt::Debug for Secret {
@@ -740,6 +798,8 @@ impl RawConfig {
             errs.push("shutdown.deadline_ms: must be between 1 and 600000".into());
         }
 
+        let log = validate_log(&self.log, &mut errs);
+
         if !errs.is_empty() {
             return Err(ConfigError::Invalid(errs));
         }
@@ -782,7 +842,33 @@ impl RawConfig {
             },
             sync,
             shutdown_deadline: Duration::from_millis(self.shutdown.deadline_ms),
+            log,
         })
+    }
+}
+
+fn validate_log(l: &RawLog, errs: &mut Vec<String>) -> LogSettings {
+    let format = match l.format.as_str() {
+        "auto" => LogFormat::Auto,
+        "text" => LogFormat::Text,
+        "json" => LogFormat::Json,
+        "journald" => LogFormat::Journald,
+        other => {
+            errs.push(format!(
+                "log.format: {other:?} is not one of \"auto\", \"text\", \"json\", \"journald\""
+            ));
+            LogFormat::Auto
+        }
+    };
+    if let Err(e) = tracing_subscriber::EnvFilter::builder().parse(&l.filter) {
+        errs.push(format!(
+            "log.filter: {:?} is not a valid filter: {e}",
+            l.filter
+        ));
+    }
+    LogSettings {
+        format,
+        filter: l.filter.clone(),
     }
 }
 
@@ -964,6 +1050,49 @@ mod tests {
             format!("{:?}", Secret::new("hunter2".into())),
             "Secret(***)"
         );
+    }
+
+    #[test]
+    fn log_section_is_optional_and_checked() {
+        let (_dir, text) = with_token(DEFAULT_CONFIG);
+        let s = RawConfig::parse(&text).unwrap().validate().unwrap();
+        assert_eq!(s.log.format, LogFormat::Auto);
+        assert_eq!(s.log.filter, "info");
+
+        let start = text.find("[log]").expect("default config has [log]");
+        let end = text[start..]
+            .find("\n[")
+            .map_or(text.len(), |i| start + i + 1);
+        let without = format!("{}{}", &text[..start], &text[end..]);
+        let s = RawConfig::parse(&without).unwrap().validate().unwrap();
+        assert_eq!(
+            s.log,
+            LogSettings {
+                format: LogFormat::Auto,
+                filter: "info".into()
+            }
+        );
+
+        let json = text.replace("format = \"auto\"", "format = \"json\"");
+        let s = RawConfig::parse(&json).unwrap().validate().unwrap();
+        assert_eq!(s.log.format, LogFormat::Json);
+
+        let bad = text
+            .replace("format = \"auto\"", "format = \"xml\"")
+            .replace("filter = \"info\"", "filter = \"edge_agent=loud\"");
+        let err = RawConfig::parse(&bad)
+            .unwrap()
+            .validate()
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("log.format") && err.contains("log.filter"),
+            "{err}"
+        );
+
+        let unknown = text.replace("[log]", "[log]\nlevel = \"info\"");
+        let err = RawConfig::parse(&unknown).unwrap_err().to_string();
+        assert!(err.contains("level"), "{err}");
     }
 
     #[test]

@@ -8,6 +8,7 @@
 //! - [`inference`]: model packages, feature windows, tract, prediction publishing.
 //! - [`sync`]: uploads to `cloud-sync`, retries, marks rows synced.
 //! - [`supervisor`]: builds the stages, owns shutdown order and its deadline.
+//! - [`systemd`]: sd_notify readiness, stopping and watchdog pings gated on ingest health.
 //! - [`telemetry`]: tracing setup and counters.
 //! - `demo` (feature `demo`): the self-contained demo on NAB data.
 
@@ -19,6 +20,7 @@ pub mod inference;
 pub mod ingest;
 pub mod supervisor;
 pub mod sync;
+pub mod systemd;
 pub mod telemetry;
 
 use sha2::{Digest, Sha256};

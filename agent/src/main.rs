@@ -61,7 +61,6 @@ fn main() -> ExitCode {
             }
         },
         Command::Run { config } => {
-            telemetry::init("info");
             let settings = match RawConfig::load(&config).and_then(RawConfig::validate) {
                 Ok(s) => s,
                 Err(e) => {
@@ -69,6 +68,13 @@ fn main() -> ExitCode {
                     return ExitCode::from(edge_agent::EXIT_CONFIG);
                 }
             };
+            let output = telemetry::init_with(&settings.log);
+            tracing::info!(
+                version = env!("CARGO_PKG_VERSION"),
+                config = %config.display(),
+                log = ?output,
+                "edge-agent starting"
+            );
             runtime_then(|| async move {
                 let shutdown = CancellationToken::new();
                 let signal = shutdown.clone();

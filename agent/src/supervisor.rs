@@ -7,6 +7,10 @@
 //! exits. A stage that misses the deadline is aborted and logged at ERROR;
 //! because acks only follow commits, an aborted stage loses nothing the
 //! broker was told is safe.
+//!
+//! Under systemd it sends `READY=1` once every stage is spawned, `STOPPING=1`
+//! when shutdown starts, and runs the health-gated watchdog
+//! ([`crate::systemd`]) until the last stage has stopped.
 
 use std::sync::Arc;
 
@@ -191,10 +195,27 @@ pub async fn run(
     drop(buffer);
     tracing::info!(device = %settings.device_id, "agent running");
 
+    // Design: READY once every stage is spawned, not once the broker is
+    // reached: the agent is useful offline (it reconnects on its own), and a
+    // start that waits for the network would fail the unit on a flaky link.
+    crate::systemd::ready("running");
+    let stopping = CancellationToken::new();
+    let watchdog_done = CancellationToken::new();
+    let watchdog = crate::systemd::watchdog_interval().map(|interval| {
+        tokio::spawn(crate::systemd::watchdog(
+            interval,
+            counters.clone(),
+            stopping.clone(),
+            watchdog_done.clone(),
+        ))
+    });
+
     tokio::select! {
         () = shutdown.cancelled() => tracing::info!("shutdown requested"),
         () = fatal.cancelled() => {}
     }
+    stopping.cancel();
+    crate::systemd::stopping("draining");
     let deadline = tokio::time::Instant::now() + settings.shutdown_deadline;
     let mut first_error: Option<AgentError> = None;
     let mut missed = Vec::new();
@@ -226,7 +247,19 @@ pub async fn run(
     {
         tracing::error!("buffer writer did not stop in time");
     }
-    tracing::info!("agent stopped");
+    watchdog_done.cancel();
+    if let Some(w) = watchdog {
+        let _ = w.await;
+    }
+    tracing::info!(
+        received = Counters::get(&counters.received),
+        handled = Counters::get(&counters.handled),
+        acked = Counters::get(&counters.acked),
+        committed = Counters::get(&counters.committed),
+        duplicates = Counters::get(&counters.duplicates),
+        dead_letters = Counters::get(&counters.dead_letters),
+        "agent stopped"
+    );
     if let Some(e) = first_error {
         return Err(e);
     }

@@ -2,19 +2,115 @@
 //!
 //! Owns the process-wide log format and the [`Counters`] every stage bumps.
 //! Counters are monotonic and lock-free; the demo's progress line, the
-//! report and (later) `/metrics` and the cloud metrics report read them.
+//! report, the systemd watchdog and (later) `/metrics` and the cloud metrics
+//! report read them. Logs go to stderr as text or JSON lines, or to the
+//! journal as structured fields (`[log]` in the config).
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
-/// Initialises tracing from `RUST_LOG` (default `info`), once per process.
+use tracing_subscriber::EnvFilter;
+use tracing_subscriber::layer::SubscriberExt;
+use tracing_subscriber::util::SubscriberInitExt;
+
+use crate::config::{LogFormat, LogSettings};
+
+/// Initialises tracing from `RUST_LOG` (default `default_filter`) as text on
+/// stderr, once per process.
 pub fn init(default_filter: &str) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_filter));
+    use std::io::IsTerminal;
     let _ = tracing_subscriber::fmt()
-        .with_env_filter(filter)
+        .with_env_filter(filter(default_filter))
         .with_target(false)
+        .with_ansi(std::io::stderr().is_terminal())
         .with_writer(std::io::stderr)
         .try_init();
+}
+
+/// Where [`init_with`] sent the logs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogOutput {
+    /// Text lines on stderr.
+    Text,
+    /// One JSON object per line on stderr.
+    Json,
+    /// The systemd journal, with structured fields.
+    Journald,
+}
+
+/// Initialises tracing from validated `[log]` settings, once per process;
+/// `RUST_LOG`, when set and valid, overrides `log.filter`.
+///
+/// `auto` picks the journal when stderr is connected to it (systemd sets
+/// `JOURNAL_STREAM`), text otherwise. When the journal socket cannot be
+/// reached, logs fall back to text on stderr with a warning, so a missing
+/// journal never silences the agent.
+pub fn init_with(log: &LogSettings) -> LogOutput {
+    let format = match log.format {
+        LogFormat::Auto if stderr_is_journal() => LogFormat::Journald,
+        LogFormat::Auto => LogFormat::Text,
+        f => f,
+    };
+    match format {
+        LogFormat::Json => {
+            let _ = tracing_subscriber::fmt()
+                .json()
+                .flatten_event(true)
+                .with_current_span(false)
+                .with_span_list(false)
+                .with_env_filter(filter(&log.filter))
+                .with_writer(std::io::stderr)
+                .try_init();
+            LogOutput::Json
+        }
+        LogFormat::Journald => match tracing_journald::layer() {
+            Ok(journal) => {
+                let _ = tracing_subscriber::registry()
+                    .with(filter(&log.filter))
+                    .with(journal)
+                    .try_init();
+                LogOutput::Journald
+            }
+            Err(e) => {
+                init(&log.filter);
+                tracing::warn!(error = %e, "journald socket unavailable; logging text to stderr");
+                LogOutput::Text
+            }
+        },
+        LogFormat::Auto | LogFormat::Text => {
+            init(&log.filter);
+            LogOutput::Text
+        }
+    }
+}
+
+fn filter(default: &str) -> EnvFilter {
+    EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default))
+}
+
+/// Whether stderr is the journal stream systemd connected it to
+/// (`JOURNAL_STREAM=<device>:<inode>` naming stderr itself, as in
+/// systemd.exec(5)).
+#[must_use]
+pub fn stderr_is_journal() -> bool {
+    use std::os::fd::AsFd;
+    use std::os::unix::fs::MetadataExt;
+    let Some(var) = std::env::var_os("JOURNAL_STREAM") else {
+        return false;
+    };
+    let Ok(fd) = std::io::stderr().as_fd().try_clone_to_owned() else {
+        return false;
+    };
+    let Ok(meta) = std::fs::File::from(fd).metadata() else {
+        return false;
+    };
+    journal_stream_names(&var.to_string_lossy(), meta.dev(), meta.ino())
+}
+
+/// Whether a `JOURNAL_STREAM` value names the file with `dev` and `ino`.
+fn journal_stream_names(var: &str, dev: u64, ino: u64) -> bool {
+    var.split_once(':').is_some_and(|(d, i)| {
+        d.parse::<u64>().is_ok_and(|d| d == dev) && i.parse::<u64>().is_ok_and(|i| i == ino)
+    })
 }
 
 /// Monotonic counters shared by every stage.
@@ -28,12 +124,22 @@ pub struct Counters {
     pub duplicates: AtomicU64,
     /// Messages dead-lettered.
     pub dead_letters: AtomicU64,
-    /// Acknowledgements sent to the broker (QoS 1 and 2).
+    /// Acknowledgements handed to the MQTT client (QoS 1 and 2).
     pub acked: AtomicU64,
+    /// Acknowledgements not sent because the connection they belonged to
+    /// was gone (the broker redelivers those messages).
+    pub stale_acks: AtomicU64,
     /// Subscription acknowledgements received on the ingest connection.
     pub subscribed: AtomicU64,
     /// Times ingest held messages because a `reject_new` stream was full.
     pub quota_waits: AtomicU64,
+    /// Retries of a message held for a full `reject_new` stream: the buffer
+    /// answered, so ingest is holding on purpose, not stuck.
+    pub quota_retries: AtomicU64,
+    /// Messages ingest is done with: stored, absorbed or dead-lettered,
+    /// acknowledged when QoS > 0, and handed to inference. `received -
+    /// handled` is what ingest holds; the systemd watchdog watches both.
+    pub handled: AtomicU64,
     /// Reconnects forced because a subscription was idle past its timeout.
     pub liveness_reconnects: AtomicU64,
     /// MQTT connection errors on the ingest connection.
@@ -54,6 +160,21 @@ pub struct Counters {
     pub synced_predictions: AtomicU64,
     /// Failed uploads.
     pub sync_failures: AtomicU64,
+    /// Dead letters acknowledged by the cloud.
+    pub synced_dead_letters: AtomicU64,
+    /// Uploads refused with 401/403 (a token or device configuration problem).
+    pub sync_auth_failures: AtomicU64,
+    /// Batches the cloud refused for good (non-retriable 4xx on a single
+    /// row, or a batch that could not be split further), quarantined.
+    pub sync_quarantined_batches: AtomicU64,
+    /// Rows in those batches.
+    pub sync_quarantined_rows: AtomicU64,
+    /// Request bodies sent to the cloud (compressed), bytes.
+    pub sync_bytes_sent: AtomicU64,
+    /// Heartbeats the cloud acknowledged.
+    pub heartbeats_sent: AtomicU64,
+    /// Heartbeats that failed.
+    pub heartbeat_failures: AtomicU64,
 }
 
 impl Counters {
@@ -66,5 +187,20 @@ impl Counters {
     #[must_use]
     pub fn get(counter: &AtomicU64) -> u64 {
         counter.load(Ordering::Relaxed)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn journal_stream_must_name_the_same_file() {
+        assert!(journal_stream_names("64769:1234", 64769, 1234));
+        assert!(!journal_stream_names("64769:1234", 64769, 1235));
+        assert!(!journal_stream_names("64768:1234", 64769, 1234));
+        assert!(!journal_stream_names("", 0, 0));
+        assert!(!journal_stream_names("64769", 64769, 0));
+        assert!(!journal_stream_names("a:b", 0, 0));
     }
 }

@@ -367,6 +367,7 @@ async fn ack_task(
                     .map(|(i, _)| i.clone())
                     .collect();
                 let mut again = buffer.append(retry).await?.into_iter();
+                Counters::add(&counters.quota_retries, 1);
                 for o in &mut outcomes {
                     if *o == Outcome::Rejected {
                         *o = again.next().unwrap_or(Outcome::Rejected);
@@ -409,6 +410,7 @@ async fn ack_task(
                 (Outcome::Stored(_), Item::DeadLetter(_)) | (Outcome::Rejected, _) => {}
             }
         }
+        Counters::add(&counters.handled, 1);
     }
     Ok(())
 }

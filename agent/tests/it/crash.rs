@@ -111,7 +111,7 @@ fn spawn_publisher(broker: SocketAddr, client_id: &str) -> tokio::task::JoinHand
 
 /// What the buffer holds compared with ids `1..=n`.
 #[derive(Debug, Default)]
-struct Verdict {
+pub(super) struct Verdict {
     missing: Vec<u64>,
     duplicated: Vec<(u64, usize)>,
     foreign: Vec<u64>,
@@ -119,7 +119,7 @@ struct Verdict {
 }
 
 impl Verdict {
-    fn of(readings: &[Reading], n: u64) -> Self {
+    pub(super) fn of(readings: &[Reading], n: u64) -> Self {
         let mut v = Verdict::default();
         let mut count = vec![0usize; usize::try_from(n).unwrap() + 1];
         for r in readings {
@@ -150,7 +150,7 @@ impl Verdict {
         v
     }
 
-    fn is_clean(&self) -> bool {
+    pub(super) fn is_clean(&self) -> bool {
         self.missing.is_empty()
             && self.duplicated.is_empty()
             && self.foreign.is_empty()

@@ -3,7 +3,9 @@
 #![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
 
 mod crash;
+mod drain;
 mod mqtt;
+mod systemd;
 mod util;
 
 use std::process::Command;

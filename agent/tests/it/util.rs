@@ -42,9 +42,15 @@ pub struct Agent {
 
 impl Agent {
     pub fn start(config: &Path) -> Agent {
-        let mut child = Command::new(bin())
-            .args(["run", "--config"])
-            .arg(config)
+        let mut cmd = Command::new(bin());
+        cmd.args(["run", "--config"]).arg(config);
+        Agent::spawn(cmd)
+    }
+
+    /// Starts `cmd` (an `edge-agent run` command line, possibly wrapped)
+    /// with `RUST_LOG=info` and stderr captured.
+    pub fn spawn(mut cmd: Command) -> Agent {
+        let mut child = cmd
             .env("RUST_LOG", "info")
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
@@ -91,6 +97,58 @@ impl Agent {
             std::thread::sleep(Duration::from_millis(20));
         }
     }
+}
+
+/// How an agent stopped after [`Agent::stop`].
+#[derive(Debug)]
+pub struct Stopped {
+    /// Exit code; `None` when it had to be killed or died by a signal.
+    pub code: Option<i32>,
+    /// From SIGTERM to exit.
+    pub took: Duration,
+    /// Every stderr line not consumed before the SIGTERM.
+    pub lines: Vec<String>,
+}
+
+impl Agent {
+    /// Sends SIGTERM, waits up to `timeout` for the exit (killing the agent
+    /// after that), and collects the rest of its stderr.
+    pub fn stop(mut self, timeout: Duration) -> Stopped {
+        let pid = self.child.id().to_string();
+        let sent = Command::new("kill")
+            .args(["-TERM", &pid])
+            .status()
+            .expect("run kill");
+        assert!(sent.success(), "kill -TERM {pid} failed");
+        let started = std::time::Instant::now();
+        let status = loop {
+            if let Some(status) = self.child.try_wait().expect("wait for the agent") {
+                break Some(status);
+            }
+            if started.elapsed() > timeout {
+                let _ = self.child.kill();
+                let _ = self.child.wait();
+                break None;
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        };
+        let took = started.elapsed();
+        // The reader thread ends at EOF, which follows the exit.
+        let lines = self.lines.iter().collect();
+        Stopped {
+            code: status.and_then(|s| s.code()),
+            took,
+            lines,
+        }
+    }
+}
+
+/// The JSON log line (`[log] format = "json"`) whose message is `message`.
+pub fn json_event(lines: &[String], message: &str) -> Option<serde_json::Value> {
+    lines
+        .iter()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .find(|v| v["message"] == message)
 }
 
 /// Publishes `payloads` with QoS 1 and returns once the broker acked all.
