@@ -1,0 +1,85 @@
+#!/usr/bin/env bash
+# Runs cross/build.sh with Debian's own Rust toolchain inside a Debian
+# chroot, for machines where rustup cannot add targets (no access to the
+# Rust project's download server) and the Debian release's rustc is older
+# than the workspace's rust-version (bookworm ships 1.63).
+#
+#   cross/debian-chroot.sh [build.sh arguments...]
+#
+# Debian unstable ships rustc and cargo >= 1.91 together with
+# libstd-rust-dev for arm64 and armhf of the same version, the cross gcc
+# packages and qemu-user: everything comes from Debian's archive. Needs
+# root (debootstrap, chroot, bind mounts). The chroot is kept in CHROOT
+# (default /var/tmp/edge-agent-sid) and reused; crate downloads are shared
+# with the host's cargo home; builds go to target/debian-chroot/.
+#
+# Binaries linked against unstable's glibc need the GLIBC symbol versions
+# the script prints (2.34 or older was seen: Raspberry Pi OS bookworm has
+# 2.36).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+repo=$PWD
+
+CHROOT=${CHROOT:-/var/tmp/edge-agent-sid}
+SUITE=${SUITE:-sid}
+MIRROR=${MIRROR:-http://deb.debian.org/debian}
+CARGO_HOME_HOST=${CARGO_HOME:-$HOME/.cargo}
+
+fail() { echo "debian-chroot: $*" >&2; exit 1; }
+say() { echo "debian-chroot: $*"; }
+
+[ "$(id -u)" = 0 ] || fail "needs root (debootstrap, chroot, mount)"
+if ! command -v debootstrap >/dev/null; then
+  apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y debootstrap
+fi
+
+packages=(rustc cargo libstd-rust-dev:arm64 libstd-rust-dev:armhf
+  gcc-aarch64-linux-gnu gcc-arm-linux-gnueabihf qemu-user
+  libc6-dev-arm64-cross libc6-dev-armhf-cross
+  binutils-aarch64-linux-gnu binutils-arm-linux-gnueabihf
+  ca-certificates file git)
+
+if [ ! -e "$CHROOT/.edge-agent-ready" ]; then
+  started=$(date +%s)
+  if [ ! -x "$CHROOT/usr/bin/apt-get" ]; then
+    say "creating a Debian $SUITE chroot in $CHROOT"
+    rm -rf "$CHROOT"
+    debootstrap --variant=minbase "$SUITE" "$CHROOT" "$MIRROR"
+  fi
+  chroot "$CHROOT" dpkg --add-architecture arm64
+  chroot "$CHROOT" dpkg --add-architecture armhf
+  # Design: a mirror snapshot older than the machine's clock serves an
+  # expired Release file; the packages are still signed and verified.
+  chroot "$CHROOT" apt-get -o Acquire::Check-Valid-Until=false update
+  chroot "$CHROOT" env DEBIAN_FRONTEND=noninteractive \
+    apt-get install -y --no-install-recommends "${packages[@]}"
+  touch "$CHROOT/.edge-agent-ready"
+  say "chroot ready in $(( $(date +%s) - started )) s"
+fi
+
+mounts=()
+cleanup() {
+  for ((i = ${#mounts[@]} - 1; i >= 0; i--)); do umount "${mounts[i]}" 2>/dev/null || true; done
+}
+trap cleanup EXIT
+bind() {
+  mkdir -p "$2"
+  mount --bind "$1" "$2"
+  mounts+=("$2")
+}
+mount -t proc proc "$CHROOT/proc" && mounts+=("$CHROOT/proc")
+bind /dev "$CHROOT/dev"
+cp /etc/resolv.conf "$CHROOT/etc/resolv.conf"
+bind "$repo" "$CHROOT/src"
+mkdir -p "$CARGO_HOME_HOST/registry"
+bind "$CARGO_HOME_HOST/registry" "$CHROOT/root/.cargo/registry"
+
+# shellcheck disable=SC2016 # expanded by the shell inside the chroot
+chroot "$CHROOT" env -i HOME=/root PATH=/usr/sbin:/usr/bin:/sbin:/bin \
+  CARGO_TARGET_DIR=/src/target/debian-chroot RUST_TOOLCHAIN=debian \
+  CARGO_TERM_COLOR=never \
+  bash -c 'cd /src && cross/build.sh "$@" &&
+    for b in target/debian-chroot/cross-artifacts/edge-agent-*; do
+      [ -f "$b" ] || continue
+      echo "debian-chroot: $b needs glibc symbols up to $(grep -ao "GLIBC_2\.[0-9]*" "$b" | sort -uV | tail -1)"
+    done' build "$@"
