@@ -129,6 +129,9 @@ pub struct Counters {
     /// Acknowledgements not sent because the connection they belonged to
     /// was gone (the broker redelivers those messages).
     pub stale_acks: AtomicU64,
+    /// Times ingest disconnected on purpose because no message could be
+    /// taken for half the keep-alive (buffer full or too slow).
+    pub ingest_pauses: AtomicU64,
     /// Subscription acknowledgements received on the ingest connection.
     pub subscribed: AtomicU64,
     /// Times ingest held messages because a `reject_new` stream was full.

@@ -5,20 +5,28 @@
 //!    it only waits for one of `max_unacked` permits before taking a message;
 //! 2. the commit task decodes and submits each message to the buffer's group
 //!    commit without waiting for it;
-//! 3. the ack task awaits each commit in arrival order, then acknowledges the
-//!    message to the broker and forwards the stored reading to inference.
+//! 3. the ack task awaits each commit in arrival order, then queues the
+//!    message's ack token and forwards the stored reading to inference;
+//! 4. the ack feeder moves ack tokens, in order, into rumqttc's request queue.
 //!
 //! Invariant: a QoS 1/2 message is acknowledged only after the transaction
 //! holding it (as a reading or a dead letter) has committed, and acks leave
-//! in arrival order. Design: the rumqttc request channel is sized
-//! `max_unacked + 64`, and a permit is released only after its ack was
-//! queued, so queuing an ack can never wait on the poll loop (no deadlock).
+//! in arrival order. Design: rumqttc only sends queued acks while it is
+//! polled, and every poll may first hand out up to ten buffered publishes, so
+//! acks and the permit bound must not wait on each other. A permit is
+//! released once its ack token is queued (8 bytes, unbounded queue); the
+//! feeder alone waits on rumqttc's bounded queue. A broker that honours its
+//! in-flight window bounds the token queue by that window; one that ignores
+//! it (Mosquitto 2.0.11) makes acks lag, never stalls ingest. Tokens from an
+//! earlier connection are dropped, not sent: their packet ids may name
+//! different messages now, and the broker redelivers the originals.
 
 pub mod conn;
 pub mod decode;
 mod mqtt;
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
 
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
@@ -29,7 +37,7 @@ use crate::config::MqttSettings;
 use crate::telemetry::Counters;
 use decode::DecodeError;
 
-pub use conn::{Client, Ev, EventLoop, Message, TlsError};
+pub use conn::{AckToken, Client, Ev, EventLoop, Message, TlsError};
 pub use mqtt::backoff_with_jitter;
 
 /// Device timestamps further than this from the agent clock are flagged.
@@ -78,11 +86,13 @@ pub struct IngestStage {
 struct Received {
     message: Message,
     recv_ts_ms: i64,
+    epoch: u32,
     permit: OwnedSemaphorePermit,
 }
 
 struct Submitted {
     message: Message,
+    epoch: u32,
     pending: Pending<Vec<Outcome>>,
     items: Vec<Item>,
     permit: OwnedSemaphorePermit,
@@ -118,15 +128,24 @@ impl IngestStage {
         let (recv_tx, recv_rx) = mpsc::channel::<Received>(s.max_unacked);
         let (ack_tx, ack_rx) = mpsc::channel::<Submitted>(s.max_unacked);
 
+        let (token_tx, token_rx) = mpsc::unbounded_channel::<(u32, AckToken)>();
+        let epoch = Arc::new(AtomicU32::new(0));
+
         let commit = tokio::spawn(commit_task(recv_rx, ack_tx, self.buffer.clone(), s.clone()));
         let stop_acks = CancellationToken::new();
         let mut acker = tokio::spawn(ack_task(
             ack_rx,
-            client.clone(),
+            token_tx,
             self.buffer.clone(),
             self.to_inference.clone(),
             self.counters.clone(),
             stop_acks.clone(),
+        ));
+        let mut feeder = tokio::spawn(ack_feeder(
+            token_rx,
+            client.clone(),
+            epoch.clone(),
+            self.counters.clone(),
         ));
 
         let mut liveness = Liveness::new(&s.subscriptions);
@@ -149,6 +168,13 @@ impl IngestStage {
                     break;
                 }
                 _ = tick.tick() => {
+                    tracing::debug!(
+                        received = Counters::get(&self.counters.received),
+                        committed = Counters::get(&self.counters.committed),
+                        acked = Counters::get(&self.counters.acked),
+                        free_permits = permits.available_permits(),
+                        "ingest progress"
+                    );
                     if connected && let Some(filter) = liveness.stale(tokio::time::Instant::now()) {
                         Counters::add(&self.counters.liveness_reconnects, 1);
                         tracing::warn!(filter, "subscription idle past its idle_timeout_secs; reconnecting");
@@ -159,6 +185,7 @@ impl IngestStage {
                 }
                 ev = eventloop.poll() => match ev {
                     Ok(Ev::Connected { session_present }) => {
+                        epoch.fetch_add(1, Ordering::AcqRel);
                         attempt = 0;
                         connected = true;
                         liveness.reset(tokio::time::Instant::now());
@@ -183,14 +210,33 @@ impl IngestStage {
                         Counters::add(&self.counters.received, 1);
                         let recv_ts_ms = crate::now_ms();
                         liveness.seen(&message.topic(), tokio::time::Instant::now());
-                        let permit = tokio::select! {
-                            p = permits.clone().acquire_owned() => match p {
-                                Ok(p) => p,
-                                Err(_) => break,
-                            },
-                            () = shutdown.cancelled() => break,
+                        let epoch = epoch.load(Ordering::Acquire);
+                        // Design: while every permit is held (a `reject_new`
+                        // stream is full, or the buffer is slow) the event
+                        // loop is not polled, so no keep-alive goes out.
+                        // Rather than let the broker time the connection
+                        // out, disconnect after half the keep-alive; the
+                        // broker keeps the session's messages and the next
+                        // poll, once a permit frees, reconnects.
+                        let mut paused = false;
+                        let permit = loop {
+                            tokio::select! {
+                                p = permits.clone().acquire_owned() => break p.ok(),
+                                () = shutdown.cancelled() => break None,
+                                () = tokio::time::sleep(s.keep_alive / 2), if !paused => {
+                                    paused = true;
+                                    connected = false;
+                                    Counters::add(&self.counters.ingest_pauses, 1);
+                                    tracing::warn!(
+                                        max_unacked = s.max_unacked,
+                                        "no room for new messages; disconnecting until the buffer catches up (the broker keeps the session's messages)"
+                                    );
+                                    eventloop.force_reconnect();
+                                }
+                            }
                         };
-                        if recv_tx.send(Received { message: *message, recv_ts_ms, permit }).await.is_err() {
+                        let Some(permit) = permit else { break };
+                        if recv_tx.send(Received { message: *message, recv_ts_ms, epoch, permit }).await.is_err() {
                             break;
                         }
                     }
@@ -218,6 +264,7 @@ impl IngestStage {
         }
         let drained = async {
             let mut acker_done = false;
+            let mut feeder_done = false;
             loop {
                 tokio::select! {
                     res = &mut acker, if !acker_done => {
@@ -226,10 +273,16 @@ impl IngestStage {
                             Ok(r) => r?,
                             Err(e) => return Err(IngestError::Join(e)),
                         }
+                    }
+                    // The feeder ends once the ack task has ended and every
+                    // token is in rumqttc's queue, ahead of the DISCONNECT.
+                    res = &mut feeder, if acker_done && !feeder_done => {
+                        feeder_done = true;
+                        res?;
                         let _ = client.try_disconnect();
                     }
                     ev = eventloop.poll() => {
-                        if acker_done {
+                        if feeder_done {
                             // Disconnect sent (or connection gone): done.
                             if matches!(ev, Ok(Ev::DisconnectSent) | Err(_)) {
                                 break;
@@ -300,6 +353,7 @@ async fn commit_task(
     while let Some(Received {
         message,
         recv_ts_ms,
+        epoch,
         permit,
     }) = rx.recv().await
     {
@@ -319,6 +373,7 @@ async fn commit_task(
         if tx
             .send(Submitted {
                 message,
+                epoch,
                 pending,
                 items,
                 permit,
@@ -331,9 +386,29 @@ async fn commit_task(
     }
 }
 
+/// Moves ack tokens into rumqttc's request queue in order, dropping those
+/// from an earlier connection.
+async fn ack_feeder(
+    mut rx: mpsc::UnboundedReceiver<(u32, AckToken)>,
+    client: Client,
+    epoch: Arc<AtomicU32>,
+    counters: Arc<Counters>,
+) {
+    while let Some((token_epoch, token)) = rx.recv().await {
+        if token_epoch != epoch.load(Ordering::Acquire) {
+            Counters::add(&counters.stale_acks, 1);
+            continue;
+        }
+        // Fails only when the event loop is gone; the broker then redelivers.
+        if client.ack_token(token).await.is_ok() {
+            Counters::add(&counters.acked, 1);
+        }
+    }
+}
+
 async fn ack_task(
     mut rx: mpsc::Receiver<Submitted>,
-    client: Client,
+    acks: mpsc::UnboundedSender<(u32, AckToken)>,
     buffer: Buffer,
     to_inference: mpsc::Sender<CommittedReading>,
     counters: Arc<Counters>,
@@ -341,6 +416,7 @@ async fn ack_task(
 ) -> Result<()> {
     while let Some(Submitted {
         message,
+        epoch,
         pending,
         items,
         permit,
@@ -380,11 +456,9 @@ async fn ack_task(
             }
         }
         if message.qos() > 0 {
-            // The request channel has room for every permit holder, so this
-            // only fails when the client is gone; the broker then redelivers.
-            if client.ack(&message).await.is_ok() {
-                Counters::add(&counters.acked, 1);
-            }
+            // Fails only when the feeder is gone (shutdown); the broker
+            // then redelivers, and the buffer's dedupe absorbs it.
+            let _ = acks.send((epoch, message.ack_token()));
         }
         drop(permit);
         for (item, outcome) in items.into_iter().zip(outcomes) {

@@ -457,3 +457,60 @@ async fn every_bad_input_class_is_dead_lettered_and_acked() {
     assert_eq!(stats.dead_letters, bad.len() as u64);
     assert_eq!(stats.readings, 2);
 }
+
+/// Regression: Mosquitto 2.0.11 stops enforcing its in-flight window under
+/// load and floods the agent past `max_unacked`. Acks queued behind the
+/// buffered publishes once filled rumqttc's request queue while every
+/// permit was held, and ingest stalled for good after a few thousand
+/// messages. Every message must arrive, however far the broker floods.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn flood_past_the_inflight_window_never_stalls_mosquitto() {
+    const TEST: &str = "flood_past_the_inflight_window_never_stalls_mosquitto";
+    const N: u64 = 20_000;
+    if !super::util::mosquitto_enabled(TEST) {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let broker = super::util::spawn_mosquitto(dir.path(), false);
+    let config = super::util::config(
+        dir.path(),
+        &format!("mqtt://{}", broker.addr),
+        "it-flood-agent",
+    )
+    .replace("max_unacked = 1000", "max_unacked = 50");
+    let path = dir.path().join("agent.toml");
+    std::fs::write(&path, config).unwrap();
+    let agent = super::util::Agent::start(&path);
+    assert!(
+        agent.wait_for("ingest subscribed", Duration::from_secs(30)),
+        "agent did not subscribe"
+    );
+    let payloads = (1..=N).map(super::util::id_payload).collect();
+    super::util::publish_all(broker.addr, "sensors/flood/value", payloads).await;
+
+    let db = dir.path().join("buffer.db");
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(120);
+    let mut stored = 0;
+    while tokio::time::Instant::now() < deadline {
+        stored = super::util::buffer_stats(&db).await.readings;
+        if stored >= N {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert_eq!(
+        stored, N,
+        "ingest stalled with {stored} of {N} messages stored"
+    );
+    assert_eq!(agent.terminate(Duration::from_secs(10)), Some(0));
+    let log = broker.stop();
+    // Every delivery was acknowledged before the agent left.
+    let acks = log
+        .lines()
+        .filter(|l| l.contains("Received PUBACK from it-flood-agent"))
+        .count();
+    assert!(
+        acks >= N as usize,
+        "the broker saw {acks} acks for {N} messages"
+    );
+}
