@@ -36,10 +36,27 @@ enum Command {
     },
     /// Print a commented example config.
     PrintDefaultConfig,
+    /// Work with ONNX models directly, without a model package.
+    #[command(subcommand)]
+    Model(ModelCommand),
     /// Replay real NAB sensor data through an embedded broker, the agent and
     /// an in-process cloud, then print a report.
     #[cfg(feature = "demo")]
     Demo(edge_agent::demo::DemoArgs),
+}
+
+#[derive(Subcommand)]
+enum ModelCommand {
+    /// Run MODEL.onnx on JSON input rows and print its outputs as JSON: an
+    /// array with one entry per graph output, in graph order.
+    Run {
+        /// The ONNX file.
+        model: PathBuf,
+        /// JSON rows: an array for a one-input model, or an object mapping
+        /// input names to arrays; `-` reads standard input.
+        #[arg(long)]
+        input: PathBuf,
+    },
 }
 
 fn main() -> ExitCode {
@@ -48,6 +65,22 @@ fn main() -> ExitCode {
         Command::PrintDefaultConfig => {
             print!("{DEFAULT_CONFIG}");
             ExitCode::SUCCESS
+        }
+        Command::Model(ModelCommand::Run { model, input }) => {
+            match edge_onnx_ml::run::run_files(&model, &input) {
+                Ok(outputs) => {
+                    println!("{outputs}");
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!(
+                        "edge-agent: {}: {:#}",
+                        model.display(),
+                        anyhow::Error::from(e)
+                    );
+                    ExitCode::FAILURE
+                }
+            }
         }
         Command::CheckConfig { file } => match RawConfig::load(&file).and_then(RawConfig::validate)
         {

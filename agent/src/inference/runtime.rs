@@ -80,7 +80,7 @@ fn panic_message(p: &(dyn std::any::Any + Send)) -> String {
 
 fn build_plan(package: &Package) -> Result<(Plan, usize)> {
     let m = &package.manifest;
-    let mut model = tract_onnx::onnx()
+    let mut model = edge_onnx_ml::onnx_with_ml()
         .model_for_read(&mut package.onnx.as_slice())
         .map_err(|e| tract_err(&e))?;
     let inputs = model.input_outlets().map_err(|e| tract_err(&e))?.to_vec();
