@@ -12,6 +12,7 @@
 //! between upload and marking rows synced) can never create a duplicate row.
 
 pub mod codec;
+pub mod registry;
 
 use std::collections::BTreeMap;
 
