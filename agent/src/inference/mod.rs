@@ -5,24 +5,32 @@
 //! handed to the publisher, so a publish failure never loses a prediction.
 //! Invariant: inference only ever sees readings that are already committed.
 
+pub mod check;
+pub mod features;
+pub mod output;
 pub mod package;
 pub mod publish;
 pub mod runtime;
+pub mod swap;
 pub mod window;
 
 use std::collections::HashMap;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::sync::atomic::AtomicU64;
+use std::time::Duration;
 
 use tokio::sync::mpsc;
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use crate::buffer::{Buffer, BufferError, NewPrediction, Pending};
 use crate::ingest::CommittedReading;
 use crate::telemetry::Counters;
+use features::{InputPlan, SourceState};
+use output::{OutputPlan, Scored};
 use package::{Package, PackageError};
 use runtime::{ModelHandle, RuntimeError};
-use window::Windower;
 
 /// Why inference could not start or continue.
 #[derive(Debug, thiserror::Error)]
@@ -53,6 +61,27 @@ pub enum InferenceError {
 /// Result alias for this module.
 pub type Result<T, E = InferenceError> = std::result::Result<T, E>;
 
+/// Counters of the inference stage (monotonic).
+#[derive(Debug, Default)]
+pub struct InferenceMetrics {
+    /// Windows that closed (scored or not).
+    pub windows: AtomicU64,
+    /// tract runs; `rows / runs` is the mean batch.
+    pub runs: AtomicU64,
+    /// Rows scored by those runs.
+    pub rows: AtomicU64,
+    /// Readings dropped as late (older than the window already used).
+    pub late_dropped: AtomicU64,
+    /// Windows restarted by a gap over `input.max_gap_ms`.
+    pub gap_resets: AtomicU64,
+    /// Windows not scored because of a missing value (`nan_policy = "skip"`).
+    pub nan_skipped: AtomicU64,
+    /// Models swapped in while running.
+    pub swaps: AtomicU64,
+    /// Packages refused while running (the old model kept serving).
+    pub swap_failures: AtomicU64,
+}
+
 /// A model that passed every check and is ready to serve.
 #[derive(Clone)]
 pub struct LoadedModel {
@@ -62,25 +91,22 @@ pub struct LoadedModel {
     pub version: String,
     /// sha256 of the ONNX file.
     pub sha256: String,
-    /// Stream it reads.
-    pub stream: String,
-    /// Field it reads.
-    pub field: String,
-    /// Window length.
-    pub window: usize,
-    /// Hop.
-    pub hop: usize,
-    /// Anomaly threshold.
-    pub threshold: f64,
+    /// Package directory.
+    pub dir: PathBuf,
+    /// Validated input side.
+    pub input: Arc<InputPlan>,
+    /// Validated output side.
+    pub output: Arc<OutputPlan>,
     handle: ModelHandle,
 }
 
 impl LoadedModel {
-    /// Reads, verifies (hash, load, golden pairs) and starts a package.
+    /// Reads, verifies (hash, load, input shape, golden pairs) and starts a
+    /// package in this process.
     ///
     /// # Errors
     /// [`InferenceError::Package`] or [`InferenceError::Runtime`]; nothing runs then.
-    pub fn load(dir: &std::path::Path) -> Result<Self> {
+    pub fn load(dir: &Path) -> Result<Self> {
         let package = Package::read(dir).map_err(|source| InferenceError::Package {
             dir: dir.to_owned(),
             source: Box::new(source),
@@ -94,31 +120,59 @@ impl LoadedModel {
             name: m.name,
             version: m.version,
             sha256: m.sha256,
-            stream: m.input.stream,
-            field: m.input.field,
-            window: m.input.window,
-            hop: m.input.hop,
-            threshold: m.output.threshold,
+            dir: dir.to_owned(),
+            input: Arc::new(package.input),
+            output: Arc::new(package.output),
             handle,
         })
     }
 
-    /// Scores one window.
+    /// Runs up to `input.batch_size` rows in one tract run.
     ///
     /// # Errors
     /// [`RuntimeError`] from the model thread.
-    pub async fn score(&self, window: Vec<f32>) -> Result<f32, RuntimeError> {
-        self.handle.score(window).await
+    pub async fn run(&self, rows: Vec<Vec<f32>>) -> Result<Vec<Vec<f32>>, RuntimeError> {
+        self.handle.run(rows).await
     }
 }
 
+struct Row {
+    source: String,
+    end_seq: u64,
+    end_ts_ms: Option<i64>,
+    values: Vec<f32>,
+}
+
+struct Slot {
+    model: LoadedModel,
+    sources: HashMap<String, SourceState>,
+    pending: Vec<Row>,
+    since: Option<Instant>,
+}
+
+impl Slot {
+    fn new(model: LoadedModel) -> Self {
+        Self {
+            model,
+            sources: HashMap::new(),
+            pending: Vec::new(),
+            since: None,
+        }
+    }
+}
+
+type Stored = (Pending<Vec<u64>>, Vec<(NewPrediction, Scored)>);
+
 /// The inference stage.
 pub struct InferenceStage {
-    models: Vec<LoadedModel>,
+    slots: Vec<Slot>,
     input: mpsc::Receiver<CommittedReading>,
+    swaps: Option<mpsc::Receiver<LoadedModel>>,
+    batch_max_wait: Duration,
     buffer: Buffer,
     output: mpsc::Sender<publish::PredictionEvent>,
     counters: Arc<Counters>,
+    metrics: Arc<InferenceMetrics>,
 }
 
 impl InferenceStage {
@@ -132,12 +186,45 @@ impl InferenceStage {
         counters: Arc<Counters>,
     ) -> Self {
         Self {
-            models,
+            slots: models.into_iter().map(Slot::new).collect(),
             input,
+            swaps: None,
+            batch_max_wait: Duration::ZERO,
             buffer,
             output,
             counters,
+            metrics: Arc::new(InferenceMetrics::default()),
         }
+    }
+
+    /// Longest a closed window waits for others to share its tract run
+    /// (`inference.batch_max_wait_ms`); default 0: only windows already
+    /// queued together share a run.
+    #[must_use]
+    pub fn with_batch_max_wait(mut self, wait: Duration) -> Self {
+        self.batch_max_wait = wait;
+        self
+    }
+
+    /// Models verified while running (see [`swap`]) replace the model of the
+    /// same name, or are added, between two batches.
+    #[must_use]
+    pub fn with_swaps(mut self, swaps: mpsc::Receiver<LoadedModel>) -> Self {
+        self.swaps = Some(swaps);
+        self
+    }
+
+    /// Uses `metrics` instead of a private set (to share them with [`swap`]).
+    #[must_use]
+    pub fn with_metrics(mut self, metrics: Arc<InferenceMetrics>) -> Self {
+        self.metrics = metrics;
+        self
+    }
+
+    /// The stage's counters.
+    #[must_use]
+    pub fn metrics(&self) -> Arc<InferenceMetrics> {
+        self.metrics.clone()
     }
 
     /// Runs until the input channel closes or `shutdown`; on shutdown it
@@ -146,17 +233,16 @@ impl InferenceStage {
     /// # Errors
     /// [`InferenceError::Buffer`] when predictions cannot be stored.
     pub async fn run(mut self, shutdown: CancellationToken) -> Result<()> {
-        let mut windows: HashMap<(usize, String), Windower> = HashMap::new();
         // Design: predictions are submitted to the group commit without
         // waiting; this FIFO task awaits each commit in order and only then
-        // hands the prediction to the publisher (store before publish).
+        // hands the predictions to the publisher (store before publish).
         let (stored_tx, stored_rx) = mpsc::channel(1024);
         let forwarder = tokio::spawn(forward_stored(
             stored_rx,
             self.output.clone(),
             self.counters.clone(),
         ));
-        let result = self.consume(&mut windows, &stored_tx, &shutdown).await;
+        let result = self.consume(&stored_tx, &shutdown).await;
         drop(stored_tx);
         let forwarded = forwarder.await;
         result?;
@@ -168,51 +254,172 @@ impl InferenceStage {
         Ok(())
     }
 
+    fn next_deadline(&self) -> Option<Instant> {
+        self.slots
+            .iter()
+            .filter_map(|s| s.since)
+            .min()
+            .map(|t| t + self.batch_max_wait)
+    }
+
     async fn consume(
         &mut self,
-        windows: &mut HashMap<(usize, String), Windower>,
-        stored: &mpsc::Sender<(Pending<Vec<u64>>, NewPrediction)>,
+        stored: &mpsc::Sender<Stored>,
         shutdown: &CancellationToken,
     ) -> Result<()> {
+        let mut swaps_open = self.swaps.is_some();
         loop {
-            let reading = tokio::select! {
-                r = self.input.recv() => r,
+            let deadline = self.next_deadline();
+            tokio::select! {
+                biased;
                 () = shutdown.cancelled() => {
                     self.input.close();
-                    self.input.recv().await
+                    while let Some(r) = self.input.recv().await {
+                        self.process(stored, r).await?;
+                    }
+                    break;
                 }
-            };
-            let Some(reading) = reading else { break };
-            self.process(windows, stored, reading).await?;
+                r = self.input.recv() => {
+                    let Some(r) = r else { break };
+                    self.process(stored, r).await?;
+                    self.flush_due(stored).await?;
+                }
+                m = recv_swap(self.swaps.as_mut()), if swaps_open => match m {
+                    Some(m) => self.swap(stored, m).await?,
+                    None => swaps_open = false,
+                },
+                () = sleep_until(deadline), if deadline.is_some() => {
+                    self.flush_due(stored).await?;
+                }
+            }
+        }
+        for ix in 0..self.slots.len() {
+            self.flush(stored, ix).await?;
+        }
+        Ok(())
+    }
+
+    async fn swap(&mut self, stored: &mpsc::Sender<Stored>, model: LoadedModel) -> Result<()> {
+        Counters::add(&self.metrics.swaps, 1);
+        if let Some(ix) = self.slots.iter().position(|s| s.model.name == model.name) {
+            self.flush(stored, ix).await?;
+            let slot = &mut self.slots[ix];
+            tracing::info!(
+                model = %model.name,
+                from = %slot.model.version,
+                to = %model.version,
+                sha256 = %model.sha256,
+                "model swapped"
+            );
+            // Design: windows survive a swap only when the new version reads
+            // exactly the same features the same way.
+            if slot.model.input != model.input {
+                slot.sources.clear();
+            }
+            slot.model = model;
+        } else {
+            tracing::info!(model = %model.name, version = %model.version, sha256 = %model.sha256, "model added");
+            self.slots.push(Slot::new(model));
+        }
+        Ok(())
+    }
+
+    async fn flush_due(&mut self, stored: &mpsc::Sender<Stored>) -> Result<()> {
+        let now = Instant::now();
+        for ix in 0..self.slots.len() {
+            if self.slots[ix]
+                .since
+                .is_some_and(|t| t + self.batch_max_wait <= now)
+            {
+                self.flush(stored, ix).await?;
+            }
         }
         Ok(())
     }
 
     async fn process(
         &mut self,
-        windows: &mut HashMap<(usize, String), Windower>,
-        stored: &mpsc::Sender<(Pending<Vec<u64>>, NewPrediction)>,
+        stored: &mpsc::Sender<Stored>,
         reading: CommittedReading,
     ) -> Result<()> {
-        for (ix, model) in self.models.iter().enumerate() {
-            if model.stream != reading.stream {
+        for ix in 0..self.slots.len() {
+            let slot = &mut self.slots[ix];
+            let plan = slot.model.input.clone();
+            if !plan.reads(&reading.stream) {
                 continue;
             }
-            let Some(value) = reading.values.get(&model.field) else {
-                continue;
-            };
-            let w = windows
-                .entry((ix, reading.source.clone()))
-                .or_insert_with(|| Windower::new(model.window, model.hop));
-            #[allow(clippy::cast_possible_truncation)]
-            let Some(win) = w.push(*value as f32, reading.seq, reading.device_ts_ms) else {
-                continue;
-            };
-            let score = match model.score(win.values).await {
-                Ok(s) => f64::from(s),
+            let pushed = slot
+                .sources
+                .entry(reading.source.clone())
+                .or_insert_with(|| SourceState::new(&plan))
+                .push(
+                    &plan,
+                    &reading.stream,
+                    reading.seq,
+                    reading.device_ts_ms,
+                    &reading.values,
+                );
+            if pushed.late > 0 {
+                Counters::add(&self.metrics.late_dropped, pushed.late);
+                tracing::debug!(model = %slot.model.name, source = %reading.source, seq = reading.seq, "late reading dropped");
+            }
+            Counters::add(&self.metrics.gap_resets, pushed.gap_resets);
+            for w in pushed.windows {
+                Counters::add(&self.metrics.windows, 1);
+                let slot = &mut self.slots[ix];
+                match features::build_row(&plan, &w.values) {
+                    Ok(values) => {
+                        slot.pending.push(Row {
+                            source: reading.source.clone(),
+                            end_seq: w.end_seq,
+                            end_ts_ms: w.end_ts_ms,
+                            values,
+                        });
+                        slot.since.get_or_insert_with(Instant::now);
+                    }
+                    Err(e) => {
+                        Counters::add(&self.metrics.nan_skipped, 1);
+                        tracing::debug!(model = %slot.model.name, source = %reading.source, end_seq = w.end_seq, error = %e, "window not scored");
+                    }
+                }
+                if self.slots[ix].pending.len() >= plan.batch_size {
+                    self.flush(stored, ix).await?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    async fn flush(&mut self, stored: &mpsc::Sender<Stored>, ix: usize) -> Result<()> {
+        let slot = &mut self.slots[ix];
+        slot.since = None;
+        if slot.pending.is_empty() {
+            return Ok(());
+        }
+        let rows: Vec<Row> = std::mem::take(&mut slot.pending);
+        let model = slot.model.clone();
+        let n = rows.len() as u64;
+        Counters::add(&self.metrics.runs, 1);
+        Counters::add(&self.metrics.rows, n);
+        let outputs = match model
+            .run(rows.iter().map(|r| r.values.clone()).collect())
+            .await
+        {
+            Ok(o) => o,
+            Err(e) => {
+                Counters::add(&self.counters.inference_errors, n);
+                tracing::warn!(model = %model.name, windows = n, error = %e, "windows not scored");
+                return Ok(());
+            }
+        };
+        let stream = model.input.clock().to_owned();
+        let mut predictions = Vec::with_capacity(rows.len());
+        for (row, out) in rows.iter().zip(outputs) {
+            let scored = match model.output.apply(&out) {
+                Ok(s) => s,
                 Err(e) => {
                     Counters::add(&self.counters.inference_errors, 1);
-                    tracing::warn!(model = %model.name, source = %reading.source, error = %e, "window not scored");
+                    tracing::warn!(model = %model.name, source = %row.source, error = %e, "window not scored");
                     continue;
                 }
             };
@@ -220,45 +427,67 @@ impl InferenceStage {
                 model: model.name.clone(),
                 model_version: model.version.clone(),
                 model_sha256: model.sha256.clone(),
-                source: reading.source.clone(),
-                stream: reading.stream.clone(),
-                window_end_seq: win.end_seq,
-                window_end_ts_ms: win.end_ts_ms,
-                score,
-                threshold: model.threshold,
-                is_anomaly: score > model.threshold,
+                source: row.source.clone(),
+                stream: stream.clone(),
+                window_end_seq: row.end_seq,
+                window_end_ts_ms: row.end_ts_ms,
+                score: scored.score,
+                threshold: model.output.threshold,
+                is_anomaly: scored.is_anomaly,
                 created_ms: crate::now_ms(),
             };
-            let pending = self
-                .buffer
-                .submit_predictions(vec![prediction.clone()])
-                .await?;
-            if stored.send((pending, prediction)).await.is_err() {
-                return Err(InferenceError::Buffer(BufferError::Closed));
-            }
+            predictions.push((prediction, scored));
+        }
+        if predictions.is_empty() {
+            return Ok(());
+        }
+        let pending = self
+            .buffer
+            .submit_predictions(predictions.iter().map(|(p, _)| p.clone()).collect())
+            .await?;
+        if stored.send((pending, predictions)).await.is_err() {
+            return Err(InferenceError::Buffer(BufferError::Closed));
         }
         Ok(())
     }
 }
 
+async fn recv_swap(rx: Option<&mut mpsc::Receiver<LoadedModel>>) -> Option<LoadedModel> {
+    match rx {
+        Some(rx) => rx.recv().await,
+        None => std::future::pending().await,
+    }
+}
+
+async fn sleep_until(deadline: Option<Instant>) {
+    match deadline {
+        Some(d) => tokio::time::sleep_until(d).await,
+        None => std::future::pending().await,
+    }
+}
+
 async fn forward_stored(
-    mut rx: mpsc::Receiver<(Pending<Vec<u64>>, NewPrediction)>,
+    mut rx: mpsc::Receiver<Stored>,
     output: mpsc::Sender<publish::PredictionEvent>,
     counters: Arc<Counters>,
 ) -> Result<()> {
-    while let Some((pending, prediction)) = rx.recv().await {
+    while let Some((pending, predictions)) = rx.recv().await {
         let seqs = pending.wait().await?;
-        Counters::add(&counters.predictions, 1);
-        if prediction.is_anomaly {
-            Counters::add(&counters.anomalies, 1);
-            tracing::debug!(model = %prediction.model, source = %prediction.source, score = prediction.score, "anomaly");
-        }
-        let event = publish::PredictionEvent {
-            seq: seqs.first().copied().unwrap_or(0),
-            prediction,
-        };
-        if output.try_send(event).is_err() {
-            Counters::add(&counters.publish_dropped, 1);
+        for (i, (prediction, scored)) in predictions.into_iter().enumerate() {
+            Counters::add(&counters.predictions, 1);
+            if prediction.is_anomaly {
+                Counters::add(&counters.anomalies, 1);
+                tracing::debug!(model = %prediction.model, source = %prediction.source, score = prediction.score, "anomaly");
+            }
+            let event = publish::PredictionEvent {
+                seq: seqs.get(i).copied().unwrap_or(0),
+                prediction,
+                label: scored.label,
+                probabilities: scored.probabilities,
+            };
+            if output.try_send(event).is_err() {
+                Counters::add(&counters.publish_dropped, 1);
+            }
         }
     }
     Ok(())

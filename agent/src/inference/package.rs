@@ -11,6 +11,9 @@ use std::path::{Path, PathBuf};
 use serde::Deserialize;
 use sha2::{Digest, Sha256};
 
+use super::features::{Feature, InputPlan, NanPolicy, Stat, Transform};
+use super::output::{OutputKind, OutputPlan};
+
 /// Largest ONNX file accepted, so a hostile package cannot exhaust memory.
 pub const MAX_MODEL_BYTES: u64 = 256 * 1024 * 1024;
 
@@ -92,22 +95,63 @@ pub struct Manifest {
     pub golden: Vec<Golden>,
 }
 
-/// `[input]`: which stream feeds the model and how windows are cut.
+/// `[input]`: which streams feed the model and how windows are cut.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct InputSpec {
     /// ONNX input tensor name.
     pub tensor: String,
-    /// Stream name to read (any source device).
+    /// Time steps per window.
+    pub window: usize,
+    /// Time steps between consecutive windows.
+    pub hop: usize,
+    /// Most windows per tract run (rows of the input tensor); default 1.
+    #[serde(default = "one")]
+    pub batch_size: usize,
+    /// Device-time gap between consecutive time steps above which the
+    /// window restarts empty; 0 (default) never restarts.
+    #[serde(default)]
+    pub max_gap_ms: u64,
+    /// Readings of the clock stream held back to put out-of-order arrivals
+    /// back in device-time order; 0 (default) holds none.
+    #[serde(default)]
+    pub reorder_readings: usize,
+    /// `skip` (default) or `impute`: what a window holding a missing value gets.
+    #[serde(default = "skip")]
+    pub nan_policy: String,
+    /// Features, in input-tensor order; the first one's stream is the clock.
+    pub features: Vec<FeatureSpec>,
+}
+
+fn one() -> usize {
+    1
+}
+
+fn skip() -> String {
+    "skip".into()
+}
+
+/// `[[input.features]]`: one value per time step, transformed per window.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FeatureSpec {
+    /// Stream name (from the topic template).
     pub stream: String,
     /// Field within the reading's values.
     pub field: String,
-    /// Readings per window.
-    pub window: usize,
-    /// Readings between consecutive windows.
-    pub hop: usize,
-    /// Feature transform; only `raw` (the window as is) so far.
+    /// `raw`, `zscore`, `minmax` or `stats`.
     pub transform: String,
+    /// `zscore`: mean subtracted.
+    pub mean: Option<f64>,
+    /// `zscore`: standard deviation divided by.
+    pub std: Option<f64>,
+    /// `minmax`: maps to 0.
+    pub min: Option<f64>,
+    /// `minmax`: maps to 1.
+    pub max: Option<f64>,
+    /// `stats`: per-window statistics, in order: `mean`, `std`, `min`, `max`, `slope`.
+    #[serde(default)]
+    pub stats: Vec<String>,
 }
 
 /// `[output]`: what the model's output means.
@@ -116,38 +160,85 @@ pub struct InputSpec {
 pub struct OutputSpec {
     /// ONNX output tensor name.
     pub tensor: String,
-    /// Only `anomaly_score` so far: one score per window, higher is worse.
+    /// `anomaly_score`, `class_probabilities` or `regression`.
     pub kind: String,
-    /// Scores above this are anomalies.
-    pub threshold: f64,
+    /// Alert threshold on the (post-processed) score; required for
+    /// `anomaly_score`, optional otherwise.
+    pub threshold: Option<f64>,
+    /// `above` (default) or `below`: which side of the threshold alerts.
+    #[serde(default = "above")]
+    pub alert_when: String,
+    /// `class_probabilities`: one label per output column.
+    #[serde(default)]
+    pub labels: Vec<String>,
+    /// `class_probabilities`: labels whose summed probability is the score.
+    #[serde(default)]
+    pub alert_labels: Vec<String>,
+    /// `class_probabilities`: apply softmax to the output first (logits).
+    #[serde(default)]
+    pub softmax: bool,
+    /// `regression`: value = output * scale + offset; default 1.
+    pub scale: Option<f64>,
+    /// `regression`: see `scale`; default 0.
+    pub offset: Option<f64>,
+}
+
+fn above() -> String {
+    "above".into()
 }
 
 /// `[baseline]`: statistics of the training data.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Baseline {
-    /// Mean of the input field.
-    pub mean: f64,
-    /// Standard deviation of the input field.
-    pub std: f64,
-    /// Minimum of the input field.
-    pub min: f64,
-    /// Maximum of the input field.
-    pub max: f64,
     /// Median training score.
-    pub score_p50: f64,
+    pub score_p50: Option<f64>,
     /// 99th percentile training score.
-    pub score_p99: f64,
+    pub score_p99: Option<f64>,
+    /// One entry per input feature.
+    pub features: Vec<FeatureBaseline>,
 }
 
-/// `[[golden]]`: an input window and the score the model must reproduce.
+/// `[[baseline.features]]`: training statistics of one input feature.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct FeatureBaseline {
+    /// Stream of the feature.
+    pub stream: String,
+    /// Field of the feature.
+    pub field: String,
+    /// Mean.
+    pub mean: f64,
+    /// Standard deviation.
+    pub std: f64,
+    /// Minimum.
+    pub min: f64,
+    /// Maximum.
+    pub max: f64,
+}
+
+/// `[[golden]]`: an input row and the output the model must reproduce.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Golden {
-    /// Input window, `input.window` values.
+    /// One input-tensor row (after the feature transforms).
     pub input: Vec<f32>,
-    /// Expected score (from onnxruntime at packaging time).
-    pub score: f32,
+    /// Expected single output value (from onnxruntime at packaging time).
+    pub score: Option<f32>,
+    /// Expected output row, for outputs of several values.
+    pub output: Option<Vec<f32>>,
+}
+
+impl Golden {
+    /// The expected output row.
+    #[must_use]
+    pub fn expected(&self) -> Vec<f32> {
+        match (&self.output, self.score) {
+            (Some(o), _) => o.clone(),
+            (None, Some(s)) => vec![s],
+            (None, None) => Vec::new(),
+        }
+    }
 }
 
 /// A package whose manifest parsed and whose ONNX bytes match its hash.
@@ -155,8 +246,12 @@ pub struct Golden {
 pub struct Package {
     /// Directory it came from.
     pub dir: PathBuf,
-    /// The manifest.
+    /// The manifest as written.
     pub manifest: Manifest,
+    /// The validated `[input]`.
+    pub input: InputPlan,
+    /// The validated `[output]`.
+    pub output: OutputPlan,
     /// The verified ONNX bytes.
     pub onnx: Vec<u8>,
 }
@@ -179,7 +274,12 @@ impl Package {
                 path: manifest_path.clone(),
                 source,
             })?;
-        validate(&manifest, &manifest_path)?;
+        let (input, output) =
+            validate(&manifest).map_err(|(key, problem)| PackageError::Invalid {
+                path: manifest_path.clone(),
+                key,
+                problem,
+            })?;
 
         let onnx_path = dir.join("model.onnx");
         let read_err = |source| PackageError::Read {
@@ -205,83 +305,384 @@ impl Package {
         Ok(Self {
             dir: dir.to_owned(),
             manifest,
+            input,
+            output,
             onnx,
         })
     }
 }
 
-fn validate(m: &Manifest, path: &Path) -> Result<()> {
-    let bad = |key: &'static str, problem: String| {
-        Err(PackageError::Invalid {
-            path: path.to_owned(),
-            key,
-            problem,
-        })
-    };
+type Invalid = (&'static str, String);
+
+fn finite(key: &'static str, v: f64) -> std::result::Result<f64, Invalid> {
+    if v.is_finite() {
+        Ok(v)
+    } else {
+        Err((key, "must be a finite number".into()))
+    }
+}
+
+fn required(key: &'static str, v: Option<f64>, why: &str) -> std::result::Result<f64, Invalid> {
+    finite(key, v.ok_or_else(|| (key, format!("is required {why}")))?)
+}
+
+/// Checks every manifest value and returns the typed input and output plans.
+///
+/// # Errors
+/// `(key, problem)` for the first unusable value.
+pub fn validate(
+    m: &Manifest,
+) -> std::result::Result<(InputPlan, OutputPlan), (&'static str, String)> {
     if m.name.is_empty()
         || !m
             .name
             .chars()
             .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
     {
-        return bad(
+        return Err((
             "name",
             format!("{:?} must use letters, digits, '-', '_', '.'", m.name),
-        );
+        ));
     }
-    let parts: Vec<&str> = m.version.split('.').collect();
-    if parts.len() != 3 || parts.iter().any(|p| p.parse::<u64>().is_err()) {
-        return bad(
+    if parse_version(&m.version).is_none() {
+        return Err((
             "version",
             format!("{:?} is not MAJOR.MINOR.PATCH", m.version),
-        );
+        ));
     }
     if m.sha256.len() != 64 || !m.sha256.chars().all(|c| c.is_ascii_hexdigit()) {
-        return bad("sha256", "must be 64 hex digits".into());
+        return Err(("sha256", "must be 64 hex digits".into()));
     }
-    if !(1..=65_536).contains(&m.input.window) {
-        return bad("input.window", "must be between 1 and 65536".into());
+    let i = &m.input;
+    if !(1..=65_536).contains(&i.window) {
+        return Err(("input.window", "must be between 1 and 65536".into()));
     }
-    if !(1..=m.input.window).contains(&m.input.hop) {
-        return bad("input.hop", "must be between 1 and input.window".into());
+    if !(1..=i.window).contains(&i.hop) {
+        return Err(("input.hop", "must be between 1 and input.window".into()));
     }
-    if m.input.transform != "raw" {
-        return bad(
-            "input.transform",
+    if !(1..=1024).contains(&i.batch_size) {
+        return Err(("input.batch_size", "must be between 1 and 1024".into()));
+    }
+    if i.reorder_readings > 1024 {
+        return Err(("input.reorder_readings", "must be at most 1024".into()));
+    }
+    let nan_policy = match i.nan_policy.as_str() {
+        "skip" => NanPolicy::Skip,
+        "impute" => NanPolicy::Impute,
+        other => {
+            return Err((
+                "input.nan_policy",
+                format!("{other:?} is not one of \"skip\", \"impute\""),
+            ));
+        }
+    };
+    if i.features.is_empty() || i.features.len() > 256 {
+        return Err((
+            "input.features",
+            "must list between 1 and 256 features".into(),
+        ));
+    }
+    let b = &m.baseline;
+    if b.features.len() != i.features.len() {
+        return Err((
+            "baseline.features",
             format!(
-                "{:?} is not supported (supported: \"raw\")",
-                m.input.transform
+                "has {} entries, input.features has {}",
+                b.features.len(),
+                i.features.len()
             ),
-        );
+        ));
     }
-    if m.output.kind != "anomaly_score" {
-        return bad(
-            "output.kind",
-            format!(
-                "{:?} is not supported (supported: \"anomaly_score\")",
-                m.output.kind
-            ),
-        );
-    }
-    if !m.output.threshold.is_finite() {
-        return bad("output.threshold", "must be a finite number".into());
-    }
-    if m.golden.is_empty() {
-        return bad("golden", "at least one golden pair is required".into());
-    }
-    for g in &m.golden {
-        if g.input.len() != m.input.window {
-            return bad(
-                "golden.input",
+    let mut features = Vec::with_capacity(i.features.len());
+    for (ix, (f, fb)) in i.features.iter().zip(&b.features).enumerate() {
+        if f.stream.is_empty() || f.field.is_empty() {
+            return Err((
+                "input.features.stream",
+                format!("feature {ix}: stream and field must not be empty"),
+            ));
+        }
+        if i.features[..ix]
+            .iter()
+            .any(|g| g.stream == f.stream && g.field == f.field)
+        {
+            return Err((
+                "input.features",
+                format!("{}.{} is listed twice", f.stream, f.field),
+            ));
+        }
+        if fb.stream != f.stream || fb.field != f.field {
+            return Err((
+                "baseline.features",
                 format!(
-                    "has {} values, input.window is {}",
-                    g.input.len(),
-                    m.input.window
+                    "entry {ix} is {}.{}, input.features[{ix}] is {}.{}",
+                    fb.stream, fb.field, f.stream, f.field
                 ),
-            );
+            ));
+        }
+        for v in [fb.mean, fb.std, fb.min, fb.max] {
+            finite("baseline.features", v)?;
+        }
+        if fb.std < 0.0 || fb.min > fb.max || fb.mean < fb.min || fb.mean > fb.max {
+            return Err((
+                "baseline.features",
+                format!(
+                    "{}.{}: needs std >= 0 and min <= mean <= max",
+                    f.stream, f.field
+                ),
+            ));
+        }
+        let check_unused = |used: &[&str]| -> std::result::Result<(), Invalid> {
+            for (name, set) in [
+                ("mean", f.mean.is_some()),
+                ("std", f.std.is_some()),
+                ("min", f.min.is_some()),
+                ("max", f.max.is_some()),
+                ("stats", !f.stats.is_empty()),
+            ] {
+                if set && !used.contains(&name) {
+                    return Err((
+                        "input.features",
+                        format!(
+                            "{}.{}: {name} does not apply to transform {:?}",
+                            f.stream, f.field, f.transform
+                        ),
+                    ));
+                }
+            }
+            Ok(())
+        };
+        let transform = match f.transform.as_str() {
+            "raw" => {
+                check_unused(&[])?;
+                Transform::Raw
+            }
+            "zscore" => {
+                check_unused(&["mean", "std"])?;
+                let mean = required("input.features.mean", f.mean, "for transform \"zscore\"")?;
+                let std = required("input.features.std", f.std, "for transform \"zscore\"")?;
+                if std <= 0.0 {
+                    return Err(("input.features.std", "must be positive".into()));
+                }
+                Transform::ZScore { mean, std }
+            }
+            "minmax" => {
+                check_unused(&["min", "max"])?;
+                let min = required("input.features.min", f.min, "for transform \"minmax\"")?;
+                let max = required("input.features.max", f.max, "for transform \"minmax\"")?;
+                if max <= min {
+                    return Err((
+                        "input.features.max",
+                        "must be above input.features.min".into(),
+                    ));
+                }
+                Transform::MinMax { min, max }
+            }
+            "stats" => {
+                check_unused(&["stats"])?;
+                if f.stats.is_empty() {
+                    return Err((
+                        "input.features.stats",
+                        "must list at least one statistic for transform \"stats\"".into(),
+                    ));
+                }
+                let mut stats = Vec::new();
+                for s in &f.stats {
+                    stats.push(Stat::parse(s).ok_or_else(|| {
+                        (
+                            "input.features.stats",
+                            format!(
+                                "{s:?} is not one of \"mean\", \"std\", \"min\", \"max\", \"slope\""
+                            ),
+                        )
+                    })?);
+                }
+                Transform::Stats(stats)
+            }
+            other => {
+                return Err((
+                    "input.features.transform",
+                    format!("{other:?} is not one of \"raw\", \"zscore\", \"minmax\", \"stats\""),
+                ));
+            }
+        };
+        features.push(Feature {
+            stream: f.stream.clone(),
+            field: f.field.clone(),
+            transform,
+            baseline_mean: fb.mean,
+        });
+    }
+    let input = InputPlan {
+        features,
+        window: i.window,
+        hop: i.hop,
+        batch_size: i.batch_size,
+        max_gap_ms: i.max_gap_ms,
+        reorder_readings: i.reorder_readings,
+        nan_policy,
+    };
+
+    let o = &m.output;
+    let alert_below = match o.alert_when.as_str() {
+        "above" => false,
+        "below" => true,
+        other => {
+            return Err((
+                "output.alert_when",
+                format!("{other:?} is not one of \"above\", \"below\""),
+            ));
+        }
+    };
+    let classes_only = !o.labels.is_empty() || !o.alert_labels.is_empty() || o.softmax;
+    let regression_only = o.scale.is_some() || o.offset.is_some();
+    let (kind, threshold) = match o.kind.as_str() {
+        "anomaly_score" | "regression" if classes_only => {
+            return Err((
+                "output.labels",
+                format!(
+                    "labels, alert_labels and softmax apply to class_probabilities, not {:?}",
+                    o.kind
+                ),
+            ));
+        }
+        "anomaly_score" if regression_only => {
+            return Err((
+                "output.scale",
+                "scale and offset apply to regression only".into(),
+            ));
+        }
+        "anomaly_score" => (
+            OutputKind::AnomalyScore,
+            required(
+                "output.threshold",
+                o.threshold,
+                "for kind \"anomaly_score\"",
+            )?,
+        ),
+        "regression" => (
+            OutputKind::Regression {
+                scale: finite("output.scale", o.scale.unwrap_or(1.0))?,
+                offset: finite("output.offset", o.offset.unwrap_or(0.0))?,
+            },
+            required("output.threshold", o.threshold, "for kind \"regression\"")?,
+        ),
+        "class_probabilities" => {
+            if regression_only {
+                return Err((
+                    "output.scale",
+                    "scale and offset apply to regression only".into(),
+                ));
+            }
+            if o.labels.len() < 2 {
+                return Err((
+                    "output.labels",
+                    "class_probabilities needs at least 2 labels".into(),
+                ));
+            }
+            if o.labels
+                .iter()
+                .enumerate()
+                .any(|(ix, l)| o.labels[..ix].contains(l))
+            {
+                return Err(("output.labels", "labels must be unique".into()));
+            }
+            let mut alert = Vec::new();
+            for l in &o.alert_labels {
+                let ix = o.labels.iter().position(|x| x == l).ok_or_else(|| {
+                    (
+                        "output.alert_labels",
+                        format!("{l:?} is not in output.labels"),
+                    )
+                })?;
+                alert.push(ix);
+            }
+            (
+                OutputKind::Classes {
+                    labels: o.labels.clone(),
+                    alert,
+                    softmax: o.softmax,
+                },
+                finite("output.threshold", o.threshold.unwrap_or(0.5))?,
+            )
+        }
+        other => {
+            return Err((
+                "output.kind",
+                format!(
+                    "{other:?} is not one of \"anomaly_score\", \"class_probabilities\", \"regression\""
+                ),
+            ));
+        }
+    };
+    let output = OutputPlan {
+        kind,
+        threshold,
+        alert_below,
+    };
+    for (key, v) in [
+        ("baseline.score_p50", b.score_p50),
+        ("baseline.score_p99", b.score_p99),
+    ] {
+        if let Some(v) = v {
+            finite(key, v)?;
         }
     }
-    Ok(())
+
+    if m.golden.is_empty() {
+        return Err(("golden", "at least one golden pair is required".into()));
+    }
+    let width = input.row_width();
+    for (ix, g) in m.golden.iter().enumerate() {
+        if g.input.len() != width {
+            return Err((
+                "golden.input",
+                format!(
+                    "pair {ix} has {} values, the input row has {width}",
+                    g.input.len()
+                ),
+            ));
+        }
+        let expected = match (&g.output, g.score) {
+            (Some(o), None) => o.len(),
+            (None, Some(_)) => 1,
+            _ => {
+                return Err((
+                    "golden.output",
+                    format!("pair {ix} needs exactly one of score and output"),
+                ));
+            }
+        };
+        if expected != output.width() {
+            return Err((
+                "golden.output",
+                format!(
+                    "pair {ix} has {expected} values, the output row has {}",
+                    output.width()
+                ),
+            ));
+        }
+        if g.input
+            .iter()
+            .chain(g.expected().iter())
+            .any(|v| !v.is_finite())
+        {
+            return Err((
+                "golden.input",
+                format!("pair {ix} holds a non-finite value"),
+            ));
+        }
+    }
+    Ok((input, output))
+}
+
+/// Parses `MAJOR.MINOR.PATCH`.
+#[must_use]
+pub fn parse_version(v: &str) -> Option<(u64, u64, u64)> {
+    let mut parts = v.split('.').map(str::parse::<u64>);
+    match (parts.next(), parts.next(), parts.next(), parts.next()) {
+        (Some(Ok(a)), Some(Ok(b)), Some(Ok(c)), None) => Some((a, b, c)),
+        _ => None,
+    }
 }
 
 #[cfg(test)]

@@ -24,6 +24,10 @@ pub struct PredictionEvent {
     pub seq: u64,
     /// The prediction.
     pub prediction: NewPrediction,
+    /// Classifiers: the most probable label.
+    pub label: Option<String>,
+    /// Classifiers: probabilities in label order; empty otherwise.
+    pub probabilities: Vec<f64>,
 }
 
 /// JSON body published for each prediction.
@@ -39,6 +43,10 @@ struct Body<'a> {
     score: f64,
     threshold: f64,
     anomaly: bool,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    label: Option<&'a str>,
+    #[serde(skip_serializing_if = "<[f64]>::is_empty")]
+    probabilities: &'a [f64],
 }
 
 /// Fills `{device}` and `{model}` in a topic template.
@@ -133,6 +141,8 @@ impl PublishStage {
                 score: p.score,
                 threshold: p.threshold,
                 anomaly: p.is_anomaly,
+                label: event.label.as_deref(),
+                probabilities: &event.probabilities,
             };
             let Ok(payload) = serde_json::to_vec(&body) else {
                 continue;

@@ -10,6 +10,7 @@ use std::panic::AssertUnwindSafe;
 
 use tokio::sync::oneshot;
 use tract_onnx::prelude::*;
+use tract_onnx::tract_hir::infer::Factoid;
 
 use super::package::Package;
 
@@ -57,8 +58,8 @@ pub type Result<T, E = RuntimeError> = std::result::Result<T, E>;
 type Plan = Arc<TypedRunnableModel>;
 
 struct Job {
-    window: Vec<f32>,
-    reply: oneshot::Sender<Result<f32>>,
+    rows: Vec<Vec<f32>>,
+    reply: oneshot::Sender<Result<Vec<Vec<f32>>>>,
 }
 
 /// Handle to a loaded model's thread. The thread exits when every handle is dropped.
@@ -78,8 +79,34 @@ fn panic_message(p: &(dyn std::any::Any + Send)) -> String {
         .unwrap_or_else(|| "unknown panic".into())
 }
 
-fn build_plan(package: &Package) -> Result<(Plan, usize)> {
+/// Shapes of a loaded model, as `model check` prints them.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Shapes {
+    /// The graph's declared input shape (`?` for a symbolic dimension).
+    pub declared_input: String,
+    /// Input shape of the batch-1 plan.
+    pub input: Vec<usize>,
+    /// Output shape of the batch-1 plan (`output.tensor`).
+    pub output: Vec<usize>,
+    /// Rows of the batched plan; 1 when there is none.
+    pub batch_size: usize,
+}
+
+/// The optimized plans of one model: one for a single row and, when
+/// `input.batch_size > 1`, one for a full batch (partial batches are padded).
+pub struct Runner {
+    one: Plan,
+    batch: Option<(Plan, usize)>,
+    out_ix: usize,
+    row_width: usize,
+    out_width: usize,
+    /// Shapes for reports.
+    pub shapes: Shapes,
+}
+
+fn build_plan(package: &Package, rows: usize) -> Result<(Plan, usize, String)> {
     let m = &package.manifest;
+    let width = package.input.row_width();
     let mut model = edge_onnx_ml::onnx_with_ml()
         .model_for_read(&mut package.onnx.as_slice())
         .map_err(|e| tract_err(&e))?;
@@ -97,6 +124,38 @@ fn build_plan(package: &Package) -> Result<(Plan, usize)> {
             m.input.tensor
         )));
     }
+    let declared = model.input_fact(0).map_err(|e| tract_err(&e))?.clone();
+    let dims: Vec<Option<i64>> = declared
+        .shape
+        .dims()
+        .map(|d| d.concretize().and_then(|d| d.to_i64().ok()))
+        .collect();
+    let declared_text = format!(
+        "[{}]",
+        dims.iter()
+            .map(|d| d.map_or("?".to_owned(), |d| d.to_string()))
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
+    if !declared.shape.is_open() && dims.len() != 2 {
+        return Err(RuntimeError::Shape(format!(
+            "graph input {input_name:?} is {declared_text}, the manifest feeds [batch, {width}]"
+        )));
+    }
+    if let Some(Some(last)) = dims.get(1)
+        && usize::try_from(*last).ok() != Some(width)
+    {
+        return Err(RuntimeError::Shape(format!(
+            "graph input {input_name:?} is {declared_text}, the manifest's features make rows of {width} values"
+        )));
+    }
+    if let Some(Some(first)) = dims.first()
+        && usize::try_from(*first).ok() != Some(rows)
+    {
+        return Err(RuntimeError::Shape(format!(
+            "graph input {input_name:?} is {declared_text}: its batch dimension is fixed, input.batch_size must match it"
+        )));
+    }
     let outputs = model.output_outlets().map_err(|e| tract_err(&e))?.to_vec();
     let out_ix = outputs
         .iter()
@@ -111,41 +170,171 @@ fn build_plan(package: &Package) -> Result<(Plan, usize)> {
             ))
         })?;
     model = model
-        .with_input_fact(0, f32::fact([1, m.input.window]).into())
+        .with_input_fact(0, f32::fact([rows, width]).into())
         .map_err(|e| tract_err(&e))?;
     let plan = model
         .into_optimized()
         .map_err(|e| tract_err(&e))?
         .into_runnable()
         .map_err(|e| tract_err(&e))?;
-    Ok((plan, out_ix))
+    Ok((plan, out_ix, declared_text))
 }
 
-fn run_plan(plan: &Plan, out_ix: usize, window: &[f32]) -> Result<f32> {
-    if window.iter().any(|v| !v.is_finite()) {
-        return Err(RuntimeError::NonFiniteInput);
+impl Runner {
+    /// Parses and optimizes the package's graph (once per plan), checking
+    /// its input against the manifest. A tract panic becomes an error.
+    ///
+    /// # Errors
+    /// [`RuntimeError`] when tract refuses the graph or it disagrees with the manifest.
+    pub fn build(package: &Package) -> Result<Self> {
+        std::panic::catch_unwind(AssertUnwindSafe(|| Self::build_inner(package)))
+            .map_err(|p| RuntimeError::Panic(panic_message(p.as_ref())))?
     }
-    let input = Tensor::from_shape(&[1, window.len()], window).map_err(|e| tract_err(&e))?;
-    let outputs = std::panic::catch_unwind(AssertUnwindSafe(|| plan.run(tvec!(input.into()))))
-        .map_err(|p| RuntimeError::Panic(panic_message(p.as_ref())))?
-        .map_err(|e| tract_err(&e))?;
-    let out = outputs
-        .get(out_ix)
-        .ok_or_else(|| RuntimeError::Shape("output missing at run time".into()))?;
-    let view = out
-        .to_plain_array_view::<f32>()
-        .map_err(|e| tract_err(&e))?;
-    if view.len() != 1 {
-        return Err(RuntimeError::Shape(format!(
-            "output has {} values per window, an anomaly score needs 1",
-            view.len()
-        )));
+
+    fn build_inner(package: &Package) -> Result<Self> {
+        let b = package.input.batch_size;
+        let (one, out_ix, declared_input) = build_plan(package, 1)?;
+        let batch = if b > 1 {
+            let (plan, _, _) = build_plan(package, b)?;
+            Some((plan, b))
+        } else {
+            None
+        };
+        let row_width = package.input.row_width();
+        let out_width = package.output.width();
+        let output = one
+            .model()
+            .output_fact(out_ix)
+            .ok()
+            .and_then(|f| f.shape.as_concrete().map(<[usize]>::to_vec))
+            .unwrap_or_default();
+        Ok(Self {
+            one,
+            batch,
+            out_ix,
+            row_width,
+            out_width,
+            shapes: Shapes {
+                declared_input,
+                input: vec![1, row_width],
+                output,
+                batch_size: b,
+            },
+        })
     }
-    let score = view.iter().next().copied().unwrap_or(f32::NAN);
-    if !score.is_finite() {
-        return Err(RuntimeError::NonFiniteOutput);
+
+    /// Largest number of rows one [`Runner::run`] takes.
+    #[must_use]
+    pub fn batch_size(&self) -> usize {
+        self.batch.as_ref().map_or(1, |(_, b)| *b)
     }
-    Ok(score)
+
+    /// Runs up to [`Runner::batch_size`] rows in one tract run and returns
+    /// one raw output row per input row.
+    ///
+    /// # Errors
+    /// [`RuntimeError`] for bad rows, tract failures or panics, or an output
+    /// of the wrong size.
+    pub fn run(&self, rows: &[Vec<f32>]) -> Result<Vec<Vec<f32>>> {
+        let n = rows.len();
+        if n == 0 {
+            return Ok(Vec::new());
+        }
+        if rows.iter().any(|r| r.len() != self.row_width) {
+            return Err(RuntimeError::Shape(format!(
+                "input rows must have {} values",
+                self.row_width
+            )));
+        }
+        if rows.iter().flatten().any(|v| !v.is_finite()) {
+            return Err(RuntimeError::NonFiniteInput);
+        }
+        let (plan, capacity) = match &self.batch {
+            _ if n == 1 => (&self.one, 1),
+            Some((plan, b)) if n <= *b => (plan, *b),
+            _ => {
+                return Err(RuntimeError::Shape(format!(
+                    "{n} rows exceed input.batch_size {}",
+                    self.batch_size()
+                )));
+            }
+        };
+        // Design: partial batches are padded with copies of the first row
+        // (always a valid input), so each plan keeps one fixed shape.
+        let mut data = Vec::with_capacity(capacity * self.row_width);
+        for r in rows {
+            data.extend_from_slice(r);
+        }
+        for _ in n..capacity {
+            data.extend_from_slice(&rows[0]);
+        }
+        let input =
+            Tensor::from_shape(&[capacity, self.row_width], &data).map_err(|e| tract_err(&e))?;
+        let outputs = std::panic::catch_unwind(AssertUnwindSafe(|| plan.run(tvec!(input.into()))))
+            .map_err(|p| RuntimeError::Panic(panic_message(p.as_ref())))?
+            .map_err(|e| tract_err(&e))?;
+        let out = outputs
+            .get(self.out_ix)
+            .ok_or_else(|| RuntimeError::Shape("output missing at run time".into()))?;
+        let out = out.cast_to::<f32>().map_err(|e| tract_err(&e))?;
+        let view = out
+            .to_plain_array_view::<f32>()
+            .map_err(|e| tract_err(&e))?;
+        if view.len() != capacity * self.out_width {
+            return Err(RuntimeError::Shape(format!(
+                "output {:?} has {} values for {capacity} rows, the manifest expects {} per row",
+                out.shape(),
+                view.len(),
+                self.out_width
+            )));
+        }
+        let flat: Vec<f32> = view.iter().copied().collect();
+        let rows_out: Vec<Vec<f32>> = flat
+            .chunks(self.out_width)
+            .take(n)
+            .map(<[f32]>::to_vec)
+            .collect();
+        if rows_out.iter().flatten().any(|v| !v.is_finite()) {
+            return Err(RuntimeError::NonFiniteOutput);
+        }
+        Ok(rows_out)
+    }
+
+    /// Runs every golden pair alone, then (with a batched plan) all of them
+    /// in batches, and compares each output with the manifest.
+    ///
+    /// # Errors
+    /// [`RuntimeError::Golden`] naming the first pair that does not reproduce.
+    pub fn check_golden(&self, package: &Package) -> Result<()> {
+        let golden = &package.manifest.golden;
+        let compare = |index: usize, actual: &[f32]| -> Result<()> {
+            let expected = golden[index].expected();
+            for (e, a) in expected.iter().zip(actual) {
+                if (a - e).abs() > GOLDEN_ABS_TOL + GOLDEN_REL_TOL * e.abs() {
+                    return Err(RuntimeError::Golden {
+                        index,
+                        expected: *e,
+                        actual: *a,
+                    });
+                }
+            }
+            Ok(())
+        };
+        for (index, g) in golden.iter().enumerate() {
+            let out = self.run(std::slice::from_ref(&g.input))?;
+            compare(index, out.first().map_or(&[][..], Vec::as_slice))?;
+        }
+        if self.batch.is_some() {
+            let rows: Vec<Vec<f32>> = golden.iter().map(|g| g.input.clone()).collect();
+            for (c, chunk) in rows.chunks(self.batch_size()).enumerate() {
+                let out = self.run(chunk)?;
+                for (k, o) in out.iter().enumerate() {
+                    compare(c * self.batch_size() + k, o)?;
+                }
+            }
+        }
+        Ok(())
+    }
 }
 
 /// Loads the package into tract, checks every golden pair, and starts the
@@ -154,25 +343,15 @@ fn run_plan(plan: &Plan, out_ix: usize, window: &[f32]) -> Result<f32> {
 /// # Errors
 /// [`RuntimeError`] describing why the model is not fit; nothing is started then.
 pub fn load(package: &Package) -> Result<ModelHandle> {
-    let (plan, out_ix) = std::panic::catch_unwind(AssertUnwindSafe(|| build_plan(package)))
-        .map_err(|p| RuntimeError::Panic(panic_message(p.as_ref())))??;
-    for (index, g) in package.manifest.golden.iter().enumerate() {
-        let actual = run_plan(&plan, out_ix, &g.input)?;
-        if (actual - g.score).abs() > GOLDEN_ABS_TOL + GOLDEN_REL_TOL * g.score.abs() {
-            return Err(RuntimeError::Golden {
-                index,
-                expected: g.score,
-                actual,
-            });
-        }
-    }
+    let runner = Runner::build(package)?;
+    runner.check_golden(package)?;
     let (tx, rx) = flume::bounded::<Job>(256);
     let name = format!("model-{}", package.manifest.name);
     std::thread::Builder::new()
         .name(name.chars().take(15).collect())
         .spawn(move || {
             while let Ok(job) = rx.recv() {
-                let _ = job.reply.send(run_plan(&plan, out_ix, &job.window));
+                let _ = job.reply.send(runner.run(&job.rows));
             }
         })
         .map_err(|e| RuntimeError::Tract(format!("cannot start model thread: {e}")))?;
@@ -180,14 +359,15 @@ pub fn load(package: &Package) -> Result<ModelHandle> {
 }
 
 impl ModelHandle {
-    /// Scores one window on the model's thread.
+    /// Runs up to `input.batch_size` rows in one tract run on the model's
+    /// thread; one raw output row per input row.
     ///
     /// # Errors
     /// [`RuntimeError`] for bad input, tract failures or non-finite output.
-    pub async fn score(&self, window: Vec<f32>) -> Result<f32> {
+    pub async fn run(&self, rows: Vec<Vec<f32>>) -> Result<Vec<Vec<f32>>> {
         let (reply, rx) = oneshot::channel();
         self.tx
-            .send_async(Job { window, reply })
+            .send_async(Job { rows, reply })
             .await
             .map_err(|_| RuntimeError::Closed)?;
         rx.await.map_err(|_| RuntimeError::Closed)?
@@ -210,13 +390,14 @@ mod tests {
         let p = shipped();
         let h = load(&p).unwrap();
         for g in &p.manifest.golden {
-            let s = h.score(g.input.clone()).await.unwrap();
-            assert!((s - g.score).abs() <= GOLDEN_ABS_TOL + GOLDEN_REL_TOL * g.score.abs());
+            let s = h.run(vec![g.input.clone()]).await.unwrap()[0][0];
+            let e = g.score.unwrap();
+            assert!((s - e).abs() <= GOLDEN_ABS_TOL + GOLDEN_REL_TOL * e.abs());
         }
         let mut bad = p.manifest.golden[0].input.clone();
         bad[3] = f32::NAN;
         assert!(matches!(
-            h.score(bad).await,
+            h.run(vec![bad]).await,
             Err(RuntimeError::NonFiniteInput)
         ));
     }
@@ -224,7 +405,7 @@ mod tests {
     #[test]
     fn wrong_golden_is_refused() {
         let mut p = shipped();
-        p.manifest.golden[0].score += 1.0;
+        p.manifest.golden[0].score = p.manifest.golden[0].score.map(|s| s + 1.0);
         assert!(matches!(
             load(&p),
             Err(RuntimeError::Golden { index: 0, .. })
@@ -234,11 +415,13 @@ mod tests {
     #[test]
     fn manifest_window_disagreeing_with_graph_is_refused() {
         let mut p = shipped();
-        p.manifest.input.window = 7;
+        p.input.window = 7;
         for g in &mut p.manifest.golden {
             g.input.truncate(7);
         }
-        assert!(load(&p).is_err());
+        let err = load(&p).err().unwrap();
+        assert!(matches!(err, RuntimeError::Shape(_)), "{err}");
+        assert!(err.to_string().contains("rows of 7 values"), "{err}");
     }
 
     #[test]

@@ -1,33 +1,33 @@
-//! Feature windows: cuts one source's stream of values into fixed-length
-//! windows every `hop` readings. Pure state machine, no I/O.
+//! Feature windows: cuts one source's sequence of time steps into
+//! fixed-length windows every `hop` steps. Pure state machine, no I/O.
 
 use std::collections::VecDeque;
 
 /// A window ready for the model.
 #[derive(Debug, Clone, PartialEq)]
-pub struct Window {
-    /// Values, oldest first; exactly `window` of them.
-    pub values: Vec<f32>,
+pub struct Window<T = f32> {
+    /// Time steps, oldest first; exactly `window` of them.
+    pub values: Vec<T>,
     /// Sequence number of the last reading.
     pub end_seq: u64,
     /// Device timestamp of the last reading.
     pub end_ts_ms: Option<i64>,
 }
 
-/// Sliding window state for one `(source, stream)`.
+/// Sliding window state for one model and one source.
 ///
 /// The first window closes at the `window`-th reading, then one every `hop`
 /// readings, so with `window = 12, hop = 6` windows end at readings 12, 18,
 /// 24, ... exactly as the training script cuts them.
 #[derive(Debug, Clone)]
-pub struct Windower {
+pub struct Windower<T = f32> {
     window: usize,
     hop: usize,
-    values: VecDeque<f32>,
+    values: VecDeque<T>,
     seen: u64,
 }
 
-impl Windower {
+impl<T: Clone> Windower<T> {
     /// A windower; `window >= 1` and `1 <= hop` (validated by the package).
     #[must_use]
     pub fn new(window: usize, hop: usize) -> Self {
@@ -40,7 +40,7 @@ impl Windower {
     }
 
     /// Adds a reading; returns a window when one closes.
-    pub fn push(&mut self, value: f32, seq: u64, ts_ms: Option<i64>) -> Option<Window> {
+    pub fn push(&mut self, value: T, seq: u64, ts_ms: Option<i64>) -> Option<Window<T>> {
         if self.values.len() == self.window {
             self.values.pop_front();
         }
@@ -49,12 +49,18 @@ impl Windower {
         let w = self.window as u64;
         if self.seen >= w && (self.seen - w).is_multiple_of(self.hop as u64) {
             return Some(Window {
-                values: self.values.iter().copied().collect(),
+                values: self.values.iter().cloned().collect(),
                 end_seq: seq,
                 end_ts_ms: ts_ms,
             });
         }
         None
+    }
+
+    /// Forgets every step: the next window closes `window` steps from now.
+    pub fn reset(&mut self) {
+        self.values.clear();
+        self.seen = 0;
     }
 }
 

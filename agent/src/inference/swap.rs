@@ -1,0 +1,289 @@
+//! Safe hot swap: watches the packages directory and hands verified models
+//! to the inference stage.
+//!
+//! Layout: `<packages_dir>/<name>/<version>/{model.toml,model.onnx}`. For
+//! each name the agent serves the highest version present that has not been
+//! refused; removing a version directory therefore rolls back to the next
+//! one. Names and versions starting with `.` are ignored, so a downloader
+//! writes `<name>/.incoming-*` and renames it to `<version>` (atomic on one
+//! file system): the watcher never sees half a package.
+//!
+//! A candidate is verified in a child process first ([`super::check`]:
+//! sha256, tract load, input shape against the manifest, golden pairs,
+//! under memory and time limits), then loaded in-process, and only then
+//! sent to the stage, which swaps it in between two batches. Any failure
+//! keeps the current model serving, is logged at ERROR and counted in
+//! [`super::InferenceMetrics::swap_failures`]; the refused directory is not
+//! retried until its `model.toml` changes. Nothing here deletes files.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use sha2::{Digest, Sha256};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use super::check::{VerifySettings, verify_in_child};
+use super::package::parse_version;
+use super::{InferenceMetrics, LoadedModel};
+use crate::telemetry::Counters;
+
+/// A version directory found in the packages directory.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Candidate {
+    /// Model name (directory name).
+    pub name: String,
+    /// Parsed version (directory name).
+    pub version: (u64, u64, u64),
+    /// The version directory.
+    pub dir: PathBuf,
+}
+
+/// Lists `<dir>/<name>/<version>/` entries; unreadable or oddly named
+/// entries are skipped (a missing directory is empty).
+#[must_use]
+pub fn scan(dir: &Path) -> Vec<Candidate> {
+    let mut out = Vec::new();
+    let Ok(names) = std::fs::read_dir(dir) else {
+        return out;
+    };
+    for n in names.flatten() {
+        let name = n.file_name().to_string_lossy().into_owned();
+        if name.starts_with('.') || !n.path().is_dir() {
+            continue;
+        }
+        let Ok(versions) = std::fs::read_dir(n.path()) else {
+            continue;
+        };
+        for v in versions.flatten() {
+            let vname = v.file_name().to_string_lossy().into_owned();
+            if vname.starts_with('.') || !v.path().is_dir() {
+                continue;
+            }
+            if let Some(version) = parse_version(&vname) {
+                out.push(Candidate {
+                    name: name.clone(),
+                    version,
+                    dir: v.path(),
+                });
+            }
+        }
+    }
+    out.sort_by(|a, b| (&a.name, a.version).cmp(&(&b.name, b.version)));
+    out
+}
+
+fn fingerprint(dir: &Path) -> String {
+    std::fs::read(dir.join("model.toml"))
+        .map_or_else(|_| String::new(), |b| hex::encode(Sha256::digest(&b)))
+}
+
+/// Why a candidate was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum SwapError {
+    /// The child-process verification refused it.
+    #[error("verification failed")]
+    Verify(#[from] super::check::VerifyError),
+    /// The in-process load failed after the child accepted it.
+    #[error("in-process load failed")]
+    Load(#[from] super::InferenceError),
+    /// The manifest's name or version differs from the directory's.
+    #[error("manifest says {manifest}, the directory is {dir}")]
+    Misplaced {
+        /// `name/version` from the manifest.
+        manifest: String,
+        /// `name/version` from the path.
+        dir: String,
+    },
+    /// The package changed between verification and load.
+    #[error("model.onnx changed between verification and load")]
+    Changed,
+    /// The verifier thread failed.
+    #[error("verifier task failed")]
+    Join,
+}
+
+/// The package watcher.
+pub struct Watcher {
+    packages_dir: PathBuf,
+    interval: Duration,
+    verify: VerifySettings,
+    /// name -> directory being served.
+    serving: HashMap<String, PathBuf>,
+    /// directory -> fingerprint of the refused `model.toml`.
+    refused: HashMap<PathBuf, String>,
+    tx: mpsc::Sender<LoadedModel>,
+    metrics: Arc<InferenceMetrics>,
+}
+
+impl Watcher {
+    /// A watcher; `serving` are the models the stage starts with.
+    #[must_use]
+    pub fn new(
+        packages_dir: PathBuf,
+        interval: Duration,
+        verify: VerifySettings,
+        serving: &[LoadedModel],
+        tx: mpsc::Sender<LoadedModel>,
+        metrics: Arc<InferenceMetrics>,
+    ) -> Self {
+        Self {
+            packages_dir,
+            interval,
+            verify,
+            serving: serving
+                .iter()
+                .map(|m| (m.name.clone(), m.dir.clone()))
+                .collect(),
+            refused: HashMap::new(),
+            tx,
+            metrics,
+        }
+    }
+
+    /// Scans now and then every interval until `shutdown`.
+    pub async fn run(mut self, shutdown: CancellationToken) {
+        loop {
+            self.poll(&shutdown).await;
+            tokio::select! {
+                () = shutdown.cancelled() => break,
+                () = tokio::time::sleep(self.interval) => {}
+            }
+        }
+    }
+
+    /// One scan: verifies and sends every model whose target version changed.
+    pub async fn poll(&mut self, shutdown: &CancellationToken) {
+        let candidates = scan(&self.packages_dir);
+        let mut targets: HashMap<&str, &Candidate> = HashMap::new();
+        for c in &candidates {
+            if self
+                .refused
+                .get(&c.dir)
+                .is_some_and(|f| *f == fingerprint(&c.dir))
+            {
+                continue;
+            }
+            targets.insert(c.name.as_str(), c);
+        }
+        let mut names: Vec<&str> = targets.keys().copied().collect();
+        names.sort_unstable();
+        for name in names {
+            if shutdown.is_cancelled() {
+                return;
+            }
+            let c = targets[name];
+            if self.serving.get(name) == Some(&c.dir) {
+                continue;
+            }
+            match self.verify_and_load(c, shutdown).await {
+                Ok(model) => {
+                    self.serving.insert(c.name.clone(), c.dir.clone());
+                    if self.tx.send(model).await.is_err() {
+                        return;
+                    }
+                }
+                Err(e) => {
+                    Counters::add(&self.metrics.swap_failures, 1);
+                    self.refused.insert(c.dir.clone(), fingerprint(&c.dir));
+                    tracing::error!(
+                        model = %c.name,
+                        dir = %c.dir.display(),
+                        serving = %self.serving.get(name).map_or_else(|| "nothing".to_owned(), |d| d.display().to_string()),
+                        error = %chain(&e),
+                        "model package refused; the current model keeps serving"
+                    );
+                }
+            }
+        }
+    }
+
+    async fn verify_and_load(
+        &self,
+        c: &Candidate,
+        shutdown: &CancellationToken,
+    ) -> Result<LoadedModel, SwapError> {
+        let dir = c.dir.clone();
+        let verify = self.verify.clone();
+        let cancel = shutdown.clone();
+        let report = tokio::task::spawn_blocking(move || verify_in_child(&dir, &verify, &cancel))
+            .await
+            .map_err(|_| SwapError::Join)??;
+        let dir_id = format!(
+            "{}/{}",
+            c.name,
+            c.dir
+                .file_name()
+                .map_or_else(String::new, |f| f.to_string_lossy().into_owned())
+        );
+        let manifest_id = format!(
+            "{}/{}",
+            report.name.as_deref().unwrap_or("?"),
+            report.version.as_deref().unwrap_or("?")
+        );
+        if dir_id != manifest_id {
+            return Err(SwapError::Misplaced {
+                manifest: manifest_id,
+                dir: dir_id,
+            });
+        }
+        let dir = c.dir.clone();
+        let model = tokio::task::spawn_blocking(move || LoadedModel::load(&dir))
+            .await
+            .map_err(|_| SwapError::Join)??;
+        if Some(&model.sha256.to_ascii_lowercase()) != report.sha256.as_ref() {
+            return Err(SwapError::Changed);
+        }
+        tracing::info!(model = %model.name, version = %model.version, dir = %c.dir.display(), "model package verified");
+        Ok(model)
+    }
+}
+
+fn chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        cur = c.source();
+    }
+    s
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    #[test]
+    fn scan_lists_versions_and_skips_dot_entries() {
+        let d = tempfile::tempdir().unwrap();
+        for p in [
+            "m/1.0.0",
+            "m/1.10.0",
+            "m/1.2.0",
+            "m/.incoming-1",
+            "m/latest",
+            ".tmp/1.0.0",
+            "n/0.1.0",
+        ] {
+            std::fs::create_dir_all(d.path().join(p)).unwrap();
+        }
+        let got: Vec<(String, (u64, u64, u64))> = scan(d.path())
+            .into_iter()
+            .map(|c| (c.name, c.version))
+            .collect();
+        assert_eq!(
+            got,
+            vec![
+                ("m".into(), (1, 0, 0)),
+                ("m".into(), (1, 2, 0)),
+                ("m".into(), (1, 10, 0)),
+                ("n".into(), (0, 1, 0)),
+            ]
+        );
+        assert!(scan(&d.path().join("absent")).is_empty());
+    }
+}

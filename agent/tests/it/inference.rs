@@ -1,0 +1,695 @@
+//! Inference: `model check`, cross-device batching, several models, NaN
+//! policies and safe hot swap, with the real binary as the verifier.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::Arc;
+use std::time::Duration;
+
+use edge_agent::buffer::{Buffer, BufferThread};
+use edge_agent::config::BufferSettings;
+use edge_agent::inference::check::{VerifyError, VerifySettings, find_prlimit, verify_in_child};
+use edge_agent::inference::package::Package;
+use edge_agent::inference::publish::PredictionEvent;
+use edge_agent::inference::runtime::Runner;
+use edge_agent::inference::swap::Watcher;
+use edge_agent::inference::{InferenceMetrics, InferenceStage, LoadedModel};
+use edge_agent::ingest::CommittedReading;
+use edge_agent::telemetry::Counters;
+use sha2::{Digest, Sha256};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use crate::util;
+
+fn models() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../models")
+}
+
+fn shipped() -> PathBuf {
+    models().join("nab-machine-temp")
+}
+
+fn machine_state() -> PathBuf {
+    models().join("machine-state")
+}
+
+fn get(c: &std::sync::atomic::AtomicU64) -> u64 {
+    Counters::get(c)
+}
+
+/// Copies a package to `dir`, then applies `edit` to the manifest text and
+/// `onnx` to the graph bytes, fixing the manifest's sha256.
+fn package_copy(
+    from: &Path,
+    dir: &Path,
+    edit: impl Fn(String) -> String,
+    onnx: impl Fn(Vec<u8>) -> Vec<u8>,
+) {
+    std::fs::create_dir_all(dir).unwrap();
+    let old = std::fs::read(from.join("model.onnx")).unwrap();
+    let new = onnx(old.clone());
+    let text = std::fs::read_to_string(from.join("model.toml")).unwrap();
+    let text = edit(text).replace(
+        &hex::encode(Sha256::digest(&old)),
+        &hex::encode(Sha256::digest(&new)),
+    );
+    std::fs::write(dir.join("model.onnx"), new).unwrap();
+    std::fs::write(dir.join("model.toml"), text).unwrap();
+}
+
+type Edit = fn(String) -> String;
+type Bytes = fn(Vec<u8>) -> Vec<u8>;
+
+fn same(t: String) -> String {
+    t
+}
+
+fn keep(b: Vec<u8>) -> Vec<u8> {
+    b
+}
+
+fn truncate(mut b: Vec<u8>) -> Vec<u8> {
+    b.truncate(b.len() / 2);
+    b
+}
+
+fn corrupt(mut b: Vec<u8>) -> Vec<u8> {
+    let mid = b.len() / 3;
+    for x in &mut b[mid..mid + 64] {
+        *x = 0xff;
+    }
+    b
+}
+
+/// Renames the graph's `ReduceSum` node type: a valid protobuf that tract
+/// cannot build.
+fn unknown_op(b: Vec<u8>) -> Vec<u8> {
+    let needle = b"ReduceSum";
+    let at = b.windows(needle.len()).position(|w| w == needle).unwrap();
+    let mut b = b;
+    b[at..at + needle.len()].copy_from_slice(b"ReduceSux");
+    b
+}
+
+/// A manifest that feeds 6-value windows to a graph declaring 12.
+fn window_6(t: String) -> String {
+    let mut out = String::new();
+    for line in t.lines() {
+        if line.starts_with("window = ") {
+            out.push_str("window = 6\n");
+        } else if line.starts_with("hop = ") {
+            out.push_str("hop = 3\n");
+        } else if let Some(rest) = line.strip_prefix("input = [") {
+            let vals: Vec<&str> = rest.trim_end_matches(']').split(", ").take(6).collect();
+            out.push_str(&format!("input = [{}]\n", vals.join(", ")));
+        } else {
+            out.push_str(line);
+            out.push('\n');
+        }
+    }
+    out
+}
+
+fn version(v: &'static str) -> impl Fn(String) -> String {
+    move |t| t.replace("version = \"1.0.0\"", &format!("version = \"{v}\""))
+}
+
+fn check_cli(dir: &Path, json: bool) -> (Option<i32>, String) {
+    let mut cmd = Command::new(util::bin());
+    cmd.args(["model", "check"]).arg(dir);
+    if json {
+        cmd.arg("--json");
+    }
+    let out = cmd.output().unwrap();
+    (
+        out.status.code(),
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ),
+    )
+}
+
+#[test]
+fn model_check_accepts_the_shipped_packages_and_prints_shapes_and_latency() {
+    let (code, out) = check_cli(&shipped(), false);
+    assert_eq!(code, Some(0), "{out}");
+    assert!(
+        out.contains("graph declares [?, 12], runs as [1, 12]"),
+        "{out}"
+    );
+    assert!(out.contains("[1, 1] per batch-1 run"), "{out}");
+    assert!(out.contains("3 pair(s) reproduced"), "{out}");
+    assert!(out.contains("latency  batch 1: median"), "{out}");
+    assert!(out.trim_end().ends_with("fit to go live"), "{out}");
+
+    let (code, out) = check_cli(&machine_state(), true);
+    assert_eq!(code, Some(0), "{out}");
+    let v: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
+    assert_eq!(v["ok"], true);
+    assert_eq!(v["shapes"]["input"], serde_json::json!([1, 8]));
+    assert_eq!(v["shapes"]["output"], serde_json::json!([1, 3]));
+    assert_eq!(v["shapes"]["batch_size"], 4);
+    let rows: Vec<u64> = v["latency"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|l| l["rows"].as_u64().unwrap())
+        .collect();
+    assert_eq!(rows, vec![1, 4], "batch-1 and full-batch latency");
+}
+
+#[test]
+fn model_check_refuses_broken_packages_with_clear_messages() {
+    let d = tempfile::tempdir().unwrap();
+    let cases: [(&str, Edit, Bytes, &str); 5] = [
+        ("truncated", same, truncate, "tract refused the model"),
+        ("corrupt", same, corrupt, "tract refused the model"),
+        ("unknown-op", same, unknown_op, "tract refused the model"),
+        (
+            "wrong-shape",
+            window_6,
+            keep,
+            "graph input \"window\" is [?, 12], the manifest's features make rows of 6 values",
+        ),
+        (
+            "bad-golden",
+            |t| t.replace("score = 9.495649", "score = 10.5"),
+            keep,
+            "golden pair 0: expected 10.5",
+        ),
+    ];
+    for (name, edit, onnx, expected) in cases {
+        let dir = d.path().join(name);
+        package_copy(&shipped(), &dir, edit, onnx);
+        let (code, out) = check_cli(&dir, false);
+        assert_eq!(code, Some(1), "{name}: {out}");
+        assert!(out.contains("NOT fit to go live"), "{name}: {out}");
+        assert!(out.contains(expected), "{name}: {out}");
+    }
+    // Tampered bytes without a fixed hash never reach tract.
+    let dir = d.path().join("tampered");
+    package_copy(&shipped(), &dir, same, keep);
+    std::fs::write(
+        dir.join("model.onnx"),
+        truncate(std::fs::read(shipped().join("model.onnx")).unwrap()),
+    )
+    .unwrap();
+    let (code, out) = check_cli(&dir, false);
+    assert_eq!(code, Some(1));
+    assert!(out.contains("sha256 mismatch"), "{out}");
+}
+
+async fn open_buffer(dir: &Path) -> (Buffer, BufferThread) {
+    Buffer::open(&BufferSettings::for_path(dir.join("buffer.db"))).unwrap()
+}
+
+fn reading(
+    source: &str,
+    stream: &str,
+    seq: u64,
+    ts: i64,
+    values: &[(&str, f64)],
+) -> CommittedReading {
+    CommittedReading {
+        source: source.into(),
+        stream: stream.into(),
+        seq,
+        device_ts_ms: Some(ts),
+        values: values
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), *v))
+            .collect::<BTreeMap<_, _>>(),
+    }
+}
+
+struct Running {
+    tx: mpsc::Sender<CommittedReading>,
+    events: mpsc::Receiver<PredictionEvent>,
+    metrics: Arc<InferenceMetrics>,
+    stop: CancellationToken,
+    handle: tokio::task::JoinHandle<()>,
+    _buffer: BufferThread,
+}
+
+async fn start(
+    dir: &Path,
+    models: Vec<LoadedModel>,
+    wait: Duration,
+    swaps: Option<mpsc::Receiver<LoadedModel>>,
+) -> Running {
+    let (buffer, thread) = open_buffer(dir).await;
+    let (tx, rx) = mpsc::channel(4096);
+    let (out_tx, events) = mpsc::channel(4096);
+    let mut stage = InferenceStage::new(models, rx, buffer, out_tx, Arc::new(Counters::default()))
+        .with_batch_max_wait(wait);
+    if let Some(s) = swaps {
+        stage = stage.with_swaps(s);
+    }
+    let metrics = stage.metrics();
+    let stop = CancellationToken::new();
+    let token = stop.clone();
+    let handle = tokio::spawn(async move { stage.run(token).await.unwrap() });
+    Running {
+        tx,
+        events,
+        metrics,
+        stop,
+        handle,
+        _buffer: thread,
+    }
+}
+
+impl Running {
+    async fn finish(self) -> Vec<PredictionEvent> {
+        let Running {
+            tx,
+            mut events,
+            stop,
+            handle,
+            ..
+        } = self;
+        drop(tx);
+        stop.cancel();
+        handle.await.unwrap();
+        let mut out = Vec::new();
+        while let Some(e) = events.recv().await {
+            out.push(e);
+        }
+        out
+    }
+}
+
+fn vib(d: u64, t: u64) -> f64 {
+    ((d * 7 + t * 3) % 11) as f64 * 0.3 - 1.0
+}
+
+fn amps(d: u64, t: u64) -> f64 {
+    ((d * 5 + t * t) % 13) as f64 * 0.25 - 1.5
+}
+
+/// mean, population std, min, max, computed here independently of the agent.
+fn stats4(v: &[f64]) -> [f32; 4] {
+    let n = v.len() as f64;
+    let mean = v.iter().sum::<f64>() / n;
+    let var = v.iter().map(|x| (x - mean) * (x - mean)).sum::<f64>() / n;
+    let min = v.iter().copied().fold(f64::MAX, f64::min);
+    let max = v.iter().copied().fold(f64::MIN, f64::max);
+    [mean as f32, var.sqrt() as f32, min as f32, max as f32]
+}
+
+/// Windows of 4 steps every 2 (`machine-state`), on 4 devices that report
+/// in lock-step: every window shares a tract run with the 3 other devices'
+/// windows, and each batched output equals the batch-1 output of the same
+/// row, whose stats the test computes itself.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn windows_of_several_devices_share_one_run_with_batch_one_results() {
+    let d = tempfile::tempdir().unwrap();
+    let model = LoadedModel::load(&machine_state()).unwrap();
+    assert_eq!(model.input.batch_size, 4);
+    let run = start(d.path(), vec![model], Duration::from_secs(30), None).await;
+    let mut seq = 0;
+    for t in 0..10u64 {
+        for dev in 0..4u64 {
+            let ts = 1_000_000 + t as i64 * 1000;
+            seq += 1;
+            run.tx
+                .send(reading(
+                    &format!("m{dev}"),
+                    "current",
+                    seq,
+                    ts,
+                    &[("amps", amps(dev, t))],
+                ))
+                .await
+                .unwrap();
+            seq += 1;
+            run.tx
+                .send(reading(
+                    &format!("m{dev}"),
+                    "vibration",
+                    seq,
+                    ts,
+                    &[("rms", vib(dev, t))],
+                ))
+                .await
+                .unwrap();
+        }
+    }
+    let metrics = run.metrics.clone();
+    let events = run.finish().await;
+    // Windows end at steps 4, 6, 8 and 10 on each of 4 devices.
+    assert_eq!(get(&metrics.windows), 16);
+    assert_eq!(events.len(), 16);
+    assert_eq!(get(&metrics.runs), 4, "16 windows in 4 runs of 4");
+    assert_eq!(get(&metrics.rows), 16);
+
+    let runner = Runner::build(&Package::read(&machine_state()).unwrap()).unwrap();
+    for e in &events {
+        let dev: u64 = e.prediction.source[1..].parse().unwrap();
+        let end_t = (e.prediction.window_end_ts_ms.unwrap() - 1_000_000) as u64 / 1000;
+        let ts: Vec<u64> = (end_t - 3..=end_t).collect();
+        let v: Vec<f64> = ts.iter().map(|t| vib(dev, *t)).collect();
+        let a: Vec<f64> = ts.iter().map(|t| amps(dev, *t)).collect();
+        let row: Vec<f32> = stats4(&v).into_iter().chain(stats4(&a)).collect();
+        let alone = runner.run(&[row]).unwrap().remove(0);
+        let probs: Vec<f64> = alone.iter().map(|p| f64::from(*p)).collect();
+        assert_eq!(
+            e.probabilities, probs,
+            "batched output equals the batch-1 output"
+        );
+        assert_eq!(e.prediction.score, probs[2], "score is P(failing)");
+        assert_eq!(e.prediction.is_anomaly, probs[2] > 0.5);
+        let top = ["normal", "worn", "failing"]
+            [(0..3).fold(0, |b, i| if probs[i] > probs[b] { i } else { b })];
+        assert_eq!(e.label.as_deref(), Some(top));
+        assert_eq!(e.prediction.stream, "vibration");
+    }
+}
+
+/// A lone window is scored once `batch_max_wait` has passed, not before.
+#[tokio::test(start_paused = true)]
+async fn a_lone_window_waits_at_most_the_batch_max_wait() {
+    let d = tempfile::tempdir().unwrap();
+    let model = LoadedModel::load(&machine_state()).unwrap();
+    let run = start(d.path(), vec![model], Duration::from_millis(200), None).await;
+    for t in 0..4u64 {
+        let ts = 1_000_000 + t as i64 * 1000;
+        run.tx
+            .send(reading(
+                "m0",
+                "current",
+                2 * t + 1,
+                ts,
+                &[("amps", amps(0, t))],
+            ))
+            .await
+            .unwrap();
+        run.tx
+            .send(reading(
+                "m0",
+                "vibration",
+                2 * t + 2,
+                ts,
+                &[("rms", vib(0, t))],
+            ))
+            .await
+            .unwrap();
+    }
+    while get(&run.metrics.windows) < 1 {
+        tokio::task::yield_now().await;
+    }
+    tokio::time::sleep(Duration::from_millis(199)).await;
+    assert_eq!(get(&run.metrics.runs), 0, "still waiting for company");
+    tokio::time::sleep(Duration::from_millis(2)).await;
+    assert_eq!(get(&run.metrics.runs), 1, "run once the wait is over");
+    let events = run.finish().await;
+    assert_eq!(events.len(), 1);
+}
+
+/// Two packages at once: temperature feeds only the NAB model, vibration and
+/// current only `machine-state`; each gets exactly its own windows.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_models_are_each_fed_by_their_own_streams() {
+    let d = tempfile::tempdir().unwrap();
+    let nab = LoadedModel::load(&shipped()).unwrap();
+    let ms = LoadedModel::load(&machine_state()).unwrap();
+    let golden = Package::read(&shipped()).unwrap().manifest.golden;
+    let run = start(d.path(), vec![nab, ms], Duration::ZERO, None).await;
+    let mut seq = 0;
+    // 24 temperature readings (windows at 12 and 18 and 24) and 6 steps of
+    // the other two streams (windows at steps 4 and 6), interleaved.
+    for i in 0..24u64 {
+        let ts = 1_000_000 + i as i64 * 1000;
+        seq += 1;
+        let v = f64::from(golden[0].input[(i % 12) as usize]);
+        run.tx
+            .send(reading("m1", "temperature", seq, ts, &[("value", v)]))
+            .await
+            .unwrap();
+        if i < 6 {
+            seq += 1;
+            run.tx
+                .send(reading("m1", "current", seq, ts, &[("amps", amps(1, i))]))
+                .await
+                .unwrap();
+            seq += 1;
+            run.tx
+                .send(reading("m1", "vibration", seq, ts, &[("rms", vib(1, i))]))
+                .await
+                .unwrap();
+        }
+    }
+    let events = run.finish().await;
+    let by = |m: &str| events.iter().filter(|e| e.prediction.model == m).count();
+    assert_eq!(by("nab-machine-temp"), 3);
+    assert_eq!(by("machine-state"), 2);
+    // The first NAB window is golden pair 0 exactly.
+    let first = events
+        .iter()
+        .find(|e| e.prediction.model == "nab-machine-temp")
+        .unwrap();
+    let expected = f64::from(golden[0].score.unwrap());
+    assert!(
+        (first.prediction.score - expected).abs() < 1e-3 + 1e-4 * expected,
+        "{}",
+        first.prediction.score
+    );
+    assert_eq!(first.prediction.stream, "temperature");
+    assert!(events.iter().all(|e| e.prediction.model_sha256.len() == 64));
+}
+
+/// NaN in a window: `skip` scores nothing and counts it; `impute` carries
+/// the last value forward and scores what the imputed window scores alone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nan_windows_are_skipped_or_imputed_per_model_policy() {
+    let golden = Package::read(&shipped()).unwrap().manifest.golden[0]
+        .input
+        .clone();
+    let runner = Runner::build(&Package::read(&shipped()).unwrap()).unwrap();
+    for policy in ["skip", "impute"] {
+        let d = tempfile::tempdir().unwrap();
+        let pkg = d.path().join("pkg");
+        package_copy(
+            &shipped(),
+            &pkg,
+            |t| {
+                t.replace(
+                    "nan_policy = \"skip\"",
+                    &format!("nan_policy = \"{policy}\""),
+                )
+            },
+            keep,
+        );
+        let model = LoadedModel::load(&pkg).unwrap();
+        let run = start(d.path(), vec![model], Duration::ZERO, None).await;
+        for (i, v) in golden.iter().enumerate() {
+            let v = if i == 5 { f64::NAN } else { f64::from(*v) };
+            run.tx
+                .send(reading(
+                    "m1",
+                    "temperature",
+                    i as u64 + 1,
+                    i as i64 * 1000,
+                    &[("value", v)],
+                ))
+                .await
+                .unwrap();
+        }
+        let metrics = run.metrics.clone();
+        let events = run.finish().await;
+        assert_eq!(get(&metrics.windows), 1);
+        if policy == "skip" {
+            assert_eq!(get(&metrics.nan_skipped), 1);
+            assert!(events.is_empty());
+        } else {
+            assert_eq!(get(&metrics.nan_skipped), 0);
+            let mut filled = golden.clone();
+            filled[5] = filled[4];
+            let alone = f64::from(runner.run(&[filled]).unwrap()[0][0]);
+            assert_eq!(events.len(), 1);
+            assert_eq!(events[0].prediction.score, alone);
+        }
+    }
+}
+
+fn verify_settings() -> VerifySettings {
+    VerifySettings {
+        checker: util::bin(),
+        timeout: Duration::from_secs(60),
+        max_memory_bytes: 1 << 30,
+        prlimit: find_prlimit(),
+    }
+}
+
+fn script(dir: &Path, name: &str, body: &str) -> PathBuf {
+    use std::os::unix::fs::PermissionsExt;
+    let p = dir.join(name);
+    std::fs::write(&p, format!("#!/bin/sh\n{body}\n")).unwrap();
+    std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o755)).unwrap();
+    p
+}
+
+/// The verifier child: a crash, a hang and the memory limit all end in a
+/// refusal, never in the caller's death.
+#[test]
+fn the_child_verifier_survives_crashes_hangs_and_memory_limits() {
+    let d = tempfile::tempdir().unwrap();
+    let cancel = CancellationToken::new();
+    let ok = verify_in_child(&shipped(), &verify_settings(), &cancel).unwrap();
+    assert_eq!(ok.name.as_deref(), Some("nab-machine-temp"));
+
+    let mut s = verify_settings();
+    s.checker = script(d.path(), "segv", "kill -SEGV $$");
+    let err = verify_in_child(&shipped(), &s, &cancel).unwrap_err();
+    assert!(matches!(err, VerifyError::Crashed { .. }), "{err}");
+    assert!(err.to_string().contains("signal: 11"), "{err}");
+
+    s.checker = script(d.path(), "hang", "exec sleep 30");
+    s.timeout = Duration::from_millis(300);
+    let started = std::time::Instant::now();
+    let err = verify_in_child(&shipped(), &s, &cancel).unwrap_err();
+    assert!(matches!(err, VerifyError::Timeout(_)), "{err}");
+    assert!(started.elapsed() < Duration::from_secs(10));
+
+    if find_prlimit().is_some() {
+        let mut s = verify_settings();
+        s.max_memory_bytes = 8 << 20;
+        let err = verify_in_child(&shipped(), &s, &cancel).unwrap_err();
+        assert!(matches!(err, VerifyError::Crashed { .. }), "{err}");
+    }
+}
+
+async fn wait_until(what: &str, f: impl Fn() -> bool) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while !f() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "timed out waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// Exactly one window, from a source of its own.
+async fn one_window(run: &Running, first_seq: u64) -> u64 {
+    let golden = Package::read(&shipped()).unwrap().manifest.golden[0]
+        .input
+        .clone();
+    let source = format!("m{first_seq}");
+    for (i, v) in golden.iter().enumerate() {
+        run.tx
+            .send(reading(
+                &source,
+                "temperature",
+                first_seq + i as u64,
+                first_seq as i64 + i as i64,
+                &[("value", f64::from(*v))],
+            ))
+            .await
+            .unwrap();
+    }
+    first_seq + 12
+}
+
+/// The agent's hot swap: new versions are verified in the real binary
+/// before the swap; truncated, corrupt, wrongly shaped and tract-refused
+/// packages are refused while the old version keeps serving; removing the
+/// new version rolls back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hot_swap_verifies_refuses_keeps_serving_and_rolls_back() {
+    let d = tempfile::tempdir().unwrap();
+    let packages = d.path().join("packages");
+    let nab = packages.join("nab-machine-temp");
+    package_copy(&shipped(), &nab.join("1.0.0"), same, keep);
+
+    let initial = LoadedModel::load(&shipped()).unwrap();
+    let (swap_tx, swap_rx) = mpsc::channel(4);
+    let mut run = start(
+        d.path(),
+        vec![initial.clone()],
+        Duration::ZERO,
+        Some(swap_rx),
+    )
+    .await;
+    let metrics = run.metrics.clone();
+    let mut watcher = Watcher::new(
+        packages.clone(),
+        Duration::from_secs(3600),
+        verify_settings(),
+        &[initial],
+        swap_tx,
+        metrics.clone(),
+    );
+    let stop = CancellationToken::new();
+    let mut seq = 1;
+    // The packages directory's 1.0.0 replaces the configured copy.
+    watcher.poll(&stop).await;
+    wait_until("first swap", || get(&metrics.swaps) == 1).await;
+
+    let broken: [(&str, Edit, Bytes); 4] = [
+        (
+            "1.0.1",
+            |t| t.replace("version = \"1.0.0\"", "version = \"1.0.1\""),
+            truncate,
+        ),
+        (
+            "1.0.2",
+            |t| t.replace("version = \"1.0.0\"", "version = \"1.0.2\""),
+            corrupt,
+        ),
+        (
+            "1.0.3",
+            |t| window_6(t.replace("version = \"1.0.0\"", "version = \"1.0.3\"")),
+            keep,
+        ),
+        (
+            "1.0.4",
+            |t| t.replace("version = \"1.0.0\"", "version = \"1.0.4\""),
+            unknown_op,
+        ),
+    ];
+    for (i, (v, edit, onnx)) in broken.into_iter().enumerate() {
+        package_copy(&shipped(), &nab.join(v), edit, onnx);
+        watcher.poll(&stop).await;
+        assert_eq!(get(&metrics.swap_failures), i as u64 + 1, "{v} refused");
+        // A refused directory is not retried on the next scan.
+        watcher.poll(&stop).await;
+        assert_eq!(get(&metrics.swap_failures), i as u64 + 1);
+        assert_eq!(get(&metrics.swaps), 1, "{v} never swapped in");
+        seq = one_window(&run, seq).await;
+        let e = run.events.recv().await.unwrap();
+        assert_eq!(
+            e.prediction.model_version, "1.0.0",
+            "old model keeps serving after {v}"
+        );
+    }
+    // A package whose directory disagrees with its manifest is refused too.
+    package_copy(&shipped(), &nab.join("1.0.5"), same, keep);
+    watcher.poll(&stop).await;
+    assert_eq!(get(&metrics.swap_failures), 5);
+
+    package_copy(&shipped(), &nab.join("1.1.0"), version("1.1.0"), keep);
+    watcher.poll(&stop).await;
+    wait_until("swap to 1.1.0", || get(&metrics.swaps) == 2).await;
+    seq = one_window(&run, seq).await;
+    let e = run.events.recv().await.unwrap();
+    assert_eq!(e.prediction.model_version, "1.1.0");
+
+    // Rollback: the newer directory goes away, the highest good one serves.
+    std::fs::remove_dir_all(nab.join("1.1.0")).unwrap();
+    watcher.poll(&stop).await;
+    wait_until("rollback", || get(&metrics.swaps) == 3).await;
+    one_window(&run, seq).await;
+    let e = run.events.recv().await.unwrap();
+    assert_eq!(e.prediction.model_version, "1.0.0");
+    assert!(
+        nab.join("1.0.0").join("model.onnx").is_file(),
+        "nothing deleted"
+    );
+    drop(watcher);
+    run.finish().await;
+}
