@@ -179,6 +179,41 @@ pub struct RawInference {
     pub models: Vec<PathBuf>,
     /// Channel capacity from ingest to inference.
     pub queue_capacity: usize,
+    /// Longest a closed window waits for others to share its tract run.
+    #[serde(default = "default_batch_max_wait_ms")]
+    pub batch_max_wait_ms: u64,
+    /// Hot-swap directory: `<name>/<version>/` packages, relative to state_dir.
+    #[serde(default = "default_packages_dir")]
+    pub packages_dir: PathBuf,
+    /// How often the packages directory is scanned; 0 disables hot swap.
+    #[serde(default = "default_watch_interval_ms")]
+    pub watch_interval_ms: u64,
+    /// Wall-clock limit of a package verification (child process).
+    #[serde(default = "default_verify_timeout_ms")]
+    pub verify_timeout_ms: u64,
+    /// Address-space limit of the verifying child process.
+    #[serde(default = "default_verify_max_memory_bytes")]
+    pub verify_max_memory_bytes: u64,
+}
+
+fn default_batch_max_wait_ms() -> u64 {
+    20
+}
+
+fn default_packages_dir() -> PathBuf {
+    PathBuf::from("packages")
+}
+
+fn default_watch_interval_ms() -> u64 {
+    5_000
+}
+
+fn default_verify_timeout_ms() -> u64 {
+    30_000
+}
+
+fn default_verify_max_memory_bytes() -> u64 {
+    1 << 30
 }
 
 /// `[publish]` as written.
@@ -213,6 +248,45 @@ pub struct RawSync {
     pub backoff_min_ms: u64,
     /// Largest retry delay.
     pub backoff_max_ms: u64,
+    /// Largest upload body before compression (estimated JSON), bytes.
+    #[serde(default = "default_batch_max_bytes")]
+    pub batch_max_bytes: usize,
+    /// A batch of live rows smaller than the limits waits at most this long
+    /// (from its oldest row's receipt) for more rows.
+    #[serde(default = "default_batch_max_delay_ms")]
+    pub batch_max_delay_ms: u64,
+    /// Rows per second the backlog (rows stored before the current
+    /// connection came up) drains at; 0 = unlimited.
+    #[serde(default = "default_backlog_rows_per_sec")]
+    pub backlog_rows_per_sec: u64,
+    /// Heartbeat period; 0 disables heartbeats.
+    #[serde(default = "default_heartbeat_interval_secs")]
+    pub heartbeat_interval_secs: u64,
+    /// PEM CA bundle to trust instead of the system's roots (pinning); https only.
+    #[serde(default)]
+    pub ca_file: Option<PathBuf>,
+    /// PEM client certificate chain for mutual TLS; https only.
+    #[serde(default)]
+    pub client_cert_file: Option<PathBuf>,
+    /// PEM private key for mutual TLS.
+    #[serde(default)]
+    pub client_key_file: Option<PathBuf>,
+}
+
+fn default_batch_max_bytes() -> usize {
+    1 << 20
+}
+
+fn default_batch_max_delay_ms() -> u64 {
+    1000
+}
+
+fn default_backlog_rows_per_sec() -> u64 {
+    20_000
+}
+
+fn default_heartbeat_interval_secs() -> u64 {
+    60
 }
 
 /// `[shutdown]` as written.
@@ -423,6 +497,19 @@ pub struct InferenceSettings {
     pub models: Vec<PathBuf>,
     /// Channel capacity from ingest.
     pub queue_capacity: usize,
+    /// Longest a closed window waits for a batch.
+    pub batch_max_wait: Duration,
+    /// Hot-swap directory.
+    pub packages_dir: PathBuf,
+    /// Scan interval of `packages_dir`; `None` disables hot swap.
+    pub watch_interval: Option<Duration>,
+    /// Wall-clock limit of a package verification.
+    pub verify_timeout: Duration,
+    /// Address-space limit of the verifying child process.
+    pub verify_max_memory_bytes: u64,
+    /// Binary that verifies packages (`model check --json`); `None` is this
+    /// process's own executable.
+    pub checker: Option<PathBuf>,
 }
 
 /// Validated publish settings.
@@ -453,6 +540,17 @@ pub struct SyncSettings {
     pub backoff_min: Duration,
     /// Largest retry delay.
     pub backoff_max: Duration,
+    /// Largest estimated JSON body of one upload, bytes.
+    pub batch_max_bytes: usize,
+    /// How long a non-full batch of live rows waits for more.
+    pub batch_max_delay: Duration,
+    /// Backlog drain rate in rows per second; `None` = unlimited.
+    pub backlog_rows_per_sec: Option<u64>,
+    /// Heartbeat period; `None` = no heartbeats.
+    pub heartbeat_interval: Option<Duration>,
+    /// TLS trust and client identity for `https://` (same shape as MQTT's):
+    /// `None` uses the system's roots and no client certificate.
+    pub tls: Option<MqttTls>,
 }
 
 /// A secret string whose `Debug` does not reveal it.
@@ -728,6 +826,20 @@ impl RawConfig {
         if !(1..=1_000_000).contains(&inf.queue_capacity) {
             errs.push("inference.queue_capacity: must be between 1 and 1000000".into());
         }
+        if inf.batch_max_wait_ms > 60_000 {
+            errs.push("inference.batch_max_wait_ms: must be at most 60000".into());
+        }
+        if inf.watch_interval_ms > 0 && inf.watch_interval_ms < 100 {
+            errs.push("inference.watch_interval_ms: must be 0 (off) or at least 100".into());
+        }
+        if !(100..=600_000).contains(&inf.verify_timeout_ms) {
+            errs.push("inference.verify_timeout_ms: must be between 100 and 600000".into());
+        }
+        if inf.verify_max_memory_bytes < (64 << 20) {
+            errs.push(
+                "inference.verify_max_memory_bytes: must be at least 67108864 (64 MiB)".into(),
+            );
+        }
 
         let p = &self.publish;
         if p.qos > 2 {
@@ -764,6 +876,36 @@ impl RawConfig {
                         .into(),
                 );
             }
+            if !(1024..=64 << 20).contains(&s.batch_max_bytes) {
+                errs.push("sync.batch_max_bytes: must be between 1024 and 67108864".into());
+            }
+            if s.batch_max_delay_ms > 3_600_000 {
+                errs.push("sync.batch_max_delay_ms: must be at most 3600000".into());
+            }
+            if s.heartbeat_interval_secs > 86_400 {
+                errs.push("sync.heartbeat_interval_secs: must be at most 86400".into());
+            }
+            file_check("sync.ca_file", &s.ca_file, &mut errs);
+            file_check("sync.client_cert_file", &s.client_cert_file, &mut errs);
+            file_check("sync.client_key_file", &s.client_key_file, &mut errs);
+            let sync_client_auth = match (&s.client_cert_file, &s.client_key_file) {
+                (Some(c), Some(k)) => Some((resolve(c), resolve(k))),
+                (None, None) => None,
+                _ => {
+                    errs.push(
+                        "sync.client_cert_file: client_cert_file and client_key_file go together"
+                            .into(),
+                    );
+                    None
+                }
+            };
+            let sync_tls = (s.ca_file.is_some() || sync_client_auth.is_some()).then(|| MqttTls {
+                ca_file: s.ca_file.as_deref().map(resolve),
+                client_auth: sync_client_auth,
+            });
+            if sync_tls.is_some() && !s.url.starts_with("https://") {
+                errs.push("sync.url: TLS files are set but the URL is not https://".into());
+            }
             let token_path = resolve(&s.token_file);
             let token = match std::fs::read_to_string(&token_path) {
                 Ok(t) if !t.trim().is_empty() => t.trim().to_owned(),
@@ -790,6 +932,13 @@ impl RawConfig {
                 request_timeout: Duration::from_millis(s.request_timeout_ms),
                 backoff_min: Duration::from_millis(s.backoff_min_ms),
                 backoff_max: Duration::from_millis(s.backoff_max_ms),
+                batch_max_bytes: s.batch_max_bytes,
+                batch_max_delay: Duration::from_millis(s.batch_max_delay_ms),
+                backlog_rows_per_sec: (s.backlog_rows_per_sec > 0)
+                    .then_some(s.backlog_rows_per_sec),
+                heartbeat_interval: (s.heartbeat_interval_secs > 0)
+                    .then(|| Duration::from_secs(s.heartbeat_interval_secs)),
+                tls: sync_tls,
             })
         } else {
             None
@@ -834,6 +983,13 @@ impl RawConfig {
             inference: InferenceSettings {
                 models: inf.models.iter().map(|p| resolve(p)).collect(),
                 queue_capacity: inf.queue_capacity,
+                batch_max_wait: Duration::from_millis(inf.batch_max_wait_ms),
+                packages_dir: resolve(&inf.packages_dir),
+                watch_interval: (inf.watch_interval_ms > 0)
+                    .then(|| Duration::from_millis(inf.watch_interval_ms)),
+                verify_timeout: Duration::from_millis(inf.verify_timeout_ms),
+                verify_max_memory_bytes: inf.verify_max_memory_bytes,
+                checker: None,
             },
             publish: PublishSettings {
                 prediction_topic: p.prediction_topic.clone(),
@@ -1093,6 +1249,79 @@ mod tests {
         let unknown = text.replace("[log]", "[log]\nlevel = \"info\"");
         let err = RawConfig::parse(&unknown).unwrap_err().to_string();
         assert!(err.contains("level"), "{err}");
+    }
+
+    #[test]
+    fn sync_batching_pace_heartbeat_and_tls_keys() {
+        let (dir, text) = with_token(DEFAULT_CONFIG);
+        let s = RawConfig::parse(&text).unwrap().validate().unwrap();
+        let sync = s.sync.unwrap();
+        assert_eq!(sync.batch_max_bytes, 1 << 20);
+        assert_eq!(sync.batch_max_delay, Duration::from_secs(1));
+        assert_eq!(sync.backlog_rows_per_sec, Some(20_000));
+        assert_eq!(sync.heartbeat_interval, Some(Duration::from_secs(60)));
+        assert!(sync.tls.is_none());
+
+        let off = text
+            .replace("backlog_rows_per_sec = 20000", "backlog_rows_per_sec = 0")
+            .replace(
+                "heartbeat_interval_secs = 60",
+                "heartbeat_interval_secs = 0",
+            );
+        let sync = RawConfig::parse(&off)
+            .unwrap()
+            .validate()
+            .unwrap()
+            .sync
+            .unwrap();
+        assert_eq!(
+            (sync.backlog_rows_per_sec, sync.heartbeat_interval),
+            (None, None)
+        );
+
+        let bad = text
+            .replace("batch_max_bytes = 1048576", "batch_max_bytes = 10")
+            .replace("batch_max_delay_ms = 1000", "batch_max_delay_ms = 99999999")
+            .replace(
+                "# ca_file = \"/etc/edge-agent/cloud-ca.pem\"",
+                "ca_file = \"missing.pem\"",
+            )
+            .replace(
+                "# client_key_file = \"/etc/edge-agent/cloud-client.key\"",
+                "client_key_file = \"k.pem\"",
+            );
+        std::fs::write(dir.path().join("k.pem"), "x").unwrap();
+        let err = RawConfig::parse(&bad)
+            .unwrap()
+            .validate()
+            .unwrap_err()
+            .to_string();
+        for key in [
+            "sync.batch_max_bytes",
+            "sync.batch_max_delay_ms",
+            "sync.ca_file",
+            "sync.client_cert_file",
+            "sync.url",
+        ] {
+            assert!(err.contains(key), "{key} missing from {err}");
+        }
+
+        std::fs::write(dir.path().join("ca.pem"), "x").unwrap();
+        let tls = text
+            .replace("http://127.0.0.1:8443", "https://cloud.example")
+            .replace(
+                "# ca_file = \"/etc/edge-agent/cloud-ca.pem\"",
+                "ca_file = \"ca.pem\"",
+            );
+        let sync = RawConfig::parse(&tls)
+            .unwrap()
+            .validate()
+            .unwrap()
+            .sync
+            .unwrap();
+        let tls = sync.tls.unwrap();
+        assert_eq!(tls.ca_file, Some(dir.path().join("ca.pem")));
+        assert!(tls.client_auth.is_none());
     }
 
     #[test]

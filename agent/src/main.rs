@@ -39,6 +39,9 @@ enum Command {
     /// Work with ONNX models directly, without a model package.
     #[command(subcommand)]
     Model(ModelCommand),
+    /// Maintain the buffer database.
+    #[command(subcommand)]
+    Buffer(BufferCommand),
     /// Replay real NAB sensor data through an embedded broker, the agent and
     /// an in-process cloud, then print a report.
     #[cfg(feature = "demo")]
@@ -57,6 +60,27 @@ enum ModelCommand {
         #[arg(long)]
         input: PathBuf,
     },
+    /// Check a model package (sha256, load, input shape, golden pairs) and
+    /// print its shapes and per-run latency; exit 0 only when it is fit to
+    /// go live.
+    Check {
+        /// The package directory (model.toml + model.onnx).
+        dir: PathBuf,
+        /// Print the report as one JSON object.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Subcommand)]
+enum BufferCommand {
+    /// Move rows the cloud refused (quarantined) back to the upload queue;
+    /// the agent uploads them again as backlog. Safe while the agent runs.
+    RequeueQuarantine {
+        /// Path to the TOML config (for `buffer.path`).
+        #[arg(long, short)]
+        config: PathBuf,
+    },
 }
 
 fn main() -> ExitCode {
@@ -65,6 +89,15 @@ fn main() -> ExitCode {
         Command::PrintDefaultConfig => {
             print!("{DEFAULT_CONFIG}");
             ExitCode::SUCCESS
+        }
+        Command::Model(ModelCommand::Check { dir, json }) => {
+            let (report, fit) = edge_agent::inference::check::cli(&dir, json);
+            println!("{}", report.trim_end());
+            if fit {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            }
         }
         Command::Model(ModelCommand::Run { model, input }) => {
             match edge_onnx_ml::run::run_files(&model, &input) {
@@ -81,6 +114,23 @@ fn main() -> ExitCode {
                     ExitCode::FAILURE
                 }
             }
+        }
+        Command::Buffer(BufferCommand::RequeueQuarantine { config }) => {
+            let settings = match RawConfig::load(&config).and_then(RawConfig::validate) {
+                Ok(s) => s,
+                Err(e) => {
+                    eprintln!("{}: {e}", config.display());
+                    return ExitCode::from(edge_agent::EXIT_CONFIG);
+                }
+            };
+            runtime_then(|| async move {
+                let r = edge_agent::buffer::requeue_quarantine(&settings.buffer).await?;
+                println!(
+                    "re-queued {} readings, {} predictions, {} dead letters from {} quarantined batches",
+                    r.readings, r.predictions, r.dead_letters, r.batches
+                );
+                Ok(())
+            })
         }
         Command::CheckConfig { file } => match RawConfig::load(&file).and_then(RawConfig::validate)
         {

@@ -20,7 +20,9 @@ use tokio_util::sync::CancellationToken;
 
 use crate::buffer::{Buffer, BufferError};
 use crate::config::Settings;
+use crate::inference::check::VerifySettings;
 use crate::inference::publish::PublishStage;
+use crate::inference::swap::Watcher;
 use crate::inference::{InferenceError, InferenceStage, LoadedModel};
 use crate::ingest::{IngestError, IngestStage};
 use crate::sync::{SyncError, SyncStage};
@@ -128,6 +130,14 @@ pub async fn run(
     let (buffer, buffer_thread) = Buffer::open(&settings.buffer)?;
     tracing::info!(path = %settings.buffer.path.display(), "buffer open");
     let models = load_models(&settings);
+    let active_models: Vec<sync_protocol::ActiveModel> = models
+        .iter()
+        .map(|m| sync_protocol::ActiveModel {
+            name: m.name.clone(),
+            version: m.version.clone(),
+            sha256: m.sha256.clone(),
+        })
+        .collect();
 
     let (ingest_tx, ingest_rx) = mpsc::channel(settings.inference.queue_capacity);
     let (publish_tx, publish_rx) = mpsc::channel(1024);
@@ -150,12 +160,40 @@ pub async fn run(
 
     let token = CancellationToken::new();
     let inference = InferenceStage::new(
-        models,
+        models.clone(),
         ingest_rx,
         buffer.clone(),
         publish_tx,
         counters.clone(),
-    );
+    )
+    .with_batch_max_wait(settings.inference.batch_max_wait);
+    let inference = match settings.inference.watch_interval {
+        Some(interval) => {
+            let (swap_tx, swap_rx) = mpsc::channel(4);
+            let inf = &settings.inference;
+            let mut verify =
+                VerifySettings::for_current_exe(inf.verify_timeout, inf.verify_max_memory_bytes);
+            if let Some(checker) = &inf.checker {
+                verify.checker.clone_from(checker);
+            }
+            if verify.prlimit.is_none() {
+                tracing::warn!(
+                    "prlimit not found: new model packages are verified in a child process without a memory limit"
+                );
+            }
+            let watcher = Watcher::new(
+                inf.packages_dir.clone(),
+                interval,
+                verify,
+                &models,
+                swap_tx,
+                inference.metrics(),
+            );
+            tokio::spawn(watcher.run(token.clone()));
+            inference.with_swaps(swap_rx)
+        }
+        None => inference,
+    };
     let (handle, name) = spawn_stage("inference", &fatal, inference.run(token.clone()));
     stages.push(Stage {
         name,
@@ -184,7 +222,8 @@ pub async fn run(
             settings.device_id.clone(),
             buffer.clone(),
             counters.clone(),
-        );
+        )
+        .with_models(active_models);
         let (handle, name) = spawn_stage("sync", &fatal, stage.run(token.clone()));
         stages.push(Stage {
             name,

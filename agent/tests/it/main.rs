@@ -2,9 +2,12 @@
 //! buffer, an embedded broker.
 #![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
 
+mod backpressure;
 mod crash;
 mod drain;
+mod inference;
 mod mqtt;
+mod sync;
 mod systemd;
 mod util;
 
