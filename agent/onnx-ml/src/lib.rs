@@ -69,9 +69,13 @@ pub fn register(reg: &mut OnnxOpRegister) {
 }
 
 /// `tract_onnx::onnx()` with this crate's operators registered.
+///
+/// Intermediate `value_info` shapes are ignored: exporters write them with
+/// symbolic batch sizes (torch.export names it `n`) that would contradict a
+/// concrete input shape set later; tract infers them anyway.
 #[must_use]
 pub fn onnx_with_ml() -> Onnx {
-    let mut onnx = tract_onnx::onnx();
+    let mut onnx = tract_onnx::onnx().with_ignore_value_info(true);
     register(&mut onnx.op_register);
     onnx
 }

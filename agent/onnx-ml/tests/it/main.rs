@@ -75,7 +75,11 @@ fixtures!(
     torch_mlp,
     torch_cnn1d,
     torch_gru,
-    torch_lstm;
+    torch_lstm,
+    torch_dynamo_mlp,
+    torch_dynamo_cnn1d,
+    torch_dynamo_gru,
+    torch_dynamo_lstm;
     // hand-written below
     tec_binary_both,
     tec_binary_both_base2,
