@@ -1,11 +1,14 @@
 //! HTTP API: the axum [`Router`] built by [`app`], its handlers, and the
 //! mapping of every failure to a JSON [`ErrorBody`] with the right status.
 //!
-//! Owns request decoding (content encoding, size caps, JSON) and status codes;
-//! storage semantics belong to [`crate::store`], token checks to
-//! [`crate::auth`]. Invariants: no input can make a handler panic; a body is
-//! only read after the device is authenticated; a zstd body is never
-//! decompressed past `max_body_bytes` (+1 byte to detect the overflow).
+//! Owns request decoding (content type and encoding, size caps, JSON or the
+//! compact codec), query strings and status codes; storage semantics belong
+//! to [`crate::store`], credential checks to [`crate::auth`], the OpenAPI
+//! document to [`crate::openapi`]. Invariants: no input can make a handler
+//! panic; a body is only read after the device is authenticated; a zstd
+//! body is never decompressed past `max_body_bytes` (+1 byte to detect the
+//! overflow); every route served is listed by [`routes`], which the OpenAPI
+//! test compares with the document.
 
 use std::io::Read;
 use std::time::Duration;
@@ -13,18 +16,26 @@ use std::time::Duration;
 use axum::Json;
 use axum::Router;
 use axum::body::Bytes;
-use axum::extract::rejection::{BytesRejection, PathRejection};
-use axum::extract::{DefaultBodyLimit, FromRef, FromRequest, Request, State};
-use axum::http::header::{ACCEPT_ENCODING, CONTENT_ENCODING, WWW_AUTHENTICATE};
-use axum::http::{HeaderMap, HeaderValue, StatusCode};
+use axum::extract::rejection::{BytesRejection, PathRejection, QueryRejection};
+use axum::extract::{DefaultBodyLimit, FromRef, FromRequest, Query, Request, State};
+use axum::http::header::{ACCEPT_ENCODING, CONTENT_ENCODING, CONTENT_TYPE, WWW_AUTHENTICATE};
+use axum::http::{HeaderMap, HeaderName, HeaderValue, Method, StatusCode};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
-use sync_protocol::{DeviceSummary, ErrorBody, UploadAck, UploadBatch, ZSTD_ENCODING};
+use axum::routing::{MethodRouter, get, post};
+use sync_protocol::codec::{self, CodecError};
+use sync_protocol::{
+    DeadLettersPage, DeviceSummary, ErrorBody, FLEET_PATH, FleetSummary, Heartbeat, HeartbeatAck,
+    HeartbeatsPage, JSON_MEDIA_TYPE, OPENAPI_PATH, PredictionsPage, ReadQuery, ReadingsPage,
+    UploadAck, UploadBatch, ZSTD_ENCODING,
+};
 
-use crate::auth::{AuthError, DeviceAuth};
+use crate::auth::{AuthError, DeviceAuth, OperatorAuth, ReadAuth};
 use crate::config::Settings;
-use crate::store::{BatchError, Store, StoreError};
+use crate::store::{BatchError, QueryError, Store, StoreError};
+
+/// `Accept-Post` sent with a 415 on the batch endpoint.
+const BATCH_MEDIA_TYPES: &str = "application/json, application/vnd.edge-batch.v1";
 
 /// Shared state of every handler.
 #[derive(Debug, Clone)]
@@ -70,9 +81,33 @@ pub enum ApiError {
     /// The request body could not be read (400), e.g. the client hung up.
     #[error("cannot read request body")]
     BadBody(#[source] BytesRejection),
-    /// The body is not a JSON [`UploadBatch`] (400).
-    #[error("body is not a valid upload batch")]
+    /// The body is not valid JSON of the expected type (400).
+    #[error("body is not valid JSON for this endpoint")]
     MalformedJson(#[source] serde_json::Error),
+    /// The body is not a valid compact batch (400).
+    #[error("body is not a valid compact batch")]
+    MalformedBatch(#[source] CodecError),
+    /// A `Content-Type` this endpoint does not take (415).
+    #[error("unsupported content type {content_type:?}; use {accepted}")]
+    UnsupportedMediaType {
+        /// The header value as received (lossy).
+        content_type: String,
+        /// The media types the endpoint accepts.
+        accepted: &'static str,
+    },
+    /// The query string does not parse (unknown parameter, wrong type) (400).
+    #[error("invalid query string")]
+    BadQuery(#[source] QueryRejection),
+    /// The query parsed but is not acceptable (limit, range, filter, cursor) (400).
+    #[error("invalid query")]
+    InvalidQuery(#[source] QueryError),
+    /// The path names no registered device (404; operators only, since a
+    /// device can only name itself).
+    #[error("unknown device {id:?}")]
+    UnknownDevice {
+        /// The device id from the path.
+        id: String,
+    },
     /// The body is not valid zstd (400).
     #[error("body is not valid zstd")]
     BadCompression(#[source] std::io::Error),
@@ -137,13 +172,28 @@ impl ApiError {
                 (StatusCode::UNAUTHORIZED, "malformed_token")
             }
             ApiError::Auth(AuthError::InvalidToken) => (StatusCode::UNAUTHORIZED, "invalid_token"),
-            ApiError::Auth(AuthError::WrongDevice { .. }) => (StatusCode::FORBIDDEN, "forbidden"),
+            ApiError::Auth(AuthError::InvalidCertificate { .. }) => {
+                (StatusCode::UNAUTHORIZED, "invalid_certificate")
+            }
+            ApiError::Auth(
+                AuthError::WrongDevice { .. }
+                | AuthError::OperatorCannotUpload { .. }
+                | AuthError::NotAnOperator { .. },
+            ) => (StatusCode::FORBIDDEN, "forbidden"),
             ApiError::Auth(AuthError::Store(_)) | ApiError::Store(_) => {
                 (StatusCode::INTERNAL_SERVER_ERROR, "storage_error")
             }
             ApiError::BadPath(_) => (StatusCode::BAD_REQUEST, "bad_path"),
             ApiError::BadBody(_) => (StatusCode::BAD_REQUEST, "bad_body"),
             ApiError::MalformedJson(_) => (StatusCode::BAD_REQUEST, "malformed_json"),
+            ApiError::MalformedBatch(_) => (StatusCode::BAD_REQUEST, "malformed_batch"),
+            ApiError::UnsupportedMediaType { .. } => {
+                (StatusCode::UNSUPPORTED_MEDIA_TYPE, "unsupported_media_type")
+            }
+            ApiError::BadQuery(_) | ApiError::InvalidQuery(_) => {
+                (StatusCode::BAD_REQUEST, "bad_query")
+            }
+            ApiError::UnknownDevice { .. } => (StatusCode::NOT_FOUND, "unknown_device"),
             ApiError::BadCompression(_) => (StatusCode::BAD_REQUEST, "bad_compression"),
             ApiError::InvalidBatch(_) => (StatusCode::BAD_REQUEST, "invalid_batch"),
             ApiError::PayloadTooLarge { .. } => {
@@ -201,17 +251,24 @@ impl IntoResponse for ApiError {
             code: code.to_owned(),
             message: self.client_message(),
         };
+        let accept_post = match &self {
+            ApiError::UnsupportedMediaType { accepted, .. } => Some(*accepted),
+            _ => None,
+        };
         let mut response = (status, Json(body)).into_response();
+        let headers = response.headers_mut();
         match status {
             StatusCode::UNAUTHORIZED => {
-                response
-                    .headers_mut()
-                    .insert(WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+                headers.insert(WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
             }
             StatusCode::UNSUPPORTED_MEDIA_TYPE => {
-                response
-                    .headers_mut()
-                    .insert(ACCEPT_ENCODING, HeaderValue::from_static(ZSTD_ENCODING));
+                headers.insert(ACCEPT_ENCODING, HeaderValue::from_static(ZSTD_ENCODING));
+                if let Some(accepted) = accept_post {
+                    headers.insert(
+                        HeaderName::from_static("accept-post"),
+                        HeaderValue::from_static(accepted),
+                    );
+                }
             }
             _ => {}
         }
@@ -219,18 +276,73 @@ impl IntoResponse for ApiError {
     }
 }
 
-/// The API router with its state, body limit, timeout and JSON fallbacks.
-///
-/// Routes: `POST /v1/devices/{device}/batches`, `GET /v1/devices/{device}/summary`,
-/// `GET /healthz`, `GET /readyz`.
+/// Every route the API serves: method, path template (as in the OpenAPI
+/// document, `{device}` for the path parameter) and handler. [`app`] serves
+/// exactly these.
+fn route_table() -> Vec<(Method, String, MethodRouter<AppState>)> {
+    let device = "{device}";
+    vec![
+        (
+            Method::POST,
+            sync_protocol::batch_path(device),
+            post(upload_batch),
+        ),
+        (
+            Method::POST,
+            sync_protocol::heartbeat_path(device),
+            post(upload_heartbeat),
+        ),
+        (
+            Method::GET,
+            sync_protocol::heartbeat_path(device),
+            get(list_heartbeats),
+        ),
+        (
+            Method::GET,
+            sync_protocol::summary_path(device),
+            get(summary),
+        ),
+        (
+            Method::GET,
+            sync_protocol::readings_path(device),
+            get(list_readings),
+        ),
+        (
+            Method::GET,
+            sync_protocol::predictions_path(device),
+            get(list_predictions),
+        ),
+        (
+            Method::GET,
+            sync_protocol::dead_letters_path(device),
+            get(list_dead_letters),
+        ),
+        (Method::GET, FLEET_PATH.to_owned(), get(fleet)),
+        (Method::GET, OPENAPI_PATH.to_owned(), get(openapi)),
+        (Method::GET, "/healthz".to_owned(), get(healthz)),
+        (Method::GET, "/readyz".to_owned(), get(readyz)),
+    ]
+}
+
+/// The `(method, path template)` of every route [`app`] serves.
+#[must_use]
+pub fn routes() -> Vec<(Method, String)> {
+    route_table()
+        .into_iter()
+        .map(|(method, path, _)| (method, path))
+        .collect()
+}
+
+/// The API router with its state, body limit, timeout and JSON fallbacks;
+/// it serves exactly [`routes`].
 pub fn app(state: AppState) -> Router {
     let max_body_bytes = state.max_body_bytes;
     let timeout = state.request_timeout;
-    Router::new()
-        .route(&sync_protocol::batch_path("{device}"), post(upload_batch))
-        .route(&sync_protocol::summary_path("{device}"), get(summary))
-        .route("/healthz", get(healthz))
-        .route("/readyz", get(readyz))
+    let mut router = Router::new();
+    for (_, path, handler) in route_table() {
+        router = router.route(&path, handler);
+    }
+    router
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(max_body_bytes))
@@ -266,11 +378,105 @@ async fn readyz(State(state): State<AppState>) -> Result<&'static str, ApiError>
     Ok("ready")
 }
 
+async fn openapi() -> Json<serde_json::Value> {
+    Json(crate::openapi::document())
+}
+
+/// Maps a store error of a read: an unknown device is 404 here (an operator
+/// named it), a refused query 400.
+fn read_error(err: StoreError) -> ApiError {
+    match err {
+        StoreError::UnknownDevice { id } => ApiError::UnknownDevice { id },
+        StoreError::InvalidQuery(err) => ApiError::InvalidQuery(err),
+        other => ApiError::from(other),
+    }
+}
+
 async fn summary(
     State(state): State<AppState>,
-    auth: DeviceAuth,
+    auth: ReadAuth,
 ) -> Result<Json<DeviceSummary>, ApiError> {
-    Ok(Json(state.store.summary(&auth.device).await?))
+    let summary = state
+        .store
+        .summary(&auth.device)
+        .await
+        .map_err(read_error)?;
+    Ok(Json(summary))
+}
+
+async fn list_readings(
+    State(state): State<AppState>,
+    auth: ReadAuth,
+    query: Result<Query<ReadQuery>, QueryRejection>,
+) -> Result<Json<ReadingsPage>, ApiError> {
+    let Query(query) = query.map_err(ApiError::BadQuery)?;
+    let page = state.store.readings(&auth.device, &query).await;
+    Ok(Json(page.map_err(read_error)?))
+}
+
+async fn list_predictions(
+    State(state): State<AppState>,
+    auth: ReadAuth,
+    query: Result<Query<ReadQuery>, QueryRejection>,
+) -> Result<Json<PredictionsPage>, ApiError> {
+    let Query(query) = query.map_err(ApiError::BadQuery)?;
+    let page = state.store.predictions(&auth.device, &query).await;
+    Ok(Json(page.map_err(read_error)?))
+}
+
+async fn list_dead_letters(
+    State(state): State<AppState>,
+    auth: ReadAuth,
+    query: Result<Query<ReadQuery>, QueryRejection>,
+) -> Result<Json<DeadLettersPage>, ApiError> {
+    let Query(query) = query.map_err(ApiError::BadQuery)?;
+    let page = state.store.dead_letters(&auth.device, &query).await;
+    Ok(Json(page.map_err(read_error)?))
+}
+
+async fn list_heartbeats(
+    State(state): State<AppState>,
+    auth: ReadAuth,
+    query: Result<Query<ReadQuery>, QueryRejection>,
+) -> Result<Json<HeartbeatsPage>, ApiError> {
+    let Query(query) = query.map_err(ApiError::BadQuery)?;
+    let page = state.store.heartbeats(&auth.device, &query).await;
+    Ok(Json(page.map_err(read_error)?))
+}
+
+async fn fleet(
+    State(state): State<AppState>,
+    _auth: OperatorAuth,
+) -> Result<Json<FleetSummary>, ApiError> {
+    Ok(Json(state.store.fleet().await?))
+}
+
+/// Body formats accepted on uploads (`Content-Type`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum BodyFormat {
+    Json,
+    Compact,
+}
+
+/// The body format named by `Content-Type`; a missing header means JSON
+/// (older agents). `accepted` lists what the endpoint takes, for the 415.
+fn body_format(headers: &HeaderMap, accepted: &'static str) -> Result<BodyFormat, ApiError> {
+    let Some(value) = headers.get(CONTENT_TYPE) else {
+        return Ok(BodyFormat::Json);
+    };
+    let unsupported = || ApiError::UnsupportedMediaType {
+        content_type: String::from_utf8_lossy(value.as_bytes()).into_owned(),
+        accepted,
+    };
+    let text = value.to_str().map_err(|_| unsupported())?;
+    let essence = text.split(';').next().unwrap_or_default().trim();
+    if essence.eq_ignore_ascii_case(JSON_MEDIA_TYPE) {
+        Ok(BodyFormat::Json)
+    } else if essence.eq_ignore_ascii_case(codec::MEDIA_TYPE) && accepted == BATCH_MEDIA_TYPES {
+        Ok(BodyFormat::Compact)
+    } else {
+        Err(unsupported())
+    }
 }
 
 /// Body encodings accepted on uploads.
@@ -333,22 +539,50 @@ fn decompress_zstd(raw: &[u8], cap: usize) -> Result<Vec<u8>, ApiError> {
     Ok(out)
 }
 
-/// Decodes an upload body: decompression (if any), then JSON.
-fn decode_batch(raw: &[u8], encoding: Encoding, cap: usize) -> Result<UploadBatch, ApiError> {
-    let batch = match encoding {
-        Encoding::Identity => serde_json::from_slice(raw),
-        Encoding::Zstd => serde_json::from_slice(&decompress_zstd(raw, cap)?),
+/// Decodes an upload body: decompression (if any), then JSON or the compact codec.
+fn decode_body<T: serde::de::DeserializeOwned>(
+    raw: &[u8],
+    encoding: Encoding,
+    format: BodyFormat,
+    cap: usize,
+    compact: fn(&[u8]) -> Result<T, ApiError>,
+) -> Result<T, ApiError> {
+    let decompressed;
+    let plain = match encoding {
+        Encoding::Identity => raw,
+        Encoding::Zstd => {
+            decompressed = decompress_zstd(raw, cap)?;
+            &decompressed[..]
+        }
     };
-    batch.map_err(ApiError::MalformedJson)
+    match format {
+        BodyFormat::Json => serde_json::from_slice(plain).map_err(ApiError::MalformedJson),
+        BodyFormat::Compact => compact(plain),
+    }
 }
 
-async fn upload_batch(
-    State(state): State<AppState>,
-    auth: DeviceAuth,
+fn decode_compact_batch(plain: &[u8]) -> Result<UploadBatch, ApiError> {
+    codec::decode_batch(plain).map_err(ApiError::MalformedBatch)
+}
+
+/// Bodies other than batches have no compact form ([`body_format`] refuses it).
+fn no_compact_form<T>(_plain: &[u8]) -> Result<T, ApiError> {
+    Err(ApiError::UnsupportedMediaType {
+        content_type: codec::MEDIA_TYPE.to_owned(),
+        accepted: JSON_MEDIA_TYPE,
+    })
+}
+
+/// Reads, decompresses and decodes a request body within the size caps.
+async fn read_body<T: serde::de::DeserializeOwned + Send + 'static>(
+    state: &AppState,
     request: Request,
-) -> Result<Json<UploadAck>, ApiError> {
+    accepted: &'static str,
+    compact: fn(&[u8]) -> Result<T, ApiError>,
+) -> Result<T, ApiError> {
     let encoding = content_encoding(request.headers())?;
-    let raw = Bytes::from_request(request, &state)
+    let format = body_format(request.headers(), accepted)?;
+    let raw = Bytes::from_request(request, state)
         .await
         .map_err(|rejection| {
             if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
@@ -362,22 +596,52 @@ async fn upload_batch(
     let cap = state.max_body_bytes;
     // Design: decompression and parsing of up to `max_body_bytes` is CPU work;
     // keep it off the async workers.
-    let batch = tokio::task::spawn_blocking(move || decode_batch(&raw, encoding, cap))
+    tokio::task::spawn_blocking(move || decode_body(&raw, encoding, format, cap, compact))
         .await
-        .map_err(ApiError::TaskFailed)??;
-    let (readings, predictions) = (batch.readings.len(), batch.predictions.len());
+        .map_err(ApiError::TaskFailed)?
+}
+
+async fn upload_batch(
+    State(state): State<AppState>,
+    auth: DeviceAuth,
+    request: Request,
+) -> Result<Json<UploadAck>, ApiError> {
+    let batch: UploadBatch =
+        read_body(&state, request, BATCH_MEDIA_TYPES, decode_compact_batch).await?;
+    let (readings, predictions, dead_letters) = (
+        batch.readings.len(),
+        batch.predictions.len(),
+        batch.dead_letters.len(),
+    );
     let ack = state.store.store_batch(&auth.device, batch).await?;
     tracing::debug!(
         device = %auth.device,
         readings,
         predictions,
+        dead_letters,
         readings_inserted = ack.readings_inserted,
         readings_duplicate = ack.readings_duplicate,
         predictions_inserted = ack.predictions_inserted,
         predictions_duplicate = ack.predictions_duplicate,
+        dead_letters_inserted = ack.dead_letters_inserted,
+        dead_letters_duplicate = ack.dead_letters_duplicate,
         "stored batch"
     );
     Ok(Json(ack))
+}
+
+async fn upload_heartbeat(
+    State(state): State<AppState>,
+    auth: DeviceAuth,
+    request: Request,
+) -> Result<Json<HeartbeatAck>, ApiError> {
+    let heartbeat: Heartbeat = read_body(&state, request, JSON_MEDIA_TYPE, no_compact_form).await?;
+    let server_ms = state
+        .store
+        .store_heartbeat(&auth.device, &heartbeat)
+        .await?;
+    tracing::debug!(device = %auth.device, agent_version = %heartbeat.agent_version, "stored heartbeat");
+    Ok(Json(HeartbeatAck { server_ms }))
 }
 
 #[cfg(test)]
@@ -425,6 +689,44 @@ mod tests {
         assert!(matches!(
             decompress_zstd(truncated, 10_000),
             Err(ApiError::BadCompression(_))
+        ));
+    }
+
+    #[test]
+    fn content_types() {
+        let format = |value: Option<&'static str>, accepted| {
+            let mut headers = HeaderMap::new();
+            if let Some(value) = value {
+                headers.insert(CONTENT_TYPE, HeaderValue::from_static(value));
+            }
+            body_format(&headers, accepted)
+        };
+        for (value, expected) in [
+            (None, BodyFormat::Json),
+            (Some("application/json"), BodyFormat::Json),
+            (Some("Application/JSON; charset=utf-8"), BodyFormat::Json),
+            (Some("application/vnd.edge-batch.v1"), BodyFormat::Compact),
+        ] {
+            assert_eq!(
+                format(value, BATCH_MEDIA_TYPES).unwrap(),
+                expected,
+                "{value:?}"
+            );
+        }
+        for bad in [
+            "text/plain",
+            "application/cbor",
+            "application/vnd.edge-batch.v2",
+            "",
+        ] {
+            assert!(matches!(
+                format(Some(bad), BATCH_MEDIA_TYPES),
+                Err(ApiError::UnsupportedMediaType { .. })
+            ));
+        }
+        assert!(matches!(
+            format(Some("application/vnd.edge-batch.v1"), JSON_MEDIA_TYPE),
+            Err(ApiError::UnsupportedMediaType { .. })
         ));
     }
 

@@ -9,6 +9,7 @@
 use std::fmt;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
 use serde::Deserialize;
@@ -119,6 +120,18 @@ pub struct Config {
     /// Time allowed for one request, in seconds; also bounds shutdown draining.
     #[serde(default = "default_request_timeout_secs")]
     pub request_timeout_secs: u64,
+    /// PEM certificate chain (leaf first); with `tls_key_file`, the API is
+    /// served over HTTPS only.
+    #[serde(default)]
+    pub tls_cert_file: Option<PathBuf>,
+    /// PEM private key (PKCS#8, PKCS#1 or SEC1) of `tls_cert_file`.
+    #[serde(default)]
+    pub tls_key_file: Option<PathBuf>,
+    /// PEM CA certificate(s); when set, devices may authenticate with a
+    /// client certificate signed by one of them (subject CN = device id)
+    /// instead of a bearer token. Requires `tls_cert_file`.
+    #[serde(default)]
+    pub tls_client_ca_file: Option<PathBuf>,
 }
 
 fn default_listen_addr() -> String {
@@ -150,6 +163,9 @@ impl Default for Config {
             database_max_connections: default_database_max_connections(),
             max_body_bytes: default_max_body_bytes(),
             request_timeout_secs: default_request_timeout_secs(),
+            tls_cert_file: None,
+            tls_key_file: None,
+            tls_client_ca_file: None,
         }
     }
 }
@@ -258,6 +274,48 @@ impl Config {
             );
         }
 
+        let tls = match (&self.tls_cert_file, &self.tls_key_file) {
+            (None, None) => {
+                if self.tls_client_ca_file.is_some() {
+                    problem(
+                        "tls_client_ca_file",
+                        "requires tls_cert_file and tls_key_file (client certificates need HTTPS)"
+                            .to_owned(),
+                    );
+                }
+                None
+            }
+            (Some(_), None) => {
+                problem(
+                    "tls_key_file",
+                    "must be set together with tls_cert_file".to_owned(),
+                );
+                None
+            }
+            (None, Some(_)) => {
+                problem(
+                    "tls_cert_file",
+                    "must be set together with tls_key_file".to_owned(),
+                );
+                None
+            }
+            (Some(cert_file), Some(key_file)) => {
+                let client_ca_file = self.tls_client_ca_file.as_deref();
+                match crate::tls::server_config(cert_file, key_file, client_ca_file) {
+                    Ok(config) => Some(TlsSettings {
+                        cert_file: cert_file.clone(),
+                        key_file: key_file.clone(),
+                        client_ca_file: client_ca_file.map(Path::to_owned),
+                        server_config: ServerConfigHandle(config),
+                    }),
+                    Err(err) => {
+                        problem(err.key(), format!("{:#}", anyhow::Error::from(err)));
+                        None
+                    }
+                }
+            }
+        };
+
         match (listen_addr, max_connections, max_body_bytes) {
             (Some(listen_addr), Some(max_connections), Some(max_body_bytes))
                 if problems.is_empty() =>
@@ -276,6 +334,7 @@ impl Config {
                     storage,
                     max_body_bytes,
                     request_timeout: Duration::from_secs(self.request_timeout_secs),
+                    tls,
                 })
             }
             _ => Err(ConfigError::Invalid { problems }),
@@ -327,6 +386,42 @@ pub struct Settings {
     pub max_body_bytes: usize,
     /// Time allowed for one request.
     pub request_timeout: Duration,
+    /// HTTPS, when `tls_cert_file` and `tls_key_file` are set.
+    pub tls: Option<TlsSettings>,
+}
+
+/// HTTPS settings, loaded and checked by [`Config::validate`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TlsSettings {
+    /// `tls_cert_file`.
+    pub cert_file: PathBuf,
+    /// `tls_key_file`.
+    pub key_file: PathBuf,
+    /// `tls_client_ca_file`: client certificates are accepted when set.
+    pub client_ca_file: Option<PathBuf>,
+    /// The rustls configuration built from those files.
+    pub server_config: ServerConfigHandle,
+}
+
+/// A shared rustls server configuration; equal only to itself (clones of
+/// the same handle).
+#[derive(Clone)]
+pub struct ServerConfigHandle(pub Arc<rustls::ServerConfig>);
+
+impl PartialEq for ServerConfigHandle {
+    fn eq(&self, other: &Self) -> bool {
+        Arc::ptr_eq(&self.0, &other.0)
+    }
+}
+
+impl Eq for ServerConfigHandle {}
+
+impl fmt::Debug for ServerConfigHandle {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ServerConfigHandle")
+            .field("alpn_protocols", &self.0.alpn_protocols)
+            .finish_non_exhaustive()
+    }
 }
 
 /// Which database the server stores into.
@@ -407,6 +502,7 @@ impl Settings {
             storage: StorageSettings::Sqlite { path: path.into() },
             max_body_bytes: usize::try_from(DEFAULT_MAX_BODY_BYTES).unwrap_or(usize::MAX),
             request_timeout: Duration::from_secs(DEFAULT_REQUEST_TIMEOUT_SECS),
+            tls: None,
         }
     }
 }
@@ -522,6 +618,9 @@ mod tests {
             database_max_connections: 0,
             max_body_bytes: 0,
             request_timeout_secs: 0,
+            tls_cert_file: Some("cert.pem".into()),
+            tls_key_file: None,
+            tls_client_ca_file: None,
         };
         let Err(ConfigError::Invalid { problems }) = config.validate() else {
             panic!("expected invalid config");
@@ -535,7 +634,8 @@ mod tests {
                 "database_url",
                 "database_max_connections",
                 "max_body_bytes",
-                "request_timeout_secs"
+                "request_timeout_secs",
+                "tls_key_file"
             ]
         );
         let text = ConfigError::Invalid { problems }.to_string();

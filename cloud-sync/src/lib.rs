@@ -10,8 +10,14 @@
 //!   instances may share one database). Either way a batch is stored in one
 //!   transaction, deduplicated on `(device, source, stream, seq)` /
 //!   `(device, model, seq)` by the database's primary keys.
-//! - [`auth`]: bearer-token authentication and per-device authorization.
-//! - [`api`]: the axum router ([`app`]), request decoding and error responses.
+//!   Also dead letters (exactly once on `(device, seq)`), heartbeats (a time
+//!   series), operators, and keyset-paginated reads.
+//! - [`auth`]: who a request comes from (device or operator token, device
+//!   client certificate) and what it may do.
+//! - [`api`]: the axum router ([`app`]), request decoding (JSON or the
+//!   compact codec, optionally zstd) and error responses.
+//! - [`openapi`]: the OpenAPI 3.1 document served at `/openapi.json`.
+//! - [`tls`]: HTTPS with rustls, client certificates, the TLS accept loop.
 //! - this file: [`start`] / [`Server`] for in-process use (tests, demos) and
 //!   [`serve`] for the binary.
 //!
@@ -20,7 +26,9 @@
 pub mod api;
 pub mod auth;
 pub mod config;
+pub mod openapi;
 pub mod store;
+pub mod tls;
 
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -29,7 +37,7 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 pub use api::{ApiError, AppState, app};
-pub use config::{Config, ConfigError, PostgresSettings, Settings, StorageSettings};
+pub use config::{Config, ConfigError, PostgresSettings, Settings, StorageSettings, TlsSettings};
 pub use store::{Store, StoreError};
 pub use sync_protocol;
 
@@ -92,13 +100,32 @@ pub async fn start(settings: Settings, shutdown: CancellationToken) -> Result<Se
         })?;
     let addr = listener.local_addr().map_err(ServeError::LocalAddr)?;
     let router = app(AppState::new(store.clone(), &settings));
-    let signal = shutdown.clone().cancelled_owned();
-    let task = tokio::spawn(async move {
-        axum::serve(listener, router)
-            .with_graceful_shutdown(signal)
-            .await
-    });
-    tracing::info!(%addr, database = %settings.storage, "cloud-sync listening");
+    let task = match &settings.tls {
+        None => {
+            let signal = shutdown.clone().cancelled_owned();
+            tokio::spawn(async move {
+                axum::serve(listener, router)
+                    .with_graceful_shutdown(signal)
+                    .await
+            })
+        }
+        Some(tls) => tokio::spawn(tls::serve(
+            listener,
+            router,
+            tls.server_config.0.clone(),
+            shutdown.clone(),
+        )),
+    };
+    let scheme = if settings.tls.is_some() {
+        "https"
+    } else {
+        "http"
+    };
+    let client_certificates = settings
+        .tls
+        .as_ref()
+        .is_some_and(|tls| tls.client_ca_file.is_some());
+    tracing::info!(%addr, scheme, client_certificates, database = %settings.storage, "cloud-sync listening");
     Ok(Server {
         addr,
         store,

@@ -45,6 +45,31 @@ enum Command {
         #[command(subcommand)]
         command: DevicesCommand,
     },
+    /// Manage operators (read every device and the fleet summary; never upload).
+    Operators {
+        #[command(subcommand)]
+        command: OperatorsCommand,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum OperatorsCommand {
+    /// Register an operator and print its bearer token (shown only once).
+    Add {
+        /// Operator name: 1 to 128 characters from [A-Za-z0-9._-].
+        name: String,
+        /// Config file (TOML) naming the database.
+        #[arg(long, value_name = "FILE")]
+        config: PathBuf,
+    },
+    /// Revoke an operator's token.
+    Revoke {
+        /// Operator name.
+        name: String,
+        /// Config file (TOML) naming the database.
+        #[arg(long, value_name = "FILE")]
+        config: PathBuf,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -88,6 +113,12 @@ fn main() -> ExitCode {
         Command::Devices {
             command: DevicesCommand::Revoke { id, config },
         } => with_settings(&config, |settings| run(revoke_device(settings, id))),
+        Command::Operators {
+            command: OperatorsCommand::Add { name, config },
+        } => with_settings(&config, |settings| run(add_operator(settings, name))),
+        Command::Operators {
+            command: OperatorsCommand::Revoke { name, config },
+        } => with_settings(&config, |settings| run(revoke_operator(settings, name))),
     }
 }
 
@@ -205,6 +236,33 @@ async fn revoke_device(settings: Settings, id: String) -> anyhow::Result<()> {
     revoked?;
     closed?;
     eprintln!("cloud-sync: device {id:?} revoked");
+    Ok(())
+}
+
+async fn add_operator(settings: Settings, name: String) -> anyhow::Result<()> {
+    let store = open_store(&settings).await?;
+    let added = store
+        .add_operator(&name)
+        .await
+        .with_context(|| format!("cannot add operator {name:?}"));
+    let closed = store.close().await.context("cannot close database");
+    let token = added?;
+    println!("{token}");
+    eprintln!("cloud-sync: operator {name:?} added; the token above is shown only once");
+    closed?;
+    Ok(())
+}
+
+async fn revoke_operator(settings: Settings, name: String) -> anyhow::Result<()> {
+    let store = open_store(&settings).await?;
+    let revoked = store
+        .revoke_operator(&name)
+        .await
+        .with_context(|| format!("cannot revoke operator {name:?}"));
+    let closed = store.close().await.context("cannot close database");
+    revoked?;
+    closed?;
+    eprintln!("cloud-sync: operator {name:?} revoked");
     Ok(())
 }
 

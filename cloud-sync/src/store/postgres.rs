@@ -18,12 +18,19 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
-use sync_protocol::{DeviceSummary, StreamSummary, UploadBatch};
+use sync_protocol::{
+    DeadLetterRecord, DeviceSummary, FleetDevice, Prediction, Reading, StoredDeadLetter,
+    StoredHeartbeat, StoredPrediction, StoredReading, StreamSummary, UploadBatch,
+};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_postgres::error::SqlState;
 use tokio_postgres::{Client, IsolationLevel, NoTls, Row, Statement};
 
-use super::{BatchError, InsertCounts, Result, StoreError, now_ms, reading_key};
+use super::query::{PredictionsQuery, ReadingsQuery, SeriesQuery};
+use super::{
+    BatchError, FLEET_SQL, FleetRow, InsertCounts, Principal, Result, StoreError, now_ms,
+    parse_heartbeat, parse_values, reading_key, time_bounds,
+};
 use crate::config::PostgresSettings;
 
 /// Connect timeout used when `database_url` sets none.
@@ -75,6 +82,40 @@ const MIGRATIONS: &[&str] = &[
         stored_ms        BIGINT NOT NULL,
         PRIMARY KEY (device, model, seq)
     );",
+    // 2: dead letters, heartbeats, operators; time-ordered read indexes
+    // (strings in byte order, as the reads sort them).
+    "CREATE TABLE dead_letters (
+        device      TEXT NOT NULL REFERENCES devices (id),
+        seq         BIGINT NOT NULL,
+        topic       TEXT NOT NULL,
+        reason      TEXT NOT NULL,
+        detail      TEXT NOT NULL,
+        payload_b64 TEXT NOT NULL,
+        payload_len BIGINT NOT NULL,
+        recv_ts_ms  BIGINT NOT NULL,
+        stored_ms   BIGINT NOT NULL,
+        PRIMARY KEY (device, seq)
+    );
+    CREATE INDEX dead_letters_by_time ON dead_letters (device, recv_ts_ms, seq);
+    CREATE TABLE heartbeats (
+        id          BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+        device      TEXT NOT NULL REFERENCES devices (id),
+        received_ms BIGINT NOT NULL,
+        sent_ms     BIGINT NOT NULL,
+        body_json   JSONB NOT NULL
+    );
+    CREATE INDEX heartbeats_by_time ON heartbeats (device, received_ms, id);
+    CREATE TABLE operators (
+        name         TEXT PRIMARY KEY,
+        token_sha256 TEXT NOT NULL,
+        created_ms   BIGINT NOT NULL,
+        revoked      BOOLEAN NOT NULL DEFAULT FALSE
+    );
+    CREATE UNIQUE INDEX operators_token_sha256 ON operators (token_sha256);
+    CREATE INDEX readings_by_time
+        ON readings (device, recv_ts_ms, source COLLATE \"C\", stream COLLATE \"C\", seq);
+    CREATE INDEX predictions_by_time
+        ON predictions (device, created_ms, model COLLATE \"C\", seq);",
 ];
 
 /// Serialises migrations per schema: the key is derived from the schema the
@@ -86,7 +127,52 @@ const MIGRATION_LOCK: &str = "SELECT pg_advisory_xact_lock(
 const ADD_DEVICE: &str = "INSERT INTO devices (id, token_sha256, created_ms) VALUES ($1, $2, $3)
      ON CONFLICT (id) DO NOTHING";
 const REVOKE_DEVICE: &str = "UPDATE devices SET revoked = TRUE WHERE id = $1";
-const AUTHENTICATE: &str = "SELECT id FROM devices WHERE token_sha256 = $1 AND NOT revoked";
+const AUTHENTICATE: &str = "SELECT FALSE, id FROM devices WHERE token_sha256 = $1 AND NOT revoked
+     UNION ALL
+     SELECT TRUE, name FROM operators WHERE token_sha256 = $1 AND NOT revoked
+     LIMIT 1";
+const DEVICE_REVOKED: &str = "SELECT revoked FROM devices WHERE id = $1";
+const ADD_OPERATOR: &str = "INSERT INTO operators (name, token_sha256, created_ms)
+     VALUES ($1, $2, $3) ON CONFLICT (name) DO NOTHING";
+const REVOKE_OPERATOR: &str = "UPDATE operators SET revoked = TRUE WHERE name = $1";
+const INSERT_HEARTBEAT: &str = "INSERT INTO heartbeats (device, received_ms, sent_ms, body_json)
+     VALUES ($1, $2, $3, $4::text::jsonb)";
+const INSERT_DEAD_LETTERS: &str = "INSERT INTO dead_letters
+       (device, seq, topic, reason, detail, payload_b64, payload_len, recv_ts_ms, stored_ms)
+     SELECT $1, d.seq, d.topic, d.reason, d.detail, d.payload_b64, d.payload_len, d.recv_ts_ms, $2
+     FROM UNNEST($3::int8[], $4::text[], $5::text[], $6::text[], $7::text[], $8::int8[],
+                 $9::int8[])
+          WITH ORDINALITY
+          AS d (seq, topic, reason, detail, payload_b64, payload_len, recv_ts_ms, ord)
+     ORDER BY d.seq, d.ord
+     ON CONFLICT DO NOTHING";
+const SELECT_READINGS: &str = "SELECT source, stream, seq, device_ts_ms, recv_ts_ms, clock_ok,
+            values_json::text, stored_ms
+     FROM readings
+     WHERE device = $1 AND recv_ts_ms BETWEEN $2 AND $3
+       AND (recv_ts_ms, source COLLATE \"C\", stream COLLATE \"C\", seq) > ($4, $5, $6, $7)
+       AND ($8::text IS NULL OR source = $8) AND ($9::text IS NULL OR stream = $9)
+     ORDER BY recv_ts_ms, source COLLATE \"C\", stream COLLATE \"C\", seq
+     LIMIT $10";
+const SELECT_PREDICTIONS: &str = "SELECT model, seq, model_version, model_sha256, source, stream,
+            window_end_seq, window_end_ts_ms, score, threshold, is_anomaly, created_ms, stored_ms
+     FROM predictions
+     WHERE device = $1 AND created_ms BETWEEN $2 AND $3
+       AND (created_ms, model COLLATE \"C\", seq) > ($4, $5, $6)
+       AND ($7::text IS NULL OR model = $7) AND ($8::text IS NULL OR source = $8)
+       AND ($9::text IS NULL OR stream = $9)
+     ORDER BY created_ms, model COLLATE \"C\", seq
+     LIMIT $10";
+const SELECT_DEAD_LETTERS: &str = "SELECT seq, topic, reason, detail, payload_b64, payload_len,
+            recv_ts_ms, stored_ms
+     FROM dead_letters
+     WHERE device = $1 AND recv_ts_ms BETWEEN $2 AND $3 AND (recv_ts_ms, seq) > ($4, $5)
+     ORDER BY recv_ts_ms, seq
+     LIMIT $6";
+const SELECT_HEARTBEATS: &str = "SELECT id, received_ms, body_json::text FROM heartbeats
+     WHERE device = $1 AND received_ms BETWEEN $2 AND $3 AND (received_ms, id) > ($4, $5)
+     ORDER BY received_ms, id
+     LIMIT $6";
 // Design: `FOR SHARE` makes a concurrent revocation wait for batches already
 // past this check (and later batches see it), as SQLite's write lock does.
 const CHECK_DEVICE: &str = "SELECT revoked FROM devices WHERE id = $1 FOR SHARE";
@@ -281,9 +367,94 @@ impl PgStore {
         result
     }
 
-    pub(super) async fn authenticate(&self, token_sha256: String) -> Result<Option<String>> {
+    pub(super) async fn authenticate(&self, token_sha256: String) -> Result<Option<Principal>> {
         let mut leased = self.pool.get().await?;
         let result = authenticate(&mut leased.conn, &token_sha256).await;
+        self.pool.put(leased, &result);
+        result
+    }
+
+    pub(super) async fn device_is_active(&self, id: &str) -> Result<bool> {
+        let mut leased = self.pool.get().await?;
+        let result = device_is_active(&mut leased.conn, id).await;
+        self.pool.put(leased, &result);
+        result
+    }
+
+    pub(super) async fn add_operator(&self, name: &str, token_sha256: String) -> Result<()> {
+        let mut leased = self.pool.get().await?;
+        let result = add_operator(&mut leased.conn, name, &token_sha256).await;
+        self.pool.put(leased, &result);
+        result
+    }
+
+    pub(super) async fn revoke_operator(&self, name: &str) -> Result<()> {
+        let mut leased = self.pool.get().await?;
+        let result = revoke_operator(&mut leased.conn, name).await;
+        self.pool.put(leased, &result);
+        result
+    }
+
+    pub(super) async fn store_heartbeat(
+        &self,
+        device: &str,
+        received_ms: i64,
+        sent_ms: i64,
+        body: String,
+    ) -> Result<()> {
+        let mut leased = self.pool.get().await?;
+        let result = store_heartbeat(&mut leased.conn, device, received_ms, sent_ms, &body).await;
+        self.pool.put(leased, &result);
+        result
+    }
+
+    pub(super) async fn readings(
+        &self,
+        device: &str,
+        query: &ReadingsQuery,
+    ) -> Result<Vec<StoredReading>> {
+        let mut leased = self.pool.get().await?;
+        let result = readings(&mut leased.conn, device, query).await;
+        self.pool.put(leased, &result);
+        result
+    }
+
+    pub(super) async fn predictions(
+        &self,
+        device: &str,
+        query: &PredictionsQuery,
+    ) -> Result<Vec<StoredPrediction>> {
+        let mut leased = self.pool.get().await?;
+        let result = predictions(&mut leased.conn, device, query).await;
+        self.pool.put(leased, &result);
+        result
+    }
+
+    pub(super) async fn dead_letters(
+        &self,
+        device: &str,
+        query: &SeriesQuery,
+    ) -> Result<Vec<StoredDeadLetter>> {
+        let mut leased = self.pool.get().await?;
+        let result = dead_letters(&mut leased.conn, device, query).await;
+        self.pool.put(leased, &result);
+        result
+    }
+
+    pub(super) async fn heartbeats(
+        &self,
+        device: &str,
+        query: &SeriesQuery,
+    ) -> Result<Vec<(i64, StoredHeartbeat)>> {
+        let mut leased = self.pool.get().await?;
+        let result = heartbeats(&mut leased.conn, device, query).await;
+        self.pool.put(leased, &result);
+        result
+    }
+
+    pub(super) async fn fleet(&self) -> Result<Vec<FleetDevice>> {
+        let mut leased = self.pool.get().await?;
+        let result = fleet(&mut leased.conn).await;
         self.pool.put(leased, &result);
         result
     }
@@ -407,10 +578,303 @@ async fn revoke_device(conn: &mut Conn, id: &str) -> Result<()> {
     Ok(())
 }
 
-async fn authenticate(conn: &mut Conn, token_sha256: &str) -> Result<Option<String>> {
+async fn authenticate(conn: &mut Conn, token_sha256: &str) -> Result<Option<Principal>> {
     let statement = conn.prepare(AUTHENTICATE).await?;
-    let row = conn.client.query_opt(&statement, &[&token_sha256]).await?;
-    Ok(row.map(|row| row.try_get(0)).transpose()?)
+    let Some(row) = conn.client.query_opt(&statement, &[&token_sha256]).await? else {
+        return Ok(None);
+    };
+    let operator: bool = row.try_get(0)?;
+    let id: String = row.try_get(1)?;
+    Ok(Some(if operator {
+        Principal::Operator(id)
+    } else {
+        Principal::Device(id)
+    }))
+}
+
+async fn device_is_active(conn: &mut Conn, id: &str) -> Result<bool> {
+    let statement = conn.prepare(DEVICE_REVOKED).await?;
+    let revoked: Option<bool> = conn
+        .client
+        .query_opt(&statement, &[&id])
+        .await?
+        .map(|row| row.try_get(0))
+        .transpose()?;
+    Ok(revoked == Some(false))
+}
+
+async fn add_operator(conn: &mut Conn, name: &str, token_sha256: &str) -> Result<()> {
+    let statement = conn.prepare(ADD_OPERATOR).await?;
+    let inserted = conn
+        .client
+        .execute(&statement, &[&name, &token_sha256, &now_ms()])
+        .await?;
+    if inserted == 0 {
+        return Err(StoreError::OperatorExists {
+            name: name.to_owned(),
+        });
+    }
+    Ok(())
+}
+
+async fn revoke_operator(conn: &mut Conn, name: &str) -> Result<()> {
+    let statement = conn.prepare(REVOKE_OPERATOR).await?;
+    if conn.client.execute(&statement, &[&name]).await? == 0 {
+        return Err(StoreError::UnknownOperator {
+            name: name.to_owned(),
+        });
+    }
+    Ok(())
+}
+
+/// Checks, inside `tx`, that `device` exists and is not revoked; the row
+/// stays share-locked until the transaction ends (see [`CHECK_DEVICE`]).
+async fn check_device(
+    tx: &tokio_postgres::Transaction<'_>,
+    statement: &Statement,
+    device: &str,
+) -> Result<()> {
+    let revoked: Option<bool> = tx
+        .query_opt(statement, &[&device])
+        .await?
+        .map(|row| row.try_get(0))
+        .transpose()?;
+    match revoked {
+        None => Err(StoreError::UnknownDevice {
+            id: device.to_owned(),
+        }),
+        Some(true) => Err(StoreError::DeviceRevoked {
+            id: device.to_owned(),
+        }),
+        Some(false) => Ok(()),
+    }
+}
+
+async fn store_heartbeat(
+    conn: &mut Conn,
+    device: &str,
+    received_ms: i64,
+    sent_ms: i64,
+    body: &str,
+) -> Result<()> {
+    let check = conn.prepare(CHECK_DEVICE).await?;
+    let insert = conn.prepare(INSERT_HEARTBEAT).await?;
+    let tx = conn.client.transaction().await?;
+    check_device(&tx, &check, device).await?;
+    tx.execute(&insert, &[&device, &received_ms, &sent_ms, &body])
+        .await?;
+    tx.commit().await?;
+    Ok(())
+}
+
+/// A read-only snapshot transaction in which `device` is known to exist.
+async fn read_tx<'a>(conn: &'a mut Conn, device: &str) -> Result<tokio_postgres::Transaction<'a>> {
+    let exists = conn.prepare(DEVICE_EXISTS).await?;
+    let tx = conn
+        .client
+        .build_transaction()
+        .isolation_level(IsolationLevel::RepeatableRead)
+        .read_only(true)
+        .start()
+        .await?;
+    let known: bool = tx.query_one(&exists, &[&device]).await?.try_get(0)?;
+    if !known {
+        return Err(StoreError::UnknownDevice {
+            id: device.to_owned(),
+        });
+    }
+    Ok(tx)
+}
+
+async fn readings(conn: &mut Conn, device: &str, q: &ReadingsQuery) -> Result<Vec<StoredReading>> {
+    let select = conn.prepare(SELECT_READINGS).await?;
+    let (from, to) = time_bounds(&q.window);
+    let (at, source, stream, seq) =
+        q.after
+            .clone()
+            .unwrap_or((i64::MIN, String::new(), String::new(), i64::MIN));
+    let tx = read_tx(conn, device).await?;
+    let rows = tx
+        .query(
+            &select,
+            &[
+                &device,
+                &from,
+                &to,
+                &at,
+                &source,
+                &stream,
+                &seq,
+                &q.source,
+                &q.stream,
+                &q.window.fetch(),
+            ],
+        )
+        .await?;
+    tx.commit().await?;
+    rows.iter()
+        .map(|row| {
+            let values: String = row.try_get(6)?;
+            Ok(StoredReading {
+                reading: Reading {
+                    source: row.try_get(0)?,
+                    stream: row.try_get(1)?,
+                    seq: get_u64(row, 2, "readings.seq")?,
+                    device_ts_ms: row.try_get(3)?,
+                    recv_ts_ms: row.try_get(4)?,
+                    clock_ok: row.try_get(5)?,
+                    values: parse_values(&values)?,
+                },
+                stored_ms: row.try_get(7)?,
+            })
+        })
+        .collect()
+}
+
+async fn predictions(
+    conn: &mut Conn,
+    device: &str,
+    q: &PredictionsQuery,
+) -> Result<Vec<StoredPrediction>> {
+    let select = conn.prepare(SELECT_PREDICTIONS).await?;
+    let (from, to) = time_bounds(&q.window);
+    let (at, model, seq) = q
+        .after
+        .clone()
+        .unwrap_or((i64::MIN, String::new(), i64::MIN));
+    let tx = read_tx(conn, device).await?;
+    let rows = tx
+        .query(
+            &select,
+            &[
+                &device,
+                &from,
+                &to,
+                &at,
+                &model,
+                &seq,
+                &q.model,
+                &q.source,
+                &q.stream,
+                &q.window.fetch(),
+            ],
+        )
+        .await?;
+    tx.commit().await?;
+    rows.iter()
+        .map(|row| {
+            Ok(StoredPrediction {
+                prediction: Prediction {
+                    model: row.try_get(0)?,
+                    seq: get_u64(row, 1, "predictions.seq")?,
+                    model_version: row.try_get(2)?,
+                    model_sha256: row.try_get(3)?,
+                    source: row.try_get(4)?,
+                    stream: row.try_get(5)?,
+                    window_end_seq: get_u64(row, 6, "predictions.window_end_seq")?,
+                    window_end_ts_ms: row.try_get(7)?,
+                    score: row.try_get(8)?,
+                    threshold: row.try_get(9)?,
+                    is_anomaly: row.try_get(10)?,
+                    created_ms: row.try_get(11)?,
+                },
+                stored_ms: row.try_get(12)?,
+            })
+        })
+        .collect()
+}
+
+async fn dead_letters(
+    conn: &mut Conn,
+    device: &str,
+    q: &SeriesQuery,
+) -> Result<Vec<StoredDeadLetter>> {
+    let select = conn.prepare(SELECT_DEAD_LETTERS).await?;
+    let (from, to) = time_bounds(&q.window);
+    let (at, seq) = q.after.unwrap_or((i64::MIN, i64::MIN));
+    let tx = read_tx(conn, device).await?;
+    let rows = tx
+        .query(
+            &select,
+            &[&device, &from, &to, &at, &seq, &q.window.fetch()],
+        )
+        .await?;
+    tx.commit().await?;
+    rows.iter()
+        .map(|row| {
+            Ok(StoredDeadLetter {
+                dead_letter: DeadLetterRecord {
+                    seq: get_u64(row, 0, "dead_letters.seq")?,
+                    topic: row.try_get(1)?,
+                    reason: row.try_get(2)?,
+                    detail: row.try_get(3)?,
+                    payload_b64: row.try_get(4)?,
+                    payload_len: get_u64(row, 5, "dead_letters.payload_len")?,
+                    recv_ts_ms: row.try_get(6)?,
+                },
+                stored_ms: row.try_get(7)?,
+            })
+        })
+        .collect()
+}
+
+async fn heartbeats(
+    conn: &mut Conn,
+    device: &str,
+    q: &SeriesQuery,
+) -> Result<Vec<(i64, StoredHeartbeat)>> {
+    let select = conn.prepare(SELECT_HEARTBEATS).await?;
+    let (from, to) = time_bounds(&q.window);
+    let (at, id) = q.after.unwrap_or((i64::MIN, i64::MIN));
+    let tx = read_tx(conn, device).await?;
+    let rows = tx
+        .query(&select, &[&device, &from, &to, &at, &id, &q.window.fetch()])
+        .await?;
+    tx.commit().await?;
+    rows.iter()
+        .map(|row| {
+            let body: String = row.try_get(2)?;
+            Ok((
+                row.try_get(0)?,
+                StoredHeartbeat {
+                    received_ms: row.try_get(1)?,
+                    heartbeat: parse_heartbeat(&body)?,
+                },
+            ))
+        })
+        .collect()
+}
+
+async fn fleet(conn: &mut Conn) -> Result<Vec<FleetDevice>> {
+    let select = conn.prepare(FLEET_SQL).await?;
+    let tx = conn
+        .client
+        .build_transaction()
+        .isolation_level(IsolationLevel::RepeatableRead)
+        .read_only(true)
+        .start()
+        .await?;
+    let rows = tx.query(&select, &[]).await?;
+    tx.commit().await?;
+    rows.iter()
+        .map(|row| {
+            FleetRow {
+                device: row.try_get(0)?,
+                revoked: row.try_get(1)?,
+                created_ms: row.try_get(2)?,
+                readings: row.try_get(3)?,
+                readings_last_ms: row.try_get(4)?,
+                predictions: row.try_get(5)?,
+                predictions_last_ms: row.try_get(6)?,
+                dead_letters: row.try_get(7)?,
+                dead_letters_last_ms: row.try_get(8)?,
+                heartbeats: row.try_get(9)?,
+                last_heartbeat_ms: row.try_get(10)?,
+                last_heartbeat_json: row.try_get(11)?,
+            }
+            .into_device()
+        })
+        .collect()
 }
 
 /// A batch as one array per column, the parameters of the `UNNEST` inserts.
@@ -435,6 +899,13 @@ struct BatchColumns<'a> {
     p_threshold: Vec<f64>,
     p_is_anomaly: Vec<bool>,
     p_created_ms: Vec<i64>,
+    d_seq: Vec<i64>,
+    d_topic: Vec<&'a str>,
+    d_reason: Vec<&'a str>,
+    d_detail: Vec<&'a str>,
+    d_payload_b64: Vec<&'a str>,
+    d_payload_len: Vec<i64>,
+    d_recv_ts_ms: Vec<i64>,
 }
 
 /// A validated sequence number as PostgreSQL's `BIGINT`.
@@ -453,6 +924,7 @@ impl<'a> BatchColumns<'a> {
     fn new(batch: &'a UploadBatch) -> Result<Self> {
         let readings = &batch.readings;
         let predictions = &batch.predictions;
+        let dead_letters = &batch.dead_letters;
         let mut columns = BatchColumns {
             stored_ms: now_ms(),
             r_source: Vec::with_capacity(readings.len()),
@@ -474,6 +946,13 @@ impl<'a> BatchColumns<'a> {
             p_threshold: Vec::with_capacity(predictions.len()),
             p_is_anomaly: Vec::with_capacity(predictions.len()),
             p_created_ms: Vec::with_capacity(predictions.len()),
+            d_seq: Vec::with_capacity(dead_letters.len()),
+            d_topic: Vec::with_capacity(dead_letters.len()),
+            d_reason: Vec::with_capacity(dead_letters.len()),
+            d_detail: Vec::with_capacity(dead_letters.len()),
+            d_payload_b64: Vec::with_capacity(dead_letters.len()),
+            d_payload_len: Vec::with_capacity(dead_letters.len()),
+            d_recv_ts_ms: Vec::with_capacity(dead_letters.len()),
         };
         for (index, r) in readings.iter().enumerate() {
             columns.r_source.push(&r.source);
@@ -507,6 +986,22 @@ impl<'a> BatchColumns<'a> {
             columns.p_is_anomaly.push(p.is_anomaly);
             columns.p_created_ms.push(p.created_ms);
         }
+        for (index, d) in dead_letters.iter().enumerate() {
+            columns
+                .d_seq
+                .push(pg_seq("dead_letters", index, "seq", d.seq)?);
+            columns.d_topic.push(&d.topic);
+            columns.d_reason.push(&d.reason);
+            columns.d_detail.push(&d.detail);
+            columns.d_payload_b64.push(&d.payload_b64);
+            columns.d_payload_len.push(pg_seq(
+                "dead_letters",
+                index,
+                "payload_len",
+                d.payload_len,
+            )?);
+            columns.d_recv_ts_ms.push(d.recv_ts_ms);
+        }
         Ok(columns)
     }
 }
@@ -529,33 +1024,17 @@ async fn store_batch(
     device: &str,
     columns: &BatchColumns<'_>,
 ) -> Result<InsertCounts> {
-    let check_device = conn.prepare(CHECK_DEVICE).await?;
+    let check = conn.prepare(CHECK_DEVICE).await?;
     let insert_readings = conn.prepare(INSERT_READINGS).await?;
     let insert_predictions = conn.prepare(INSERT_PREDICTIONS).await?;
+    let insert_dead_letters = conn.prepare(INSERT_DEAD_LETTERS).await?;
     let tx = conn
         .client
         .build_transaction()
         .isolation_level(IsolationLevel::ReadCommitted)
         .start()
         .await?;
-    let revoked: Option<bool> = tx
-        .query_opt(&check_device, &[&device])
-        .await?
-        .map(|row| row.try_get(0))
-        .transpose()?;
-    match revoked {
-        None => {
-            return Err(StoreError::UnknownDevice {
-                id: device.to_owned(),
-            });
-        }
-        Some(true) => {
-            return Err(StoreError::DeviceRevoked {
-                id: device.to_owned(),
-            });
-        }
-        Some(false) => {}
-    }
+    check_device(&tx, &check, device).await?;
     let c = columns;
     let mut counts = InsertCounts::default();
     if !c.r_seq.is_empty() {
@@ -602,6 +1081,26 @@ async fn store_batch(
             .await?;
         counts.predictions_inserted = inserted;
         counts.predictions_duplicate = len_u64(&c.p_seq).saturating_sub(inserted);
+    }
+    if !c.d_seq.is_empty() {
+        let inserted = tx
+            .execute(
+                &insert_dead_letters,
+                &[
+                    &device,
+                    &c.stored_ms,
+                    &c.d_seq,
+                    &c.d_topic,
+                    &c.d_reason,
+                    &c.d_detail,
+                    &c.d_payload_b64,
+                    &c.d_payload_len,
+                    &c.d_recv_ts_ms,
+                ],
+            )
+            .await?;
+        counts.dead_letters_inserted = inserted;
+        counts.dead_letters_duplicate = len_u64(&c.d_seq).saturating_sub(inserted);
     }
     tx.commit().await?;
     Ok(counts)

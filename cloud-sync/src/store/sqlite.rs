@@ -9,10 +9,17 @@
 use std::path::Path;
 
 use rusqlite::{Connection, OptionalExtension, TransactionBehavior, params};
-use sync_protocol::{DeviceSummary, StreamSummary, UploadBatch};
+use sync_protocol::{
+    DeadLetterRecord, DeviceSummary, FleetDevice, Prediction, Reading, StoredDeadLetter,
+    StoredHeartbeat, StoredPrediction, StoredReading, StreamSummary, UploadBatch,
+};
 use tokio::sync::{mpsc, oneshot};
 
-use super::{InsertCounts, Result, StoreError, now_ms, validate_batch};
+use super::query::{PredictionsQuery, ReadingsQuery, SeriesQuery};
+use super::{
+    FLEET_SQL, FleetRow, InsertCounts, Principal, Result, StoreError, now_ms, parse_heartbeat,
+    parse_values, stored_u64, time_bounds, validate_batch,
+};
 
 /// Capacity of the command queue in front of the worker thread.
 // Design: small on purpose; callers wait (backpressure) rather than queueing
@@ -62,6 +69,37 @@ const MIGRATIONS: &[&str] = &[
         stored_ms        INTEGER NOT NULL,
         PRIMARY KEY (device, model, seq)
     ) STRICT, WITHOUT ROWID;",
+    // 2: dead letters, heartbeats, operators; time-ordered read indexes.
+    "CREATE TABLE dead_letters (
+        device      TEXT NOT NULL REFERENCES devices (id),
+        seq         INTEGER NOT NULL,
+        topic       TEXT NOT NULL,
+        reason      TEXT NOT NULL,
+        detail      TEXT NOT NULL,
+        payload_b64 TEXT NOT NULL,
+        payload_len INTEGER NOT NULL,
+        recv_ts_ms  INTEGER NOT NULL,
+        stored_ms   INTEGER NOT NULL,
+        PRIMARY KEY (device, seq)
+    ) STRICT, WITHOUT ROWID;
+    CREATE INDEX dead_letters_by_time ON dead_letters (device, recv_ts_ms, seq);
+    CREATE TABLE heartbeats (
+        id          INTEGER PRIMARY KEY,
+        device      TEXT NOT NULL REFERENCES devices (id),
+        received_ms INTEGER NOT NULL,
+        sent_ms     INTEGER NOT NULL,
+        body_json   TEXT NOT NULL
+    ) STRICT;
+    CREATE INDEX heartbeats_by_time ON heartbeats (device, received_ms, id);
+    CREATE TABLE operators (
+        name         TEXT PRIMARY KEY NOT NULL,
+        token_sha256 TEXT NOT NULL,
+        created_ms   INTEGER NOT NULL,
+        revoked      INTEGER NOT NULL DEFAULT 0
+    ) STRICT;
+    CREATE UNIQUE INDEX operators_token_sha256 ON operators (token_sha256);
+    CREATE INDEX readings_by_time ON readings (device, recv_ts_ms, source, stream, seq);
+    CREATE INDEX predictions_by_time ON predictions (device, created_ms, model, seq);",
 ];
 
 /// A validated sequence number as SQLite's signed integer.
@@ -95,7 +133,7 @@ enum Command {
     },
     Authenticate {
         token_sha256: String,
-        reply: Reply<Option<String>>,
+        reply: Reply<Option<Principal>>,
     },
     StoreBatch {
         device: String,
@@ -112,6 +150,8 @@ enum Command {
     Close {
         reply: Reply<()>,
     },
+    /// Any other operation: the closure runs on the worker and sends its own reply.
+    Job(Box<dyn FnOnce(&mut Worker) + Send>),
 }
 
 /// Cloneable handle to the SQLite worker thread.
@@ -170,7 +210,88 @@ impl SqliteStore {
         self.call(|reply| Command::RevokeDevice { id, reply }).await
     }
 
-    pub(super) async fn authenticate(&self, token_sha256: String) -> Result<Option<String>> {
+    /// Runs `job` on the worker thread.
+    async fn run<T: Send + 'static>(
+        &self,
+        job: impl FnOnce(&mut Worker) -> Result<T> + Send + 'static,
+    ) -> Result<T> {
+        self.call(|reply| {
+            Command::Job(Box::new(move |worker| {
+                let _ = reply.send(job(worker));
+            }))
+        })
+        .await
+    }
+
+    pub(super) async fn device_is_active(&self, id: &str) -> Result<bool> {
+        let id = id.to_owned();
+        self.run(move |w| w.device_is_active(&id)).await
+    }
+
+    pub(super) async fn add_operator(&self, name: &str, token_sha256: String) -> Result<()> {
+        let name = name.to_owned();
+        self.run(move |w| w.add_operator(&name, &token_sha256))
+            .await
+    }
+
+    pub(super) async fn revoke_operator(&self, name: &str) -> Result<()> {
+        let name = name.to_owned();
+        self.run(move |w| w.revoke_operator(&name)).await
+    }
+
+    pub(super) async fn store_heartbeat(
+        &self,
+        device: &str,
+        received_ms: i64,
+        sent_ms: i64,
+        body: String,
+    ) -> Result<()> {
+        let device = device.to_owned();
+        self.run(move |w| w.store_heartbeat(&device, received_ms, sent_ms, &body))
+            .await
+    }
+
+    pub(super) async fn readings(
+        &self,
+        device: &str,
+        query: ReadingsQuery,
+    ) -> Result<Vec<StoredReading>> {
+        let device = device.to_owned();
+        self.run(move |w| w.readings(&device, &query)).await
+    }
+
+    pub(super) async fn predictions(
+        &self,
+        device: &str,
+        query: PredictionsQuery,
+    ) -> Result<Vec<StoredPrediction>> {
+        let device = device.to_owned();
+        self.run(move |w| w.predictions(&device, &query)).await
+    }
+
+    pub(super) async fn dead_letters(
+        &self,
+        device: &str,
+        query: SeriesQuery,
+    ) -> Result<Vec<StoredDeadLetter>> {
+        let device = device.to_owned();
+        self.run(move |w| w.dead_letters(&device, &query)).await
+    }
+
+    pub(super) async fn heartbeats(
+        &self,
+        device: &str,
+        query: SeriesQuery,
+    ) -> Result<Vec<(i64, StoredHeartbeat)>> {
+        let device = device.to_owned();
+        self.run(move |w| w.heartbeats(&device, &query)).await
+    }
+
+    pub(super) async fn fleet(&self) -> Result<Vec<FleetDevice>> {
+        self.run(Worker::fleet).await
+    }
+
+    pub(super) async fn authenticate(&self, token_sha256: String) -> Result<Option<Principal>> {
         self.call(|reply| Command::Authenticate {
             token_sha256,
             reply,
@@ -296,6 +417,7 @@ impl Worker {
                 Command::Ping { reply } => {
                     let _ = reply.send(self.ping());
                 }
+                Command::Job(job) => job(&mut self),
                 Command::Close { reply } => {
                     rx.close();
                     let result = self
@@ -331,13 +453,310 @@ impl Worker {
         Ok(())
     }
 
-    fn authenticate(&mut self, token_sha256: &str) -> Result<Option<String>> {
-        let id = self
+    fn authenticate(&mut self, token_sha256: &str) -> Result<Option<Principal>> {
+        let found: Option<(bool, String)> = self
             .conn
-            .prepare_cached("SELECT id FROM devices WHERE token_sha256 = ?1 AND revoked = 0")?
-            .query_row([token_sha256], |row| row.get(0))
+            .prepare_cached(
+                "SELECT 0, id FROM devices WHERE token_sha256 = ?1 AND revoked = 0
+                 UNION ALL
+                 SELECT 1, name FROM operators WHERE token_sha256 = ?1 AND revoked = 0
+                 LIMIT 1",
+            )?
+            .query_row([token_sha256], |row| Ok((row.get(0)?, row.get(1)?)))
             .optional()?;
-        Ok(id)
+        Ok(found.map(|(operator, id)| {
+            if operator {
+                Principal::Operator(id)
+            } else {
+                Principal::Device(id)
+            }
+        }))
+    }
+
+    fn device_is_active(&mut self, id: &str) -> Result<bool> {
+        let revoked: Option<bool> = self
+            .conn
+            .prepare_cached("SELECT revoked FROM devices WHERE id = ?1")?
+            .query_row([id], |row| row.get(0))
+            .optional()?;
+        Ok(revoked == Some(false))
+    }
+
+    fn add_operator(&mut self, name: &str, token_sha256: &str) -> Result<()> {
+        let inserted = self.conn.execute(
+            "INSERT INTO operators (name, token_sha256, created_ms) VALUES (?1, ?2, ?3)
+             ON CONFLICT (name) DO NOTHING",
+            params![name, token_sha256, now_ms()],
+        )?;
+        if inserted == 0 {
+            return Err(StoreError::OperatorExists {
+                name: name.to_owned(),
+            });
+        }
+        Ok(())
+    }
+
+    fn revoke_operator(&mut self, name: &str) -> Result<()> {
+        let updated = self
+            .conn
+            .execute("UPDATE operators SET revoked = 1 WHERE name = ?1", [name])?;
+        if updated == 0 {
+            return Err(StoreError::UnknownOperator {
+                name: name.to_owned(),
+            });
+        }
+        Ok(())
+    }
+
+    fn store_heartbeat(
+        &mut self,
+        device: &str,
+        received_ms: i64,
+        sent_ms: i64,
+        body: &str,
+    ) -> Result<()> {
+        let tx = self
+            .conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)?;
+        Self::check_device(&tx, device)?;
+        tx.prepare_cached(
+            "INSERT INTO heartbeats (device, received_ms, sent_ms, body_json)
+             VALUES (?1, ?2, ?3, ?4)",
+        )?
+        .execute(params![device, received_ms, sent_ms, body])?;
+        tx.commit()?;
+        Ok(())
+    }
+
+    /// [`StoreError::UnknownDevice`] unless `device` is registered (revoked or not).
+    fn require_device(tx: &rusqlite::Transaction<'_>, device: &str) -> Result<()> {
+        let known: bool = tx
+            .prepare_cached("SELECT EXISTS (SELECT 1 FROM devices WHERE id = ?1)")?
+            .query_row([device], |row| row.get(0))?;
+        if !known {
+            return Err(StoreError::UnknownDevice {
+                id: device.to_owned(),
+            });
+        }
+        Ok(())
+    }
+
+    fn readings(&mut self, device: &str, q: &ReadingsQuery) -> Result<Vec<StoredReading>> {
+        let tx = self.conn.transaction()?;
+        Self::require_device(&tx, device)?;
+        let (from, to) = time_bounds(&q.window);
+        let (at, source, stream, seq) =
+            q.after
+                .clone()
+                .unwrap_or((i64::MIN, String::new(), String::new(), i64::MIN));
+        type Raw = (String, String, i64, Option<i64>, i64, bool, String, i64);
+        let raw: Vec<Raw> = tx
+            .prepare_cached(
+                "SELECT source, stream, seq, device_ts_ms, recv_ts_ms, clock_ok, values_json,
+                        stored_ms
+                 FROM readings
+                 WHERE device = ?1 AND recv_ts_ms BETWEEN ?2 AND ?3
+                   AND (recv_ts_ms, source, stream, seq) > (?4, ?5, ?6, ?7)
+                   AND (?8 IS NULL OR source = ?8) AND (?9 IS NULL OR stream = ?9)
+                 ORDER BY recv_ts_ms, source, stream, seq
+                 LIMIT ?10",
+            )?
+            .query_map(
+                params![
+                    device,
+                    from,
+                    to,
+                    at,
+                    source,
+                    stream,
+                    seq,
+                    q.source,
+                    q.stream,
+                    q.window.fetch()
+                ],
+                |row| {
+                    Ok((
+                        row.get(0)?,
+                        row.get(1)?,
+                        row.get(2)?,
+                        row.get(3)?,
+                        row.get(4)?,
+                        row.get(5)?,
+                        row.get(6)?,
+                        row.get(7)?,
+                    ))
+                },
+            )?
+            .collect::<rusqlite::Result<_>>()?;
+        tx.commit()?;
+        raw.into_iter()
+            .map(
+                |(source, stream, seq, device_ts_ms, recv_ts_ms, clock_ok, values, stored_ms)| {
+                    Ok(StoredReading {
+                        stored_ms,
+                        reading: Reading {
+                            source,
+                            stream,
+                            seq: stored_u64("readings.seq", seq)?,
+                            device_ts_ms,
+                            recv_ts_ms,
+                            clock_ok,
+                            values: parse_values(&values)?,
+                        },
+                    })
+                },
+            )
+            .collect()
+    }
+
+    fn predictions(&mut self, device: &str, q: &PredictionsQuery) -> Result<Vec<StoredPrediction>> {
+        let tx = self.conn.transaction()?;
+        Self::require_device(&tx, device)?;
+        let (from, to) = time_bounds(&q.window);
+        let (at, model, seq) = q
+            .after
+            .clone()
+            .unwrap_or((i64::MIN, String::new(), i64::MIN));
+        let rows: Vec<StoredPrediction> = tx
+            .prepare_cached(
+                "SELECT model, seq, model_version, model_sha256, source, stream, window_end_seq,
+                        window_end_ts_ms, score, threshold, is_anomaly, created_ms, stored_ms
+                 FROM predictions
+                 WHERE device = ?1 AND created_ms BETWEEN ?2 AND ?3
+                   AND (created_ms, model, seq) > (?4, ?5, ?6)
+                   AND (?7 IS NULL OR model = ?7) AND (?8 IS NULL OR source = ?8)
+                   AND (?9 IS NULL OR stream = ?9)
+                 ORDER BY created_ms, model, seq
+                 LIMIT ?10",
+            )?
+            .query_map(
+                params![
+                    device,
+                    from,
+                    to,
+                    at,
+                    model,
+                    seq,
+                    q.model,
+                    q.source,
+                    q.stream,
+                    q.window.fetch()
+                ],
+                |row| {
+                    Ok(StoredPrediction {
+                        prediction: Prediction {
+                            model: row.get(0)?,
+                            seq: get_u64(row, 1)?,
+                            model_version: row.get(2)?,
+                            model_sha256: row.get(3)?,
+                            source: row.get(4)?,
+                            stream: row.get(5)?,
+                            window_end_seq: get_u64(row, 6)?,
+                            window_end_ts_ms: row.get(7)?,
+                            score: row.get(8)?,
+                            threshold: row.get(9)?,
+                            is_anomaly: row.get(10)?,
+                            created_ms: row.get(11)?,
+                        },
+                        stored_ms: row.get(12)?,
+                    })
+                },
+            )?
+            .collect::<rusqlite::Result<_>>()?;
+        tx.commit()?;
+        Ok(rows)
+    }
+
+    fn dead_letters(&mut self, device: &str, q: &SeriesQuery) -> Result<Vec<StoredDeadLetter>> {
+        let tx = self.conn.transaction()?;
+        Self::require_device(&tx, device)?;
+        let (from, to) = time_bounds(&q.window);
+        let (at, seq) = q.after.unwrap_or((i64::MIN, i64::MIN));
+        let rows: Vec<StoredDeadLetter> = tx
+            .prepare_cached(
+                "SELECT seq, topic, reason, detail, payload_b64, payload_len, recv_ts_ms, stored_ms
+                 FROM dead_letters
+                 WHERE device = ?1 AND recv_ts_ms BETWEEN ?2 AND ?3
+                   AND (recv_ts_ms, seq) > (?4, ?5)
+                 ORDER BY recv_ts_ms, seq
+                 LIMIT ?6",
+            )?
+            .query_map(
+                params![device, from, to, at, seq, q.window.fetch()],
+                |row| {
+                    Ok(StoredDeadLetter {
+                        dead_letter: DeadLetterRecord {
+                            seq: get_u64(row, 0)?,
+                            topic: row.get(1)?,
+                            reason: row.get(2)?,
+                            detail: row.get(3)?,
+                            payload_b64: row.get(4)?,
+                            payload_len: get_u64(row, 5)?,
+                            recv_ts_ms: row.get(6)?,
+                        },
+                        stored_ms: row.get(7)?,
+                    })
+                },
+            )?
+            .collect::<rusqlite::Result<_>>()?;
+        tx.commit()?;
+        Ok(rows)
+    }
+
+    fn heartbeats(&mut self, device: &str, q: &SeriesQuery) -> Result<Vec<(i64, StoredHeartbeat)>> {
+        let tx = self.conn.transaction()?;
+        Self::require_device(&tx, device)?;
+        let (from, to) = time_bounds(&q.window);
+        let (at, id) = q.after.unwrap_or((i64::MIN, i64::MIN));
+        let raw: Vec<(i64, i64, String)> = tx
+            .prepare_cached(
+                "SELECT id, received_ms, body_json FROM heartbeats
+                 WHERE device = ?1 AND received_ms BETWEEN ?2 AND ?3
+                   AND (received_ms, id) > (?4, ?5)
+                 ORDER BY received_ms, id
+                 LIMIT ?6",
+            )?
+            .query_map(params![device, from, to, at, id, q.window.fetch()], |row| {
+                Ok((row.get(0)?, row.get(1)?, row.get(2)?))
+            })?
+            .collect::<rusqlite::Result<_>>()?;
+        tx.commit()?;
+        raw.into_iter()
+            .map(|(id, received_ms, body)| {
+                Ok((
+                    id,
+                    StoredHeartbeat {
+                        received_ms,
+                        heartbeat: parse_heartbeat(&body)?,
+                    },
+                ))
+            })
+            .collect()
+    }
+
+    fn fleet(&mut self) -> Result<Vec<FleetDevice>> {
+        let tx = self.conn.transaction()?;
+        let rows: Vec<FleetRow> = tx
+            .prepare_cached(FLEET_SQL)?
+            .query_map([], |row| {
+                Ok(FleetRow {
+                    device: row.get(0)?,
+                    revoked: row.get(1)?,
+                    created_ms: row.get(2)?,
+                    readings: row.get(3)?,
+                    readings_last_ms: row.get(4)?,
+                    predictions: row.get(5)?,
+                    predictions_last_ms: row.get(6)?,
+                    dead_letters: row.get(7)?,
+                    dead_letters_last_ms: row.get(8)?,
+                    heartbeats: row.get(9)?,
+                    last_heartbeat_ms: row.get(10)?,
+                    last_heartbeat_json: row.get(11)?,
+                })
+            })?
+            .collect::<rusqlite::Result<_>>()?;
+        tx.commit()?;
+        rows.into_iter().map(FleetRow::into_device).collect()
     }
 
     fn check_device(tx: &rusqlite::Transaction<'_>, device: &str) -> Result<()> {
@@ -423,6 +842,33 @@ impl Worker {
                     ack.predictions_duplicate += 1;
                 } else {
                     ack.predictions_inserted += 1;
+                }
+            }
+        }
+        {
+            let mut insert = tx.prepare_cached(
+                "INSERT INTO dead_letters
+                   (device, seq, topic, reason, detail, payload_b64, payload_len, recv_ts_ms,
+                    stored_ms)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)
+                 ON CONFLICT DO NOTHING",
+            )?;
+            for d in &batch.dead_letters {
+                let changed = insert.execute(params![
+                    device,
+                    sql_seq(d.seq)?,
+                    d.topic,
+                    d.reason,
+                    d.detail,
+                    d.payload_b64,
+                    sql_seq(d.payload_len)?,
+                    d.recv_ts_ms,
+                    stored_ms,
+                ])?;
+                if changed == 0 {
+                    ack.dead_letters_duplicate += 1;
+                } else {
+                    ack.dead_letters_inserted += 1;
                 }
             }
         }

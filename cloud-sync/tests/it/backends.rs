@@ -218,6 +218,22 @@ impl TestStore {
         Ok(rows)
     }
 
+    /// `operators.token_sha256` of `name`.
+    pub async fn stored_operator_digest(&self, name: &str) -> Result<String> {
+        let query = "SELECT token_sha256 FROM operators WHERE name = $1";
+        Ok(match &self.backend {
+            Backend::Sqlite { path, .. } => {
+                rusqlite::Connection::open(path)?.query_row(query, [name], |r| r.get(0))?
+            }
+            Backend::Postgres(schema) => schema
+                .client()
+                .await?
+                .query_one(query, &[&name])
+                .await?
+                .try_get(0)?,
+        })
+    }
+
     /// `devices.token_sha256` of `device`.
     pub async fn stored_token_digest(&self, device: &str) -> Result<String> {
         let query = "SELECT token_sha256 FROM devices WHERE id = $1";

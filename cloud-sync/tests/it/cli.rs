@@ -53,7 +53,15 @@ fn default_config_round_trips_through_check_config() -> Result<()> {
 #[test]
 fn bad_config_exits_78_naming_the_keys() -> Result<()> {
     let dir = tempfile::tempdir()?;
-    let cases: [(&str, &[&str]); 4] = [
+    let cases: [(&str, &[&str]); 6] = [
+        (
+            "tls_cert_file = \"/nonexistent/server.pem\"\n",
+            &["tls_key_file"],
+        ),
+        (
+            "tls_cert_file = \"/nonexistent/server.pem\"\ntls_key_file = \"/nonexistent/server.key\"\n",
+            &["tls_cert_file"],
+        ),
         (
             "listen_addr = \"nowhere\"\nmax_body_bytes = 0\nrequest_timeout_secs = 0\n",
             &["listen_addr", "max_body_bytes", "request_timeout_secs"],
@@ -117,6 +125,28 @@ fn devices_add_prints_a_token_once_and_revoke_works() -> Result<()> {
     let output = run(&["devices", "revoke", "dev-1", "--config", &config])?;
     assert!(output.status.success(), "{}", stderr(&output));
     let output = run(&["devices", "revoke", "nobody", "--config", &config])?;
+    assert_eq!(output.status.code(), Some(1));
+    Ok(())
+}
+
+#[test]
+fn operators_add_prints_a_token_once_and_revoke_works() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let config = write_config(dir.path(), "")?;
+    let output = run(&["operators", "add", "ops", "--config", &config])?;
+    assert!(output.status.success(), "{}", stderr(&output));
+    let token = String::from_utf8(output.stdout)?;
+    assert_eq!(token.trim().len(), 64);
+    let output = run(&["operators", "add", "ops", "--config", &config])?;
+    assert_eq!(output.status.code(), Some(1));
+    assert!(
+        stderr(&output).contains("already exists"),
+        "{}",
+        stderr(&output)
+    );
+    let output = run(&["operators", "revoke", "ops", "--config", &config])?;
+    assert!(output.status.success(), "{}", stderr(&output));
+    let output = run(&["operators", "revoke", "nobody", "--config", &config])?;
     assert_eq!(output.status.code(), Some(1));
     Ok(())
 }

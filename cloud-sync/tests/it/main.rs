@@ -6,7 +6,11 @@
 mod api;
 mod backends;
 mod cli;
+mod endpoints;
+mod openapi;
+mod reads;
 mod server;
 mod shared_postgres;
 mod store;
+mod tls;
 mod util;

@@ -507,7 +507,7 @@ async fn postgres_instances_starting_together_migrate_once() -> Result<()> {
         .iter()
         .map(|row| row.get(0))
         .collect();
-    assert_eq!(versions, [1]);
+    assert_eq!(versions, [1, 2]);
     stores[0].add_device("dev-1").await?;
     for store in &stores {
         assert!(store.summary("dev-1").await?.readings.is_empty());

@@ -8,7 +8,10 @@ use anyhow::{Context as _, Result, bail};
 use axum::Router;
 use axum::body::{Body, Bytes};
 use axum::http::{HeaderMap, Request, StatusCode};
-use cloud_sync::sync_protocol::{ErrorBody, Prediction, Reading, UploadBatch, batch_path};
+use cloud_sync::sync_protocol::{
+    ActiveModel, Backlog, DeadLetterRecord, ErrorBody, Heartbeat, Prediction, Reading, UploadBatch,
+    batch_path,
+};
 use cloud_sync::{AppState, Settings, Store, app};
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use tower::ServiceExt as _;
@@ -214,4 +217,58 @@ fn dechunk(mut data: &[u8]) -> Result<Vec<u8>> {
         out.extend_from_slice(&data[..size]);
         data = &data[size + 2..];
     }
+}
+
+pub fn dead_letter(seq: u64) -> DeadLetterRecord {
+    DeadLetterRecord {
+        seq,
+        topic: "sensors/m1/temperature".to_owned(),
+        reason: "malformed".to_owned(),
+        detail: format!("expected a number ({seq})"),
+        payload_b64: "e30=".to_owned(),
+        payload_len: 2,
+        recv_ts_ms: 1_700_000_000_000 + i64::try_from(seq).unwrap_or(0),
+    }
+}
+
+pub fn heartbeat(sent_ms: i64, backlog_readings: u64) -> Heartbeat {
+    Heartbeat {
+        agent_version: "0.1.0".to_owned(),
+        sent_ms,
+        started_ms: 1_700_000_000_000,
+        models: vec![ActiveModel {
+            name: "iforest".to_owned(),
+            version: "1.2.0".to_owned(),
+            sha256: "cd".repeat(32),
+        }],
+        backlog: Backlog {
+            readings: backlog_readings,
+            predictions: 1,
+            dead_letters: 0,
+            bytes: 4096,
+            quota_bytes: 1 << 30,
+            oldest_unsynced_age_ms: Some(1500),
+        },
+        clock_offset_ms: None,
+        clock_suspect_readings: 0,
+        counters: BTreeMap::from([("received".to_owned(), 10), ("acked".to_owned(), 9)]),
+    }
+}
+
+/// `POST` `body` to `path` with a bearer token, content type and encoding.
+pub fn post(
+    path: &str,
+    token: Option<&str>,
+    content_type: &str,
+    encoding: Option<&str>,
+    body: impl Into<Body>,
+) -> Result<Request<Body>> {
+    let mut builder = Request::post(path).header("content-type", content_type);
+    if let Some(token) = token {
+        builder = builder.header("authorization", format!("Bearer {token}"));
+    }
+    if let Some(encoding) = encoding {
+        builder = builder.header("content-encoding", encoding);
+    }
+    Ok(builder.body(body.into())?)
 }
