@@ -6,7 +6,7 @@
 //! - [`ingest`]: MQTT subscription, payload decoding, ack-after-commit.
 //! - [`buffer`]: the SQLite buffer; the only module that touches rusqlite.
 //! - [`inference`]: model packages, feature windows, tract, prediction publishing.
-//! - [`sync`]: uploads to `cloud-sync`, retries, marks rows synced.
+//! - [`sync`]: uploads to `cloud-sync` (live rows first, paced backlog, quarantine of refused rows), heartbeats.
 //! - [`supervisor`]: builds the stages, owns shutdown order and its deadline.
 //! - [`systemd`]: sd_notify readiness, stopping and watchdog pings gated on ingest health.
 //! - [`telemetry`]: tracing setup and counters.

@@ -2,6 +2,8 @@
 //! HTTP sync -> cloud-sync (SQLite), checked from both databases.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+mod sync;
+
 use edge_agent::demo::{DemoArgs, DemoReport, run};
 
 fn check(report: &DemoReport, expect_published: u64) {

@@ -13,7 +13,12 @@
 //! - a reading with a producer identity is stored at most once per
 //!   `(source, stream, ident)` among the rows present, so broker redeliveries
 //!   are absorbed (one arriving after the first copy was evicted is stored);
-//! - `synced` only goes from 0 to 1, and only through [`Buffer::mark_synced`];
+//! - `synced` is a row state: 0 unsynced, 1 synced (only through
+//!   [`Buffer::mark_synced`] / [`Buffer::mark_rows_synced`], never back),
+//!   2 quarantined (only through [`Buffer::quarantine`], back to 0 only
+//!   through [`Buffer::requeue_quarantine`]); see `outbox.rs`;
+//! - dead letters carry a sequence number from the durable `sequences`
+//!   table, never reused even when their rowid is;
 //! - the database plus its WAL stay within `max_bytes` (see `quota.rs`): an
 //!   append that does not fit evicts in the same transaction, or is answered
 //!   [`Outcome::Rejected`] and not stored when only unsynced rows of
@@ -22,6 +27,7 @@
 //!   every eviction is counted durably in the transaction that deletes it
 //!   ([`BufferStats::evicted`]).
 
+mod outbox;
 mod quota;
 mod schema;
 mod worker;
@@ -178,6 +184,124 @@ pub struct Unsynced {
     pub predictions: Vec<(i64, sync_protocol::Prediction)>,
 }
 
+/// Next row ids at one moment: rows stored later have ids at or above them.
+/// Sync uses it to tell live rows from the backlog.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Watermark {
+    /// First reading row id after the moment.
+    pub readings: i64,
+    /// First prediction row id after the moment.
+    pub predictions: i64,
+}
+
+/// Which unsynced rows a [`Fetch`] selects.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Part {
+    /// Readings and predictions stored after the watermark.
+    Live(Watermark),
+    /// Readings and predictions stored before the watermark.
+    Backlog(Watermark),
+    /// All unsynced readings and predictions.
+    All,
+    /// Unsynced dead letters (always a batch of their own).
+    DeadLetters,
+}
+
+/// One request for unsynced rows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Fetch {
+    /// Which rows.
+    pub part: Part,
+    /// At most this many rows (predictions take at most half).
+    pub max_rows: usize,
+    /// At most about this many bytes of JSON (estimated); one row always fits.
+    pub max_bytes: usize,
+}
+
+/// Unsynced rows for one upload, oldest first, with their row ids.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Outbox {
+    /// `(row id, reading)`.
+    pub readings: Vec<(i64, sync_protocol::Reading)>,
+    /// `(row id, prediction)`.
+    pub predictions: Vec<(i64, sync_protocol::Prediction)>,
+    /// `(row id, dead letter)`.
+    pub dead_letters: Vec<(i64, sync_protocol::DeadLetterRecord)>,
+    /// Estimated JSON size of the rows, bytes.
+    pub est_bytes: usize,
+    /// Rows of the same part were left out by the row or byte limit.
+    pub more: bool,
+    /// Oldest receive (or creation) time among the rows, Unix ms.
+    pub oldest_ms: Option<i64>,
+}
+
+impl Outbox {
+    /// Rows in the batch.
+    #[must_use]
+    pub fn len(&self) -> usize {
+        self.readings.len() + self.predictions.len() + self.dead_letters.len()
+    }
+
+    /// Whether the batch holds no row.
+    #[must_use]
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// Row ids by table.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RowIds {
+    /// Reading row ids.
+    pub readings: Vec<i64>,
+    /// Prediction row ids.
+    pub predictions: Vec<i64>,
+    /// Dead-letter row ids.
+    pub dead_letters: Vec<i64>,
+}
+
+/// What [`Buffer::requeue_quarantine`] moved back to unsynced.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Requeued {
+    /// Quarantine records removed.
+    pub batches: u64,
+    /// Readings re-queued.
+    pub readings: u64,
+    /// Predictions re-queued.
+    pub predictions: u64,
+    /// Dead letters re-queued.
+    pub dead_letters: u64,
+}
+
+/// What the cloud does not have yet, for heartbeats and metrics.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct SyncStats {
+    /// Unsynced readings.
+    pub readings_unsynced: u64,
+    /// Unsynced predictions.
+    pub predictions_unsynced: u64,
+    /// Unsynced dead letters.
+    pub dead_letters_unsynced: u64,
+    /// Quarantined readings.
+    pub readings_quarantined: u64,
+    /// Quarantined predictions.
+    pub predictions_quarantined: u64,
+    /// Quarantined dead letters.
+    pub dead_letters_quarantined: u64,
+    /// Quarantine records (refused batches) on disk.
+    pub quarantine_batches: u64,
+    /// Receive time of the oldest unsynced row, Unix ms.
+    pub oldest_unsynced_ms: Option<i64>,
+    /// Readings received since the given time whose device clock looked wrong.
+    pub clock_suspect_readings: u64,
+    /// Bytes in use (database and WAL).
+    pub bytes_used: u64,
+    /// The quota.
+    pub max_bytes: u64,
+    /// Eviction counters, as in [`BufferStats::evicted`].
+    pub evicted: BTreeMap<(String, String), u64>,
+}
+
 /// Row counts, eviction counters and disk use.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct BufferStats {
@@ -207,8 +331,13 @@ enum Command {
     Append(Vec<Item>, Reply<Vec<Outcome>>),
     AppendPredictions(Vec<NewPrediction>, Reply<Vec<u64>>),
     Unsynced(usize, Reply<Unsynced>),
-    MarkSynced(Vec<i64>, Vec<i64>, Reply<()>),
+    MarkSynced(RowIds, Reply<()>),
     Stats(Reply<BufferStats>),
+    Fetch(Fetch, Reply<Outbox>),
+    Watermark(Reply<Watermark>),
+    Quarantine(RowIds, u16, String, Reply<i64>),
+    Requeue(Reply<Requeued>),
+    SyncStats(i64, Reply<SyncStats>),
     Anomalies(Reply<Vec<sync_protocol::Prediction>>),
 }
 
@@ -329,7 +458,75 @@ impl Buffer {
     /// # Errors
     /// SQLite errors; then no row was marked.
     pub async fn mark_synced(&self, readings: Vec<i64>, predictions: Vec<i64>) -> Result<()> {
-        self.request(|r| Command::MarkSynced(readings, predictions, r))
+        self.mark_rows_synced(RowIds {
+            readings,
+            predictions,
+            dead_letters: Vec::new(),
+        })
+        .await
+    }
+
+    /// Marks rows of every table as acknowledged by the cloud, in one
+    /// transaction.
+    ///
+    /// # Errors
+    /// SQLite errors; then no row was marked.
+    pub async fn mark_rows_synced(&self, ids: RowIds) -> Result<()> {
+        self.request(|r| Command::MarkSynced(ids, r))
+            .await?
+            .wait()
+            .await
+    }
+
+    /// Unsynced rows for one upload; see [`Fetch`].
+    ///
+    /// # Errors
+    /// SQLite errors.
+    pub async fn fetch_unsynced(&self, fetch: Fetch) -> Result<Outbox> {
+        self.request(|r| Command::Fetch(fetch, r))
+            .await?
+            .wait()
+            .await
+    }
+
+    /// The next row ids (see [`Watermark`]).
+    ///
+    /// # Errors
+    /// SQLite errors.
+    pub async fn watermark(&self) -> Result<Watermark> {
+        self.request(Command::Watermark).await?.wait().await
+    }
+
+    /// Moves unsynced rows to quarantine, recording the cloud's `status` and
+    /// `error` body; they are no longer fetched for upload, stay on disk
+    /// (evicted before unsynced rows) and return with
+    /// [`Buffer::requeue_quarantine`]. Returns the quarantine record's id.
+    ///
+    /// # Errors
+    /// SQLite errors; then nothing changed.
+    pub async fn quarantine(&self, ids: RowIds, status: u16, error: String) -> Result<i64> {
+        self.request(|r| Command::Quarantine(ids, status, error, r))
+            .await?
+            .wait()
+            .await
+    }
+
+    /// Moves every quarantined row back to unsynced (they are then uploaded
+    /// as backlog) and removes the quarantine records.
+    ///
+    /// # Errors
+    /// SQLite errors; then nothing changed.
+    pub async fn requeue_quarantine(&self) -> Result<Requeued> {
+        self.request(Command::Requeue).await?.wait().await
+    }
+
+    /// Backlog and quarantine figures; `clock_suspect_readings` counts
+    /// readings received at or after `since_ms`.
+    ///
+    /// # Errors
+    /// SQLite errors.
+    pub async fn sync_stats(&self, since_ms: i64) -> Result<SyncStats> {
+        self.request(|r| Command::SyncStats(since_ms, r))
             .await?
             .wait()
             .await
@@ -350,6 +547,20 @@ impl Buffer {
     pub async fn anomalies(&self) -> Result<Vec<sync_protocol::Prediction>> {
         self.request(Command::Anomalies).await?.wait().await
     }
+}
+
+/// Opens the buffer at `settings.path` (alongside a running agent if need
+/// be: SQLite serialises the writers), re-queues every quarantined row and
+/// closes it again.
+///
+/// # Errors
+/// [`BufferError`] when the database cannot be opened or updated.
+pub async fn requeue_quarantine(settings: &BufferSettings) -> Result<Requeued> {
+    let (buffer, thread) = Buffer::open(settings)?;
+    let out = buffer.requeue_quarantine().await;
+    drop(buffer);
+    let _ = tokio::task::spawn_blocking(move || thread.join()).await;
+    out
 }
 
 /// Path a corrupt database is moved to.

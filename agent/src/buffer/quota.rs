@@ -16,9 +16,9 @@
 //! - every deleted row is counted once, in the transaction that deletes it,
 //!   under `(kind, name, reason)`;
 //! - for quota, rows are taken oldest first (by row id) from the first tier
-//!   that has any: dead letters, synced readings, synced predictions, unsynced
-//!   readings of `drop_oldest` streams, unsynced predictions of `drop_oldest`
-//!   streams. Unsynced rows of `reject_new` streams are never evicted for
+//!   that has any: dead letters, synced readings, synced predictions,
+//!   quarantined readings, quarantined predictions, unsynced readings of
+//!   `drop_oldest` streams, unsynced predictions of `drop_oldest` streams. Unsynced rows of `reject_new` streams are never evicted for
 //!   quota; the max-age sweep removes every row older than `max_age`.
 
 use std::collections::{BTreeMap, HashMap};
@@ -211,6 +211,8 @@ enum Tier {
     DeadLetters,
     SyncedReadings,
     SyncedPredictions,
+    QuarantinedReadings,
+    QuarantinedPredictions,
     UnsyncedReadings,
     UnsyncedPredictions,
 }
@@ -219,16 +221,22 @@ impl Tier {
     fn kind(self) -> Kind {
         match self {
             Tier::DeadLetters => Kind::DeadLetter,
-            Tier::SyncedReadings | Tier::UnsyncedReadings => Kind::Reading,
-            Tier::SyncedPredictions | Tier::UnsyncedPredictions => Kind::Prediction,
+            Tier::SyncedReadings | Tier::QuarantinedReadings | Tier::UnsyncedReadings => {
+                Kind::Reading
+            }
+            Tier::SyncedPredictions | Tier::QuarantinedPredictions | Tier::UnsyncedPredictions => {
+                Kind::Prediction
+            }
         }
     }
 }
 
-const TIERS: [Tier; 5] = [
+const TIERS: [Tier; 7] = [
     Tier::DeadLetters,
     Tier::SyncedReadings,
     Tier::SyncedPredictions,
+    Tier::QuarantinedReadings,
+    Tier::QuarantinedPredictions,
     Tier::UnsyncedReadings,
     Tier::UnsyncedPredictions,
 ];
@@ -290,6 +298,11 @@ impl Quota {
             exceptions_json: serde_json::to_string(&exceptions)?,
             max_age: settings.max_age,
         })
+    }
+
+    /// The quota in bytes.
+    pub(super) fn max_bytes(&self) -> u64 {
+        self.max_bytes
     }
 
     /// Whether a max-age sweep is configured.
@@ -475,6 +488,25 @@ impl Quota {
                 false,
                 &[&limit],
             )?,
+            // Quarantined rows never reached the cloud: counted as unsynced.
+            Tier::QuarantinedReadings => collect(
+                &format!(
+                    "SELECT id, stream, {READING_COST_SQL} FROM readings
+                     WHERE synced = 2 ORDER BY id LIMIT ?1"
+                ),
+                Kind::Reading,
+                true,
+                &[&limit],
+            )?,
+            Tier::QuarantinedPredictions => collect(
+                &format!(
+                    "SELECT id, model, {PREDICTION_COST_SQL} FROM predictions
+                     WHERE synced = 2 ORDER BY id LIMIT ?1"
+                ),
+                Kind::Prediction,
+                true,
+                &[&limit],
+            )?,
             Tier::UnsyncedReadings => {
                 // Design: one index range per drop_oldest (source, stream)
                 // over the unique (source, stream, seq) index, merged by id,
@@ -537,11 +569,11 @@ impl Quota {
         for (kind, sql) in [
             (
                 Kind::Reading,
-                "DELETE FROM readings WHERE recv_ts_ms < ?1 RETURNING stream, synced",
+                "DELETE FROM readings WHERE recv_ts_ms < ?1 RETURNING stream, synced = 1",
             ),
             (
                 Kind::Prediction,
-                "DELETE FROM predictions WHERE created_ms < ?1 RETURNING model, synced",
+                "DELETE FROM predictions WHERE created_ms < ?1 RETURNING model, synced = 1",
             ),
             (
                 Kind::DeadLetter,

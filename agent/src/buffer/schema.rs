@@ -82,6 +82,39 @@ pub(crate) const MIGRATIONS: &[&str] = &[
     CREATE INDEX predictions_created ON predictions (created_ms);
     CREATE INDEX dead_letters_recv ON dead_letters (recv_ts_ms);
     ",
+    // v3: cloud sync of dead letters and quarantine. `synced` becomes a
+    // state: 0 unsynced, 1 synced, 2 quarantined (refused by the cloud with a
+    // non-retriable 4xx; see table `quarantine`). Dead letters get a durable
+    // per-device sequence (`sequences`), never reused even when their rowid is.
+    r"
+    ALTER TABLE readings ADD COLUMN quarantine_id INTEGER;
+    ALTER TABLE predictions ADD COLUMN quarantine_id INTEGER;
+    ALTER TABLE dead_letters ADD COLUMN seq INTEGER;
+    ALTER TABLE dead_letters ADD COLUMN synced INTEGER NOT NULL DEFAULT 0;
+    ALTER TABLE dead_letters ADD COLUMN quarantine_id INTEGER;
+    UPDATE dead_letters SET seq = id;
+    CREATE UNIQUE INDEX dead_letters_seq ON dead_letters (seq);
+    CREATE INDEX dead_letters_unsynced ON dead_letters (id) WHERE synced = 0;
+    CREATE INDEX readings_quarantined ON readings (id) WHERE synced = 2;
+    CREATE INDEX predictions_quarantined ON predictions (id) WHERE synced = 2;
+
+    CREATE TABLE sequences (
+        name     TEXT PRIMARY KEY,
+        next_seq INTEGER NOT NULL
+    ) WITHOUT ROWID;
+    INSERT INTO sequences (name, next_seq)
+        SELECT 'dead_letters', coalesce(max(id), 0) + 1 FROM dead_letters;
+
+    CREATE TABLE quarantine (
+        id             INTEGER PRIMARY KEY AUTOINCREMENT,
+        status         INTEGER NOT NULL,
+        error          TEXT NOT NULL,
+        quarantined_ms INTEGER NOT NULL,
+        readings       INTEGER NOT NULL,
+        predictions    INTEGER NOT NULL,
+        dead_letters   INTEGER NOT NULL
+    );
+    ",
 ];
 
 /// Brings `conn` to the newest schema version.
@@ -135,16 +168,16 @@ mod tests {
     #[test]
     fn migrates_once_and_is_idempotent() {
         let mut conn = Connection::open_in_memory().unwrap();
-        assert_eq!(migrate(&mut conn).unwrap(), 2);
-        assert_eq!(migrate(&mut conn).unwrap(), 2);
+        assert_eq!(migrate(&mut conn).unwrap(), 3);
+        assert_eq!(migrate(&mut conn).unwrap(), 3);
         let n: i64 = conn
             .query_row(
-                "SELECT count(*) FROM sqlite_master WHERE type='table'",
+                "SELECT count(*) FROM sqlite_master WHERE type='table' AND name != 'sqlite_sequence'",
                 [],
                 |r| r.get(0),
             )
             .unwrap();
-        assert_eq!(n, 6);
+        assert_eq!(n, 8);
     }
 
     #[test]
@@ -158,7 +191,7 @@ mod tests {
             [],
         )
         .unwrap();
-        assert_eq!(migrate(&mut conn).unwrap(), 2);
+        assert_eq!(migrate(&mut conn).unwrap(), 3);
         let n: i64 = conn
             .query_row(
                 "SELECT count(*) FROM readings WHERE recv_ts_ms < 10",
@@ -171,6 +204,42 @@ mod tests {
             .query_row("SELECT count(*) FROM evictions", [], |r| r.get(0))
             .unwrap();
         assert_eq!(e, 0);
+    }
+
+    /// Dead letters stored before v3 keep their row id as sequence, and new
+    /// ones continue above it even when the newest old row is gone.
+    #[test]
+    fn v3_numbers_existing_dead_letters() {
+        let mut conn = Connection::open_in_memory().unwrap();
+        for sql in &MIGRATIONS[..2] {
+            conn.execute_batch(sql).unwrap();
+        }
+        conn.pragma_update(None, "user_version", 2).unwrap();
+        for id in [3, 7] {
+            conn.execute(
+                "INSERT INTO dead_letters (id, topic, reason, detail, payload, payload_len, recv_ts_ms)
+                 VALUES (?1, 't', 'malformed', '', x'', 0, 1)",
+                [id],
+            )
+            .unwrap();
+        }
+        assert_eq!(migrate(&mut conn).unwrap(), 3);
+        let seqs: Vec<i64> = conn
+            .prepare("SELECT seq FROM dead_letters WHERE synced = 0 ORDER BY id")
+            .unwrap()
+            .query_map([], |r| r.get(0))
+            .unwrap()
+            .map(Result::unwrap)
+            .collect();
+        assert_eq!(seqs, vec![3, 7]);
+        let next: i64 = conn
+            .query_row(
+                "SELECT next_seq FROM sequences WHERE name = 'dead_letters'",
+                [],
+                |r| r.get(0),
+            )
+            .unwrap();
+        assert_eq!(next, 8);
     }
 
     #[test]

@@ -844,3 +844,240 @@ proptest! {
         prop_assert!(disk_bytes(&s.path) <= s.max_bytes * 105 / 100);
     }
 }
+
+// ---- sync outbox: parts, quarantine, dead-letter sequences ----
+
+fn dead_letter(i: u8) -> Item {
+    Item::DeadLetter(DeadLetter {
+        topic: format!("bad/{i}"),
+        reason: "malformed",
+        detail: "not json".into(),
+        payload: vec![i; 3],
+        payload_len: 3,
+        recv_ts_ms: 5,
+    })
+}
+
+fn fetch(part: Part, max_rows: usize, max_bytes: usize) -> Fetch {
+    Fetch {
+        part,
+        max_rows,
+        max_bytes,
+    }
+}
+
+/// Live rows are those stored after the watermark; the backlog the rest;
+/// row and byte limits cut batches and say so.
+#[tokio::test]
+async fn fetch_splits_live_from_backlog_within_limits() {
+    let dir = tempfile::tempdir().unwrap();
+    let (b, t) = Buffer::open(&settings(dir.path())).unwrap();
+    b.append(
+        (0..10)
+            .map(|i| reading("m", "old", None, f64::from(i)))
+            .collect(),
+    )
+    .await
+    .unwrap();
+    let mark = b.watermark().await.unwrap();
+    b.append(
+        (0..3)
+            .map(|i| reading("m", "new", None, f64::from(i)))
+            .collect(),
+    )
+    .await
+    .unwrap();
+
+    let live = b
+        .fetch_unsynced(fetch(Part::Live(mark), 100, 1 << 20))
+        .await
+        .unwrap();
+    assert_eq!(live.readings.len(), 3);
+    assert!(live.readings.iter().all(|(_, r)| r.stream == "new"));
+    assert!(!live.more);
+    assert_eq!(live.oldest_ms, Some(2000));
+
+    let back = b
+        .fetch_unsynced(fetch(Part::Backlog(mark), 4, 1 << 20))
+        .await
+        .unwrap();
+    assert_eq!(
+        back.readings.iter().map(|(_, r)| r.seq).collect::<Vec<_>>(),
+        vec![1, 2, 3, 4]
+    );
+    assert!(back.more, "row limit reached");
+
+    // A byte budget for about two rows; one row always fits.
+    let two = b.fetch_unsynced(fetch(Part::All, 100, 300)).await.unwrap();
+    assert_eq!(two.readings.len(), 2, "{two:?}");
+    assert!(two.more && two.est_bytes <= 300);
+    let one = b.fetch_unsynced(fetch(Part::All, 100, 1)).await.unwrap();
+    assert_eq!(one.readings.len(), 1);
+    drop(b);
+    t.join();
+}
+
+/// Quarantined rows are no longer fetched, stay on disk, are reported,
+/// and come back as unsynced after a re-queue (also across a restart).
+#[tokio::test]
+async fn quarantine_and_requeue() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = settings(dir.path());
+    let (b, t) = Buffer::open(&s).unwrap();
+    b.append(
+        (0..5)
+            .map(|i| reading("m", "t", None, f64::from(i)))
+            .collect(),
+    )
+    .await
+    .unwrap();
+    let all = b
+        .fetch_unsynced(fetch(Part::All, 100, 1 << 20))
+        .await
+        .unwrap();
+    let bad = all.readings[1].0;
+    let qid = b
+        .quarantine(
+            RowIds {
+                readings: vec![bad],
+                ..RowIds::default()
+            },
+            422,
+            "{\"code\":\"invalid_batch\"}".into(),
+        )
+        .await
+        .unwrap();
+    assert!(qid > 0);
+    let left = b
+        .fetch_unsynced(fetch(Part::All, 100, 1 << 20))
+        .await
+        .unwrap();
+    assert_eq!(
+        left.readings.iter().map(|(_, r)| r.seq).collect::<Vec<_>>(),
+        vec![1, 3, 4, 5]
+    );
+    let st = b.sync_stats(0).await.unwrap();
+    assert_eq!((st.readings_unsynced, st.readings_quarantined), (4, 1));
+    assert_eq!(st.quarantine_batches, 1);
+    assert_eq!(b.stats().await.unwrap().readings, 5, "still on disk");
+    drop(b);
+    t.join();
+
+    let (b, t) = Buffer::open(&s).unwrap();
+    let back = b.requeue_quarantine().await.unwrap();
+    assert_eq!((back.batches, back.readings), (1, 1));
+    let all = b
+        .fetch_unsynced(fetch(Part::All, 100, 1 << 20))
+        .await
+        .unwrap();
+    assert_eq!(all.readings.len(), 5);
+    let st = b.sync_stats(0).await.unwrap();
+    assert_eq!((st.readings_quarantined, st.quarantine_batches), (0, 0));
+    drop(b);
+    t.join();
+}
+
+/// Dead letters are numbered 1, 2, 3... durably; a number is not reused
+/// after the row holding it was evicted and the rowid came free.
+#[tokio::test]
+async fn dead_letter_sequence_is_never_reused() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = settings(dir.path());
+    {
+        let (b, t) = Buffer::open(&s).unwrap();
+        b.append(vec![dead_letter(1), dead_letter(2)])
+            .await
+            .unwrap();
+        let out = b
+            .fetch_unsynced(fetch(Part::DeadLetters, 10, 1 << 20))
+            .await
+            .unwrap();
+        assert_eq!(
+            out.dead_letters
+                .iter()
+                .map(|(_, d)| d.seq)
+                .collect::<Vec<_>>(),
+            vec![1, 2]
+        );
+        assert_eq!(out.dead_letters[0].1.payload_b64, "AQEB");
+        drop(b);
+        t.join();
+    }
+    // Remove the newest row behind the buffer's back, so SQLite would hand
+    // out its rowid again.
+    let conn = rusqlite::Connection::open(&s.path).unwrap();
+    conn.execute("DELETE FROM dead_letters WHERE seq = 2", [])
+        .unwrap();
+    drop(conn);
+    let (b, t) = Buffer::open(&s).unwrap();
+    b.append(vec![dead_letter(3)]).await.unwrap();
+    let out = b
+        .fetch_unsynced(fetch(Part::DeadLetters, 10, 1 << 20))
+        .await
+        .unwrap();
+    assert_eq!(
+        out.dead_letters
+            .iter()
+            .map(|(_, d)| d.seq)
+            .collect::<Vec<_>>(),
+        vec![1, 3]
+    );
+    b.mark_rows_synced(RowIds {
+        dead_letters: vec![out.dead_letters[0].0],
+        ..RowIds::default()
+    })
+    .await
+    .unwrap();
+    let st = b.sync_stats(0).await.unwrap();
+    assert_eq!(st.dead_letters_unsynced, 1);
+    drop(b);
+    t.join();
+}
+
+/// Under quota pressure quarantined rows go before unsynced ones.
+#[tokio::test]
+async fn quarantined_rows_are_evicted_before_unsynced_rows() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = quota_settings(dir.path(), MIB, FullPolicy::DropOldest);
+    let (b, t) = Buffer::open(&s).unwrap();
+    let now = crate::now_ms();
+    b.append((0..2000).map(|i| sized_reading("q", i, now)).collect())
+        .await
+        .unwrap();
+    let q = b
+        .fetch_unsynced(fetch(Part::All, 2000, 64 << 20))
+        .await
+        .unwrap();
+    b.quarantine(
+        RowIds {
+            readings: q.readings.iter().map(|(id, _)| *id).collect(),
+            ..RowIds::default()
+        },
+        400,
+        "bad".into(),
+    )
+    .await
+    .unwrap();
+    // Fill well past the quota with unsynced rows of another stream.
+    for chunk in 0..20u64 {
+        b.append(
+            (0..500)
+                .map(|i| sized_reading("u", chunk * 500 + i, now))
+                .collect(),
+        )
+        .await
+        .unwrap();
+    }
+    let stats = b.stats().await.unwrap();
+    let q_gone = quota_evicted(&stats, "q");
+    let u_gone = quota_evicted(&stats, "u");
+    assert!(q_gone > 0, "{stats:?}");
+    if u_gone > 0 {
+        assert_eq!(
+            q_gone, 2000,
+            "unsynced rows went while quarantined remained"
+        );
+    }
+    drop(b);
+    t.join();
+}

@@ -10,7 +10,7 @@ use rusqlite::{Connection, OptionalExtension, params};
 use super::quota::{self, Evicted, Quota, Space};
 use super::{
     BufferError, BufferStats, Command, DEAD_LETTER_MAX_BYTES, Item, NewPrediction, Outcome, Result,
-    Unsynced, quarantine_path, schema,
+    RowIds, Unsynced, outbox, quarantine_path, schema,
 };
 use crate::config::{BufferSettings, Synchronous};
 
@@ -119,6 +119,8 @@ pub(super) struct Worker {
     max_delay: Duration,
     stream_seqs: HashMap<(String, String), u64>,
     model_seqs: HashMap<String, u64>,
+    /// Next dead-letter sequence number (table `sequences`).
+    dead_seq: u64,
     quota: Quota,
     last_sweep: Option<Instant>,
     pressure: Pressure,
@@ -188,6 +190,7 @@ impl Worker {
             max_delay: settings.commit_max_delay,
             stream_seqs: HashMap::new(),
             model_seqs: HashMap::new(),
+            dead_seq: 1,
             quota,
             last_sweep: None,
             pressure: Pressure::default(),
@@ -220,6 +223,15 @@ impl Worker {
             let (k, v) = row?;
             self.model_seqs.insert(k, u64::try_from(v).unwrap_or(1));
         }
+        let dead: Option<i64> = self
+            .conn
+            .query_row(
+                "SELECT next_seq FROM sequences WHERE name = 'dead_letters'",
+                [],
+                |r| r.get(0),
+            )
+            .optional()?;
+        self.dead_seq = dead.and_then(|v| u64::try_from(v).ok()).unwrap_or(1);
         Ok(())
     }
 
@@ -344,6 +356,7 @@ impl Worker {
         let started = Instant::now();
         let mut stream_seqs = self.stream_seqs.clone();
         let mut model_seqs = self.model_seqs.clone();
+        let mut dead_seq = self.dead_seq;
         let sweep = self.sweep_due();
         let quota = &self.quota;
         let result = (|| -> Result<(Vec<GroupResult>, Tally)> {
@@ -368,6 +381,7 @@ impl Worker {
                         results.push(GroupResult::Append(append_items(
                             &tx,
                             &mut stream_seqs,
+                            &mut dead_seq,
                             items,
                             &mut ctx,
                         )?));
@@ -408,6 +422,13 @@ impl Worker {
                         up.execute(params![model, to_i64(*next)])?;
                     }
                 }
+                if dead_seq != self.dead_seq {
+                    tx.prepare_cached(
+                        "INSERT INTO sequences (name, next_seq) VALUES ('dead_letters', ?1)
+                         ON CONFLICT (name) DO UPDATE SET next_seq = excluded.next_seq",
+                    )?
+                    .execute([to_i64(dead_seq)])?;
+                }
             }
             tx.commit()?;
             Ok((results, ctx.tally))
@@ -419,6 +440,7 @@ impl Worker {
             Ok((results, tally)) => {
                 self.stream_seqs = stream_seqs;
                 self.model_seqs = model_seqs;
+                self.dead_seq = dead_seq;
                 tracing::debug!(
                     groups = group.len(),
                     evicted = tally.evicted,
@@ -472,8 +494,25 @@ impl Worker {
             Command::Unsynced(limit, reply) => {
                 let _ = reply.send(self.unsynced(limit));
             }
-            Command::MarkSynced(r, p, reply) => {
-                let _ = reply.send(self.mark_synced(&r, &p));
+            Command::MarkSynced(ids, reply) => {
+                let _ = reply.send(self.mark_synced(&ids));
+            }
+            Command::Fetch(fetch, reply) => {
+                let _ = reply.send(outbox::fetch(&self.conn, &fetch));
+            }
+            Command::Watermark(reply) => {
+                let _ = reply.send(outbox::watermark(&self.conn));
+            }
+            Command::Quarantine(ids, status, error, reply) => {
+                let _ = reply.send(self.in_transaction(|tx| {
+                    outbox::quarantine(tx, &ids, status, &error, crate::now_ms())
+                }));
+            }
+            Command::Requeue(reply) => {
+                let _ = reply.send(self.in_transaction(|tx| outbox::requeue(tx)));
+            }
+            Command::SyncStats(since_ms, reply) => {
+                let _ = reply.send(outbox::stats(&self.conn, &self.quota, since_ms));
             }
             Command::Stats(reply) => {
                 let _ = reply.send(self.stats());
@@ -574,18 +613,29 @@ impl Worker {
         Ok(out)
     }
 
-    fn mark_synced(&mut self, readings: &[i64], predictions: &[i64]) -> Result<()> {
+    /// Runs `f` in its own transaction, then keeps the quota like
+    /// [`Self::mark_synced`] does.
+    fn in_transaction<T>(
+        &mut self,
+        f: impl FnOnce(&rusqlite::Transaction<'_>) -> Result<T>,
+    ) -> Result<T> {
         let tx = self.conn.transaction()?;
-        {
-            let mut st = tx.prepare_cached("UPDATE readings SET synced = 1 WHERE id = ?1")?;
-            for id in readings {
-                st.execute([id])?;
-            }
-            let mut st = tx.prepare_cached("UPDATE predictions SET synced = 1 WHERE id = ?1")?;
-            for id in predictions {
-                st.execute([id])?;
-            }
-        }
+        let out = f(&tx)?;
+        let mut evicted = Evicted::default();
+        let mut space = self.quota.space(&tx)?;
+        let within = self
+            .quota
+            .enforce(&tx, &mut space, &self.stream_seqs, &mut evicted)?;
+        evicted.write(&tx)?;
+        tx.commit()?;
+        self.pressure.note(evicted.unsynced, 0, u64::from(!within));
+        self.checkpoint();
+        Ok(out)
+    }
+
+    fn mark_synced(&mut self, ids: &RowIds) -> Result<()> {
+        let tx = self.conn.transaction()?;
+        outbox::mark_synced(&tx, ids)?;
         // Moving rows between the synced and unsynced indexes can take a
         // page; every transaction ends within the quota.
         let mut evicted = Evicted::default();
@@ -653,6 +703,7 @@ struct Tally {
 fn append_items(
     tx: &rusqlite::Transaction<'_>,
     seqs: &mut HashMap<(String, String), u64>,
+    dead_seq: &mut u64,
     items: &[Item],
     room: &mut Room<'_>,
 ) -> Result<Vec<Outcome>> {
@@ -665,8 +716,8 @@ fn append_items(
          VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
     )?;
     let mut dead = tx.prepare_cached(
-        "INSERT INTO dead_letters (topic, reason, detail, payload, payload_len, recv_ts_ms)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+        "INSERT INTO dead_letters (topic, reason, detail, payload, payload_len, recv_ts_ms, seq)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
     )?;
     for item in items {
         match item {
@@ -724,8 +775,10 @@ fn append_items(
                     d.detail,
                     keep,
                     i64::try_from(d.payload_len).unwrap_or(i64::MAX),
-                    d.recv_ts_ms
+                    d.recv_ts_ms,
+                    to_i64(*dead_seq),
                 ])?;
+                *dead_seq += 1;
                 out.push(Outcome::DeadLettered);
             }
         }

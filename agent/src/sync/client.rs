@@ -1,0 +1,362 @@
+//! The HTTP side of sync: the reqwest client (rustls, optional CA pinning
+//! and client certificate), encoding one batch (the compact columnar codec
+//! of [`sync_protocol::codec`] or JSON, zstd on top), and classifying the
+//! answer.
+//!
+//! Owns no state beyond the client; never touches the buffer.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use reqwest::StatusCode;
+use serde::Serialize;
+
+use super::{Result, SyncError};
+use crate::buffer::Outbox;
+use crate::config::SyncSettings;
+
+/// Longest error body kept for logs and the quarantine record.
+const MAX_ERROR_BODY: usize = 2048;
+
+/// Builds the client: request timeout, user agent, and for `https://` the
+/// configured trust (`ca_file` replaces the system's roots) and identity.
+///
+/// # Errors
+/// [`SyncError::Tls`] when a PEM file cannot be used, [`SyncError::Client`]
+/// when reqwest refuses the configuration.
+pub fn build_client(settings: &SyncSettings) -> Result<reqwest::Client> {
+    crate::install_crypto_provider();
+    let mut builder = reqwest::Client::builder()
+        .timeout(settings.request_timeout)
+        .connect_timeout(settings.request_timeout)
+        .user_agent(concat!("edge-agent/", env!("CARGO_PKG_VERSION")));
+    if let Some(tls) = &settings.tls {
+        let config = crate::ingest::conn::tls_config(tls).map_err(SyncError::Tls)?;
+        builder = builder.tls_backend_preconfigured(Arc::unwrap_or_clone(config));
+    }
+    builder.build().map_err(SyncError::Client)
+}
+
+/// What an HTTP status means for the batch that got it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Class {
+    /// 2xx.
+    Success,
+    /// 408, 425, 429, 5xx: try the same rows again after a backoff.
+    Retriable,
+    /// 401, 403, 404, 405, 407 and redirects: the agent's configuration
+    /// (token, device id, URL) is wrong; retried slowly, never quarantined,
+    /// because every batch would get the same answer.
+    Config,
+    /// Any other 4xx (400, 413, 415, 422, ...): the cloud refuses these rows.
+    Refused,
+}
+
+/// Classifies a response status.
+#[must_use]
+pub fn classify(status: StatusCode) -> Class {
+    match status.as_u16() {
+        200..=299 => Class::Success,
+        408 | 425 | 429 | 500..=599 => Class::Retriable,
+        401 | 403 | 404 | 405 | 407 => Class::Config,
+        400..=499 => Class::Refused,
+        _ => Class::Config,
+    }
+}
+
+/// How a batch body is encoded before zstd.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BodyFormat {
+    /// [`sync_protocol::codec`] (`Content-Type: application/vnd.edge-batch.v1`).
+    Compact,
+    /// `application/json`, for clouds that predate the codec.
+    Json,
+}
+
+impl BodyFormat {
+    fn media_type(self) -> &'static str {
+        match self {
+            BodyFormat::Compact => sync_protocol::codec::MEDIA_TYPE,
+            BodyFormat::Json => "application/json",
+        }
+    }
+}
+
+/// Whether a refusal of a compact body means the cloud does not know the
+/// codec (415, or an older cloud that read the body as JSON), so the agent
+/// should fall back to JSON rather than quarantine anything.
+#[must_use]
+pub fn codec_unsupported(format: BodyFormat, status: StatusCode, body: &str) -> bool {
+    format == BodyFormat::Compact
+        && (status == StatusCode::UNSUPPORTED_MEDIA_TYPE
+            || (status == StatusCode::BAD_REQUEST && body.contains("malformed_json")))
+}
+
+/// Borrowed view of an [`sync_protocol::UploadBatch`], so a batch can be
+/// encoded again (after a split) without copying rows.
+#[derive(Serialize)]
+struct BatchRef<'a> {
+    readings: Vec<&'a sync_protocol::Reading>,
+    predictions: Vec<&'a sync_protocol::Prediction>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    dead_letters: Vec<&'a sync_protocol::DeadLetterRecord>,
+}
+
+/// The batch in `format`, zstd-compressed: `(body, length before zstd)`.
+///
+/// # Errors
+/// [`SyncError::Encode`].
+pub fn encode(batch: &Outbox, format: BodyFormat) -> Result<(Vec<u8>, usize)> {
+    let plain = match format {
+        BodyFormat::Json => {
+            let body = BatchRef {
+                readings: batch.readings.iter().map(|(_, r)| r).collect(),
+                predictions: batch.predictions.iter().map(|(_, p)| p).collect(),
+                dead_letters: batch.dead_letters.iter().map(|(_, d)| d).collect(),
+            };
+            serde_json::to_vec(&body).map_err(|e| SyncError::Encode(e.into()))?
+        }
+        BodyFormat::Compact => {
+            let body = sync_protocol::UploadBatch {
+                readings: batch.readings.iter().map(|(_, r)| r.clone()).collect(),
+                predictions: batch.predictions.iter().map(|(_, p)| p.clone()).collect(),
+                dead_letters: batch.dead_letters.iter().map(|(_, d)| d.clone()).collect(),
+            };
+            sync_protocol::codec::encode_batch(&body)
+        }
+    };
+    let compressed = zstd::bulk::compress(&plain, 3).map_err(SyncError::Encode)?;
+    Ok((compressed, plain.len()))
+}
+
+/// Whether `ack` covers every row of `batch`: each `(key, seq)` lies in one
+/// of the acknowledged ranges of its list.
+#[must_use]
+pub fn ack_covers(ack: &sync_protocol::UploadAck, batch: &Outbox) -> bool {
+    fn index(ranges: &[sync_protocol::SeqRange]) -> BTreeMap<&str, Vec<(u64, u64)>> {
+        let mut out: BTreeMap<&str, Vec<(u64, u64)>> = BTreeMap::new();
+        for r in ranges {
+            out.entry(r.key.as_str())
+                .or_default()
+                .push((r.first, r.last));
+        }
+        out
+    }
+    fn inside(index: &BTreeMap<&str, Vec<(u64, u64)>>, key: &str, seq: u64) -> bool {
+        index
+            .get(key)
+            .is_some_and(|v| v.iter().any(|(a, b)| (*a..=*b).contains(&seq)))
+    }
+    let readings = index(&ack.readings);
+    let predictions = index(&ack.predictions);
+    let dead = index(&ack.dead_letters);
+    let mut key = String::new();
+    batch.readings.iter().all(|(_, r)| {
+        key.clear();
+        key.push_str(&r.source);
+        key.push('/');
+        key.push_str(&r.stream);
+        inside(&readings, &key, r.seq)
+    }) && batch
+        .predictions
+        .iter()
+        .all(|(_, p)| inside(&predictions, &p.model, p.seq))
+        && batch
+            .dead_letters
+            .iter()
+            .all(|(_, d)| inside(&dead, "dead_letters", d.seq))
+}
+
+/// POSTs one batch and returns the acknowledgement with the body's size
+/// on the wire.
+///
+/// # Errors
+/// [`SyncError::Transport`], [`SyncError::Retriable`], [`SyncError::Config`],
+/// [`SyncError::Refused`], [`SyncError::BadAck`] (also when the ack does not
+/// cover the batch), [`SyncError::Encode`].
+pub async fn post_batch(
+    client: &reqwest::Client,
+    url: &str,
+    token: &str,
+    batch: &Outbox,
+    format: BodyFormat,
+) -> Result<(sync_protocol::UploadAck, usize)> {
+    let (body, _plain) = encode(batch, format)?;
+    let sent = body.len();
+    let response = client
+        .post(url)
+        .bearer_auth(token)
+        .header(reqwest::header::CONTENT_TYPE, format.media_type())
+        .header(
+            reqwest::header::CONTENT_ENCODING,
+            sync_protocol::ZSTD_ENCODING,
+        )
+        .body(body)
+        .send()
+        .await
+        .map_err(SyncError::Transport)?;
+    let status = response.status();
+    match classify(status) {
+        Class::Success => {
+            let bytes = response.bytes().await.map_err(SyncError::Transport)?;
+            let ack: sync_protocol::UploadAck =
+                serde_json::from_slice(&bytes).map_err(SyncError::BadAck)?;
+            if !ack_covers(&ack, batch) {
+                return Err(SyncError::AckMismatch);
+            }
+            Ok((ack, sent))
+        }
+        Class::Retriable => {
+            let retry_after = retry_after(response.headers());
+            Err(SyncError::Retriable {
+                status,
+                retry_after,
+            })
+        }
+        Class::Config => Err(SyncError::Config {
+            status,
+            body: error_body(response).await,
+        }),
+        Class::Refused => Err(SyncError::Refused {
+            status,
+            body: error_body(response).await,
+        }),
+    }
+}
+
+/// `Retry-After` in delay-seconds form.
+pub fn retry_after(headers: &reqwest::header::HeaderMap) -> Option<std::time::Duration> {
+    headers
+        .get(reqwest::header::RETRY_AFTER)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse::<u64>().ok())
+        .map(std::time::Duration::from_secs)
+}
+
+/// The response body, truncated, for logs and quarantine records.
+pub async fn error_body(response: reqwest::Response) -> String {
+    match response.text().await {
+        Ok(text) => text.chars().take(MAX_ERROR_BODY).collect(),
+        Err(e) => format!("(body unreadable: {e})"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    #[test]
+    fn statuses_are_classified() {
+        for (code, class) in [
+            (200, Class::Success),
+            (204, Class::Success),
+            (408, Class::Retriable),
+            (429, Class::Retriable),
+            (500, Class::Retriable),
+            (503, Class::Retriable),
+            (401, Class::Config),
+            (403, Class::Config),
+            (404, Class::Config),
+            (400, Class::Refused),
+            (413, Class::Refused),
+            (415, Class::Refused),
+            (422, Class::Refused),
+            (302, Class::Config),
+        ] {
+            assert_eq!(
+                classify(StatusCode::from_u16(code).unwrap()),
+                class,
+                "{code}"
+            );
+        }
+    }
+
+    fn reading(stream: &str, seq: u64) -> (i64, sync_protocol::Reading) {
+        (
+            i64::try_from(seq).unwrap(),
+            sync_protocol::Reading {
+                source: "m".into(),
+                stream: stream.into(),
+                seq,
+                device_ts_ms: None,
+                recv_ts_ms: 1,
+                clock_ok: true,
+                values: BTreeMap::from([("v".into(), 1.0)]),
+            },
+        )
+    }
+
+    #[test]
+    fn ack_must_cover_every_row() {
+        let batch = Outbox {
+            readings: vec![reading("a", 1), reading("a", 2), reading("b", 7)],
+            ..Outbox::default()
+        };
+        let range = |key: &str, first, last| sync_protocol::SeqRange {
+            key: key.into(),
+            first,
+            last,
+        };
+        let mut ack = sync_protocol::UploadAck {
+            readings: vec![range("m/a", 1, 2), range("m/b", 7, 7)],
+            ..Default::default()
+        };
+        assert!(ack_covers(&ack, &batch));
+        ack.readings = vec![range("m/a", 1, 1), range("m/b", 7, 7)];
+        assert!(!ack_covers(&ack, &batch));
+        ack.readings = vec![range("m/a", 1, 2)];
+        assert!(!ack_covers(&ack, &batch));
+        assert!(ack_covers(&ack, &Outbox::default()));
+    }
+
+    #[test]
+    fn compact_encoding_round_trips_and_is_smaller() {
+        let batch = Outbox {
+            readings: (1..=100).map(|i| reading("a", i)).collect(),
+            ..Outbox::default()
+        };
+        let (compact, compact_plain) = encode(&batch, BodyFormat::Compact).unwrap();
+        let (json, json_plain) = encode(&batch, BodyFormat::Json).unwrap();
+        assert!(compact_plain < json_plain && compact.len() <= json.len());
+        let plain = zstd::bulk::decompress(&compact, 1 << 20).unwrap();
+        let back = sync_protocol::codec::decode_batch(&plain).unwrap();
+        assert_eq!(back.readings.len(), 100);
+        assert_eq!(back.readings[7], batch.readings[7].1);
+        assert!(codec_unsupported(
+            BodyFormat::Compact,
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            ""
+        ));
+        assert!(codec_unsupported(
+            BodyFormat::Compact,
+            StatusCode::BAD_REQUEST,
+            r#"{"code":"malformed_json"}"#
+        ));
+        assert!(!codec_unsupported(
+            BodyFormat::Json,
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            ""
+        ));
+        assert!(!codec_unsupported(
+            BodyFormat::Compact,
+            StatusCode::BAD_REQUEST,
+            r#"{"code":"invalid_batch"}"#
+        ));
+    }
+
+    #[test]
+    fn encoding_leaves_out_empty_dead_letters() {
+        let batch = Outbox {
+            readings: vec![reading("a", 1)],
+            ..Outbox::default()
+        };
+        let (body, raw) = encode(&batch, BodyFormat::Json).unwrap();
+        let json = zstd::bulk::decompress(&body, 1 << 20).unwrap();
+        assert_eq!(json.len(), raw);
+        let text = String::from_utf8(json).unwrap();
+        assert!(!text.contains("dead_letters"), "{text}");
+        let parsed: sync_protocol::UploadBatch = serde_json::from_str(&text).unwrap();
+        assert_eq!(parsed.readings.len(), 1);
+    }
+}
