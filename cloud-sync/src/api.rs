@@ -32,6 +32,7 @@ use sync_protocol::{
 
 use crate::auth::{AuthError, DeviceAuth, OperatorAuth, ReadAuth};
 use crate::config::Settings;
+use crate::registry::Registry;
 use crate::store::{BatchError, QueryError, Store, StoreError};
 
 /// `Accept-Post` sent with a 415 on the batch endpoint.
@@ -43,6 +44,7 @@ pub struct AppState {
     store: Store,
     max_body_bytes: usize,
     request_timeout: Duration,
+    registry: Option<Registry>,
 }
 
 impl AppState {
@@ -53,7 +55,22 @@ impl AppState {
             store,
             max_body_bytes: settings.max_body_bytes,
             request_timeout: settings.request_timeout,
+            registry: None,
         }
+    }
+
+    /// The same state serving the model registry's routes from `registry`
+    /// (without it they answer 503 `registry_unavailable`).
+    #[must_use]
+    pub fn with_registry(mut self, registry: Registry) -> Self {
+        self.registry = Some(registry);
+        self
+    }
+
+    /// The model registry, when the state has one.
+    #[must_use]
+    pub fn registry(&self) -> Option<&Registry> {
+        self.registry.as_ref()
     }
 
     /// The store handle.
@@ -322,6 +339,9 @@ fn route_table() -> Vec<(Method, String, MethodRouter<AppState>)> {
         (Method::GET, "/healthz".to_owned(), get(healthz)),
         (Method::GET, "/readyz".to_owned(), get(readyz)),
     ]
+    .into_iter()
+    .chain(crate::registry::http::routes())
+    .collect()
 }
 
 /// The `(method, path template)` of every route [`app`] serves.

@@ -132,6 +132,103 @@ pub struct Config {
     /// instead of a bearer token. Requires `tls_cert_file`.
     #[serde(default)]
     pub tls_client_ca_file: Option<PathBuf>,
+    /// The model registry (`docs/model-registry.md`).
+    #[serde(default)]
+    pub registry: RegistryConfig,
+}
+
+/// `[registry]`: where artifacts and signing keys live.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RegistryConfig {
+    /// Directory of the content-addressed artifacts (created if missing).
+    #[serde(default = "default_artifact_dir")]
+    pub artifact_dir: PathBuf,
+    /// The registry's ed25519 private key (PKCS#8 PEM, mode 0600), made by
+    /// `cloud-sync keys generate`.
+    #[serde(default = "default_signing_key_file")]
+    pub signing_key_file: PathBuf,
+    /// Every public key the registry has signed with (current and retired).
+    #[serde(default = "default_public_keys_file")]
+    pub public_keys_file: PathBuf,
+}
+
+/// Default for `registry.artifact_dir`.
+pub const DEFAULT_ARTIFACT_DIR: &str = "artifacts";
+/// Default for `registry.signing_key_file`.
+pub const DEFAULT_SIGNING_KEY_FILE: &str = "registry-signing-key.pem";
+/// Default for `registry.public_keys_file`.
+pub const DEFAULT_PUBLIC_KEYS_FILE: &str = "registry-public-keys.toml";
+
+fn default_artifact_dir() -> PathBuf {
+    PathBuf::from(DEFAULT_ARTIFACT_DIR)
+}
+
+fn default_signing_key_file() -> PathBuf {
+    PathBuf::from(DEFAULT_SIGNING_KEY_FILE)
+}
+
+fn default_public_keys_file() -> PathBuf {
+    PathBuf::from(DEFAULT_PUBLIC_KEYS_FILE)
+}
+
+impl Default for RegistryConfig {
+    fn default() -> Self {
+        Self {
+            artifact_dir: default_artifact_dir(),
+            signing_key_file: default_signing_key_file(),
+            public_keys_file: default_public_keys_file(),
+        }
+    }
+}
+
+impl RegistryConfig {
+    /// Checks the paths; reports problems through `problem`.
+    fn validate(&self, mut problem: impl FnMut(&'static str, String)) -> RegistrySettings {
+        for (key, path) in [
+            ("registry.artifact_dir", &self.artifact_dir),
+            ("registry.signing_key_file", &self.signing_key_file),
+            ("registry.public_keys_file", &self.public_keys_file),
+        ] {
+            if path.as_os_str().is_empty() {
+                problem(key, "must not be empty".to_owned());
+            }
+        }
+        if self.signing_key_file == self.public_keys_file {
+            problem(
+                "registry.public_keys_file",
+                "must differ from registry.signing_key_file".to_owned(),
+            );
+        }
+        RegistrySettings {
+            artifact_dir: self.artifact_dir.clone(),
+            signing_key_file: self.signing_key_file.clone(),
+            public_keys_file: self.public_keys_file.clone(),
+        }
+    }
+}
+
+/// Validated `[registry]` settings.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RegistrySettings {
+    /// `registry.artifact_dir`.
+    pub artifact_dir: PathBuf,
+    /// `registry.signing_key_file`.
+    pub signing_key_file: PathBuf,
+    /// `registry.public_keys_file`.
+    pub public_keys_file: PathBuf,
+}
+
+impl RegistrySettings {
+    /// The default file names inside `dir` (tests, demos).
+    #[must_use]
+    pub fn in_dir(dir: &Path) -> RegistrySettings {
+        RegistrySettings {
+            artifact_dir: dir.join(DEFAULT_ARTIFACT_DIR),
+            signing_key_file: dir.join(DEFAULT_SIGNING_KEY_FILE),
+            public_keys_file: dir.join(DEFAULT_PUBLIC_KEYS_FILE),
+        }
+    }
 }
 
 fn default_listen_addr() -> String {
@@ -166,6 +263,7 @@ impl Default for Config {
             tls_cert_file: None,
             tls_key_file: None,
             tls_client_ca_file: None,
+            registry: RegistryConfig::default(),
         }
     }
 }
@@ -316,6 +414,8 @@ impl Config {
             }
         };
 
+        let registry = self.registry.validate(&mut problem);
+
         match (listen_addr, max_connections, max_body_bytes) {
             (Some(listen_addr), Some(max_connections), Some(max_body_bytes))
                 if problems.is_empty() =>
@@ -335,6 +435,7 @@ impl Config {
                     max_body_bytes,
                     request_timeout: Duration::from_secs(self.request_timeout_secs),
                     tls,
+                    registry,
                 })
             }
             _ => Err(ConfigError::Invalid { problems }),
@@ -388,6 +489,8 @@ pub struct Settings {
     pub request_timeout: Duration,
     /// HTTPS, when `tls_cert_file` and `tls_key_file` are set.
     pub tls: Option<TlsSettings>,
+    /// The model registry's files.
+    pub registry: RegistrySettings,
 }
 
 /// HTTPS settings, loaded and checked by [`Config::validate`].
@@ -497,9 +600,15 @@ impl Settings {
     /// Default settings for `path`, listening on `127.0.0.1:0` (tests, demos).
     #[must_use]
     pub fn for_database(path: impl Into<PathBuf>) -> Settings {
+        let path = path.into();
+        let dir = path
+            .parent()
+            .filter(|dir| !dir.as_os_str().is_empty())
+            .unwrap_or(Path::new("."));
         Settings {
             listen_addr: SocketAddr::from(([127, 0, 0, 1], 0)),
-            storage: StorageSettings::Sqlite { path: path.into() },
+            registry: RegistrySettings::in_dir(dir),
+            storage: StorageSettings::Sqlite { path },
             max_body_bytes: usize::try_from(DEFAULT_MAX_BODY_BYTES).unwrap_or(usize::MAX),
             request_timeout: Duration::from_secs(DEFAULT_REQUEST_TIMEOUT_SECS),
             tls: None,
@@ -621,6 +730,7 @@ mod tests {
             tls_cert_file: Some("cert.pem".into()),
             tls_key_file: None,
             tls_client_ca_file: None,
+            registry: RegistryConfig::default(),
         };
         let Err(ConfigError::Invalid { problems }) = config.validate() else {
             panic!("expected invalid config");

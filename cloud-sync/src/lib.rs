@@ -17,6 +17,8 @@
 //! - [`api`]: the axum router ([`app`]), request decoding (JSON or the
 //!   compact codec, optionally zstd) and error responses.
 //! - [`openapi`]: the OpenAPI 3.1 document served at `/openapi.json`.
+//! - [`registry`]: the model registry: signed, content-addressed model
+//!   versions with stages per device group, and its API handlers.
 //! - [`tls`]: HTTPS with rustls, client certificates, the TLS accept loop.
 //! - this file: [`start`] / [`Server`] for in-process use (tests, demos) and
 //!   [`serve`] for the binary.
@@ -27,6 +29,7 @@ pub mod api;
 pub mod auth;
 pub mod config;
 pub mod openapi;
+pub mod registry;
 pub mod store;
 pub mod tls;
 
@@ -38,6 +41,7 @@ use tokio_util::sync::CancellationToken;
 
 pub use api::{ApiError, AppState, app};
 pub use config::{Config, ConfigError, PostgresSettings, Settings, StorageSettings, TlsSettings};
+pub use registry::{Registry, RegistryError};
 pub use store::{Store, StoreError};
 pub use sync_protocol;
 
@@ -50,6 +54,9 @@ pub enum ServeError {
     /// The database could not be opened.
     #[error("cannot open store")]
     Store(#[from] StoreError),
+    /// The model registry (its tables or artifact directory) could not be opened.
+    #[error("cannot open model registry")]
+    Registry(#[from] RegistryError),
     /// The listen address could not be bound.
     #[error("cannot bind listen_addr {addr}")]
     Bind {
@@ -99,7 +106,8 @@ pub async fn start(settings: Settings, shutdown: CancellationToken) -> Result<Se
             source,
         })?;
     let addr = listener.local_addr().map_err(ServeError::LocalAddr)?;
-    let router = app(AppState::new(store.clone(), &settings));
+    let registry = Registry::open(&settings.registry, &settings.storage).await?;
+    let router = app(AppState::new(store.clone(), &settings).with_registry(registry));
     let task = match &settings.tls {
         None => {
             let signal = shutdown.clone().cancelled_owned();

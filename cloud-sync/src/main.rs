@@ -11,6 +11,7 @@ use std::process::ExitCode;
 use anyhow::Context as _;
 use clap::{Parser, Subcommand};
 use cloud_sync::config::DEFAULT_CONFIG_TOML;
+use cloud_sync::sync_protocol::registry::DEFAULT_GROUP;
 use cloud_sync::{Config, Settings, Store};
 use tokio_util::sync::CancellationToken;
 
@@ -49,6 +50,93 @@ enum Command {
     Operators {
         #[command(subcommand)]
         command: OperatorsCommand,
+    },
+    /// Manage the model registry's ed25519 signing key.
+    Keys {
+        #[command(subcommand)]
+        command: KeysCommand,
+    },
+    /// Register, list, promote and archive model versions.
+    Models {
+        #[command(subcommand)]
+        command: ModelsCommand,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum KeysCommand {
+    /// Create the first signing key (refused when one exists).
+    Generate {
+        /// Config file (TOML) naming the key files.
+        #[arg(long, value_name = "FILE")]
+        config: PathBuf,
+    },
+    /// Replace the signing key; old public keys stay listed.
+    Rotate {
+        /// Config file (TOML) naming the key files.
+        #[arg(long, value_name = "FILE")]
+        config: PathBuf,
+    },
+    /// Print every public key (current first) for the agents' config.
+    ShowPublic {
+        /// Config file (TOML) naming the key files.
+        #[arg(long, value_name = "FILE")]
+        config: PathBuf,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum ModelsCommand {
+    /// Validate a package directory, store and sign its artifact, register it as staging.
+    Push {
+        /// Package directory (model.toml + model.onnx).
+        dir: PathBuf,
+        /// Device group to register for.
+        #[arg(long, default_value = DEFAULT_GROUP)]
+        group: String,
+        /// Training run that produced the model.
+        #[arg(long, value_name = "ID")]
+        training_run: Option<String>,
+        /// Dataset the model was trained on.
+        #[arg(long, value_name = "ID")]
+        dataset: Option<String>,
+        /// Config file (TOML).
+        #[arg(long, value_name = "FILE")]
+        config: PathBuf,
+    },
+    /// List registered versions (of one model when NAME is given).
+    List {
+        /// Model name.
+        name: Option<String>,
+        /// Config file (TOML).
+        #[arg(long, value_name = "FILE")]
+        config: PathBuf,
+    },
+    /// Make a version the production one of a group (archives the previous one).
+    Promote {
+        /// Model name.
+        name: String,
+        /// Version (MAJOR.MINOR.PATCH).
+        version: String,
+        /// Device group.
+        #[arg(long, default_value = DEFAULT_GROUP)]
+        group: String,
+        /// Config file (TOML).
+        #[arg(long, value_name = "FILE")]
+        config: PathBuf,
+    },
+    /// Archive a version.
+    Archive {
+        /// Model name.
+        name: String,
+        /// Version (MAJOR.MINOR.PATCH).
+        version: String,
+        /// Device group.
+        #[arg(long, default_value = DEFAULT_GROUP)]
+        group: String,
+        /// Config file (TOML).
+        #[arg(long, value_name = "FILE")]
+        config: PathBuf,
     },
 }
 
@@ -119,6 +207,8 @@ fn main() -> ExitCode {
         Command::Operators {
             command: OperatorsCommand::Revoke { name, config },
         } => with_settings(&config, |settings| run(revoke_operator(settings, name))),
+        Command::Keys { command } => registry_cli::keys(command),
+        Command::Models { command } => registry_cli::models(command),
     }
 }
 
@@ -264,6 +354,137 @@ async fn revoke_operator(settings: Settings, name: String) -> anyhow::Result<()>
     closed?;
     eprintln!("cloud-sync: operator {name:?} revoked");
     Ok(())
+}
+
+/// `keys` and `models` subcommands: each loads the config, then calls
+/// [`cloud_sync::registry`].
+mod registry_cli {
+    use anyhow::Context as _;
+    use cloud_sync::Settings;
+    use cloud_sync::registry::{PushOptions, Registry, Signer, keys, table};
+
+    use super::{KeysCommand, ModelsCommand, run, with_settings};
+
+    pub(super) fn keys(command: KeysCommand) -> std::process::ExitCode {
+        match command {
+            KeysCommand::Generate { config } => with_settings(&config, |s| {
+                run(async move {
+                    let entry = keys::generate(&s.registry)?;
+                    eprintln!("cloud-sync: signing key {} generated", entry.id);
+                    Ok::<(), anyhow::Error>(())
+                })
+            }),
+            KeysCommand::Rotate { config } => with_settings(&config, |s| {
+                run(async move {
+                    let entry = keys::rotate(&s.registry)?;
+                    eprintln!(
+                        "cloud-sync: signing key rotated; new key {} (old keys stay listed in {})",
+                        entry.id,
+                        s.registry.public_keys_file.display()
+                    );
+                    Ok::<(), anyhow::Error>(())
+                })
+            }),
+            KeysCommand::ShowPublic { config } => with_settings(&config, |s| {
+                run(async move {
+                    print!(
+                        "{}",
+                        keys::agent_config_snippet(&keys::public_keys(&s.registry)?)
+                    );
+                    Ok::<(), anyhow::Error>(())
+                })
+            }),
+        }
+    }
+
+    async fn open(settings: &Settings) -> anyhow::Result<Registry> {
+        Registry::open(&settings.registry, &settings.storage)
+            .await
+            .with_context(|| format!("database {}", settings.storage))
+    }
+
+    pub(super) fn models(command: ModelsCommand) -> std::process::ExitCode {
+        match command {
+            ModelsCommand::Push {
+                dir,
+                group,
+                training_run,
+                dataset,
+                config,
+            } => with_settings(&config, |s| {
+                run(async move {
+                    let signer = Signer::load(&s.registry)?;
+                    let registry = open(&s).await?;
+                    let options = PushOptions {
+                        group,
+                        training_run,
+                        dataset,
+                    };
+                    let pushed = registry
+                        .push(&dir, &signer, options)
+                        .await
+                        .with_context(|| format!("cannot push {}", dir.display()))?;
+                    let v = &pushed.version;
+                    let what = if pushed.created {
+                        "registered as staging"
+                    } else {
+                        "already registered (identical content)"
+                    };
+                    println!("{}", v.sha256);
+                    eprintln!(
+                        "cloud-sync: {} {} for group {:?} {what}; {} golden pairs passed; signed by key {}",
+                        v.name, v.version, v.group, pushed.golden, v.key_id
+                    );
+                    Ok::<(), anyhow::Error>(())
+                })
+            }),
+            ModelsCommand::List { name, config } => with_settings(&config, |s| {
+                run(async move {
+                    let versions = open(&s).await?.list(name.as_deref()).await?;
+                    print!("{}", table(&versions));
+                    Ok::<(), anyhow::Error>(())
+                })
+            }),
+            ModelsCommand::Promote {
+                name,
+                version,
+                group,
+                config,
+            } => with_settings(&config, |s| {
+                run(async move {
+                    let promotion = open(&s)
+                        .await?
+                        .promote(&name, &version, &group)
+                        .await
+                        .with_context(|| format!("cannot promote {name} {version}"))?;
+                    let archived = promotion
+                        .archived
+                        .map(|v| format!("; {v} archived"))
+                        .unwrap_or_default();
+                    eprintln!(
+                        "cloud-sync: {name} {version} is production for group {group:?}{archived}"
+                    );
+                    Ok::<(), anyhow::Error>(())
+                })
+            }),
+            ModelsCommand::Archive {
+                name,
+                version,
+                group,
+                config,
+            } => with_settings(&config, |s| {
+                run(async move {
+                    open(&s)
+                        .await?
+                        .archive(&name, &version, &group)
+                        .await
+                        .with_context(|| format!("cannot archive {name} {version}"))?;
+                    eprintln!("cloud-sync: {name} {version} archived for group {group:?}");
+                    Ok::<(), anyhow::Error>(())
+                })
+            }),
+        }
+    }
 }
 
 async fn open_store(settings: &Settings) -> anyhow::Result<Store> {

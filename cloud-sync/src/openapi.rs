@@ -467,7 +467,7 @@ fn paths() -> Value {
 /// The OpenAPI 3.1 document.
 #[must_use]
 pub fn document() -> Value {
-    json!({
+    let mut document = json!({
         "openapi": "3.1.0",
         "info": {
             "title": "cloud-sync",
@@ -492,5 +492,7 @@ pub fn document() -> Value {
                 }
             }
         }
-    })
+    });
+    crate::registry::openapi::extend(&mut document);
+    document
 }

@@ -9,6 +9,7 @@ mod cli;
 mod endpoints;
 mod openapi;
 mod reads;
+mod registry;
 mod server;
 mod shared_postgres;
 mod store;
