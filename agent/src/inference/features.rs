@@ -107,6 +107,8 @@ pub struct InputPlan {
     pub max_gap_ms: u64,
     /// Clock readings held back for reordering.
     pub reorder_readings: usize,
+    /// Take late readings in arrival order instead of dropping them.
+    pub accept_late: bool,
     /// Missing-value policy.
     pub nan_policy: NanPolicy,
 }
@@ -294,7 +296,9 @@ impl SourceState {
         values: &BTreeMap<String, f64>,
     ) -> Pushed {
         let mut out = Pushed::default();
-        let is_late = |held_ts: Option<i64>| matches!((ts, held_ts), (Some(t), Some(h)) if t < h);
+        let is_late = |held_ts: Option<i64>| {
+            !plan.accept_late && matches!((ts, held_ts), (Some(t), Some(h)) if t < h)
+        };
         if stream != plan.clock() {
             for (i, f) in plan.features.iter().enumerate() {
                 if f.stream != stream {
@@ -409,6 +413,7 @@ mod tests {
             batch_size: 1,
             max_gap_ms: 0,
             reorder_readings: 0,
+            accept_late: false,
             nan_policy: NanPolicy::Skip,
         }
     }
@@ -533,6 +538,14 @@ mod tests {
         let w = s.push(&p, "t", 3, Some(1000), &vals(&[("v", 2.0)]));
         assert_eq!(w.late, 0);
         assert_eq!(w.windows[0].values, vec![vec![1.0], vec![2.0]]);
+        // late_policy = "accept": taken in arrival order.
+        let mut p = p;
+        p.accept_late = true;
+        let mut s = SourceState::new(&p);
+        s.push(&p, "t", 1, Some(1000), &vals(&[("v", 1.0)]));
+        let r = s.push(&p, "t", 2, Some(999), &vals(&[("v", 9.0)]));
+        assert_eq!(r.late, 0);
+        assert_eq!(r.windows[0].values, vec![vec![1.0], vec![9.0]]);
     }
 
     #[test]

@@ -116,11 +116,19 @@ pub struct InputSpec {
     /// back in device-time order; 0 (default) holds none.
     #[serde(default)]
     pub reorder_readings: usize,
+    /// `drop` (default) or `accept`: what a reading older than the last
+    /// time step gets (dropped and counted, or taken in arrival order).
+    #[serde(default = "drop_late")]
+    pub late_policy: String,
     /// `skip` (default) or `impute`: what a window holding a missing value gets.
     #[serde(default = "skip")]
     pub nan_policy: String,
     /// Features, in input-tensor order; the first one's stream is the clock.
     pub features: Vec<FeatureSpec>,
+}
+
+fn drop_late() -> String {
+    "drop".into()
 }
 
 fn one() -> usize {
@@ -376,6 +384,16 @@ pub fn validate(
             ));
         }
     };
+    let accept_late = match i.late_policy.as_str() {
+        "drop" => false,
+        "accept" => true,
+        other => {
+            return Err((
+                "input.late_policy",
+                format!("{other:?} is not one of \"drop\", \"accept\""),
+            ));
+        }
+    };
     if i.features.is_empty() || i.features.len() > 256 {
         return Err((
             "input.features",
@@ -519,6 +537,7 @@ pub fn validate(
         batch_size: i.batch_size,
         max_gap_ms: i.max_gap_ms,
         reorder_readings: i.reorder_readings,
+        accept_late,
         nan_policy,
     };
 
