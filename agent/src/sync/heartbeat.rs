@@ -235,7 +235,14 @@ mod tests {
             version: "1.0.0".into(),
             sha256: "ab".into(),
         };
-        let hb = build(&stats, &counters, &[model.clone()], 1_000, 10_000, Some(-3));
+        let hb = build(
+            &stats,
+            &counters,
+            std::slice::from_ref(&model),
+            1_000,
+            10_000,
+            Some(-3),
+        );
         assert_eq!(hb.agent_version, env!("CARGO_PKG_VERSION"));
         assert_eq!(hb.models, vec![model]);
         assert_eq!(hb.backlog.readings, 10);

@@ -476,8 +476,10 @@ fn split(mut batch: Outbox) -> (Outbox, Outbox) {
         from.drain(..n).collect()
     }
     let half = batch.len() / 2;
-    let mut first = Outbox::default();
-    first.readings = take(&mut batch.readings, half);
+    let mut first = Outbox {
+        readings: take(&mut batch.readings, half),
+        ..Outbox::default()
+    };
     let left = half - first.readings.len();
     first.predictions = take(&mut batch.predictions, left);
     let left = left - first.predictions.len();

@@ -117,7 +117,7 @@ mod tests {
             .unwrap()
             .map(|e| e.unwrap().file_name().into_string().unwrap())
             .collect();
-        assert_eq!(names, [sha.clone()]);
+        assert_eq!(names, std::slice::from_ref(&sha));
         store.remove(&sha).unwrap();
         store.remove(&sha).unwrap();
         assert!(!store.path(&sha).unwrap().exists());

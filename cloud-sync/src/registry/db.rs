@@ -193,7 +193,7 @@ pub enum Db {
     /// SQLite: one worker thread with its own connection.
     Sqlite(SqliteDb),
     /// PostgreSQL: a few pooled connections.
-    Postgres(PgDb),
+    Postgres(Box<PgDb>),
 }
 
 impl Db {
@@ -204,7 +204,9 @@ impl Db {
     pub async fn open(storage: &StorageSettings) -> Result<Db> {
         match storage {
             StorageSettings::Sqlite { path } => Ok(Db::Sqlite(SqliteDb::open(path).await?)),
-            StorageSettings::Postgres(settings) => Ok(Db::Postgres(PgDb::open(settings).await?)),
+            StorageSettings::Postgres(settings) => {
+                Ok(Db::Postgres(Box::new(PgDb::open(settings).await?)))
+            }
         }
     }
 

@@ -146,10 +146,7 @@ fn refuse(
     filters: &[(&'static str, &Option<String>)],
 ) -> Result<(), QueryError> {
     match filters.iter().find(|(_, value)| value.is_some()) {
-        Some((filter, _)) => Err(QueryError::FilterNotApplicable {
-            filter: *filter,
-            endpoint,
-        }),
+        Some((filter, _)) => Err(QueryError::FilterNotApplicable { filter, endpoint }),
         None => Ok(()),
     }
 }
