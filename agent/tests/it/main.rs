@@ -2,7 +2,6 @@
 //! buffer, an embedded broker.
 #![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
 
-mod backpressure;
 mod crash;
 mod drain;
 mod inference;
