@@ -167,7 +167,9 @@ fn model_check_refuses_broken_packages_with_clear_messages() {
     let d = tempfile::tempdir().unwrap();
     let cases: [(&str, Edit, Bytes, &str); 5] = [
         ("truncated", same, truncate, "tract refused the model"),
-        ("corrupt", same, corrupt, "tract refused the model"),
+        // Which check refuses it depends on where the damage lands (the
+        // graph, or weights that then yield non-finite scores).
+        ("corrupt", same, corrupt, "NOT fit to go live"),
         ("unknown-op", same, unknown_op, "tract refused the model"),
         (
             "wrong-shape",
@@ -357,11 +359,19 @@ async fn windows_of_several_devices_share_one_run_with_batch_one_results() {
         let row: Vec<f32> = stats4(&v).into_iter().chain(stats4(&a)).collect();
         let alone = runner.run(&[row]).unwrap().remove(0);
         let probs: Vec<f64> = alone.iter().map(|p| f64::from(*p)).collect();
-        assert_eq!(
-            e.probabilities, probs,
-            "batched output equals the batch-1 output"
+        // Batched matrix kernels may sum in another order than batch 1:
+        // equal to float rounding, not bit for bit.
+        let close = |x: f64, y: f64| (x - y).abs() <= 1e-6 * x.abs().max(y.abs()).max(1e-3);
+        assert_eq!(e.probabilities.len(), probs.len());
+        assert!(
+            e.probabilities
+                .iter()
+                .zip(&probs)
+                .all(|(x, y)| close(*x, *y)),
+            "batched output equals the batch-1 output: {:?} vs {probs:?}",
+            e.probabilities
         );
-        assert_eq!(e.prediction.score, probs[2], "score is P(failing)");
+        assert!(close(e.prediction.score, probs[2]), "score is P(failing)");
         assert_eq!(e.prediction.is_anomaly, probs[2] > 0.5);
         let top = ["normal", "worn", "failing"]
             [(0..3).fold(0, |b, i| if probs[i] > probs[b] { i } else { b })];
