@@ -215,9 +215,19 @@ async fn faults_between_agent_and_cloud_lose_and_duplicate_nothing() {
     ] {
         assert!(n > 0, "no {name} injected: the test did not test them");
     }
+    // The cloud can hold every row before the agent has marked the last
+    // batch (its answer may have been dropped and the batch is being
+    // replayed): wait for the agent's side to settle.
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    let stats = loop {
+        let stats = buffer.sync_stats(0).await.unwrap();
+        if stats.readings_unsynced == 0 || std::time::Instant::now() > deadline {
+            break stats;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
     // Replayed batches were absorbed by the cloud, not marked twice.
     assert!(Counters::get(&counters.synced_readings) >= 9000);
-    let stats = buffer.sync_stats(0).await.unwrap();
     assert_eq!((stats.readings_unsynced, stats.quarantine_batches), (0, 0));
     drop(buffer);
     thread.join();
