@@ -61,6 +61,106 @@ pub struct RawConfig {
     /// `[log]`; optional, the defaults apply when it is absent.
     #[serde(default)]
     pub log: RawLog,
+    /// `[rollout]`; optional, the defaults apply when it is absent.
+    #[serde(default)]
+    pub rollout: RawRollout,
+}
+
+/// `[rollout]` as written.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawRollout {
+    /// Follow the registry.
+    #[serde(default)]
+    pub enabled: bool,
+    /// Models to follow.
+    #[serde(default)]
+    pub models: Vec<String>,
+    /// Device group asked for.
+    #[serde(default = "default_group")]
+    pub group: String,
+    /// Registry poll period.
+    #[serde(default = "default_poll_interval_secs")]
+    pub poll_interval_secs: u64,
+    /// Trusted ed25519 public keys, 64 hex digits each.
+    #[serde(default)]
+    pub trusted_keys: Vec<String>,
+    /// Largest artifact downloaded.
+    #[serde(default = "default_max_artifact_bytes")]
+    pub max_artifact_bytes: u64,
+    /// Install older versions without the registry's `downgrade` flag.
+    #[serde(default)]
+    pub allow_downgrade: bool,
+    /// Trial length; 0 disables trials.
+    #[serde(default = "default_trial_secs")]
+    pub trial_secs: u64,
+    /// Windows a trial must see.
+    #[serde(default = "default_trial_min_windows")]
+    pub trial_min_windows: u64,
+    /// Largest share of windows failing to score.
+    #[serde(default = "default_max_error_rate")]
+    pub max_error_rate: f64,
+    /// Largest share of non-finite outputs.
+    #[serde(default)]
+    pub max_nonfinite_rate: f64,
+    /// p99 budget of one tract run.
+    #[serde(default = "default_max_p99_latency_ms")]
+    pub max_p99_latency_ms: u64,
+    /// Largest share of windows flagged anomalous.
+    #[serde(default = "default_max_anomaly_rate")]
+    pub max_anomaly_rate: f64,
+    /// Largest share of scores beyond the baseline's p99.
+    #[serde(default = "default_max_over_p99_share")]
+    pub max_over_p99_share: f64,
+}
+
+impl Default for RawRollout {
+    fn default() -> Self {
+        Self {
+            enabled: false,
+            models: Vec::new(),
+            group: default_group(),
+            poll_interval_secs: default_poll_interval_secs(),
+            trusted_keys: Vec::new(),
+            max_artifact_bytes: default_max_artifact_bytes(),
+            allow_downgrade: false,
+            trial_secs: default_trial_secs(),
+            trial_min_windows: default_trial_min_windows(),
+            max_error_rate: default_max_error_rate(),
+            max_nonfinite_rate: 0.0,
+            max_p99_latency_ms: default_max_p99_latency_ms(),
+            max_anomaly_rate: default_max_anomaly_rate(),
+            max_over_p99_share: default_max_over_p99_share(),
+        }
+    }
+}
+
+fn default_group() -> String {
+    sync_protocol::registry::DEFAULT_GROUP.into()
+}
+fn default_poll_interval_secs() -> u64 {
+    300
+}
+fn default_max_artifact_bytes() -> u64 {
+    256 << 20
+}
+fn default_trial_secs() -> u64 {
+    600
+}
+fn default_trial_min_windows() -> u64 {
+    30
+}
+fn default_max_error_rate() -> f64 {
+    0.01
+}
+fn default_max_p99_latency_ms() -> u64 {
+    500
+}
+fn default_max_anomaly_rate() -> f64 {
+    0.5
+}
+fn default_max_over_p99_share() -> f64 {
+    0.25
 }
 
 /// `[agent]` as written.
@@ -348,6 +448,10 @@ pub struct Settings {
     pub shutdown_deadline: Duration,
     /// Logging.
     pub log: LogSettings,
+    /// Registry rollout; `None` when disabled.
+    pub rollout: Option<crate::rollout::RolloutSettings>,
+    /// Trials of swapped-in versions; `None` when disabled.
+    pub trial: Option<crate::inference::trial::TrialSettings>,
 }
 
 /// Validated MQTT settings (shared by ingest and the publisher).
@@ -948,6 +1052,13 @@ impl RawConfig {
         }
 
         let log = validate_log(&self.log, &mut errs);
+        let (rollout, trial) = validate_rollout(
+            &self.rollout,
+            sync.is_some(),
+            self.inference.watch_interval_ms > 0,
+            &a.state_dir,
+            &mut errs,
+        );
 
         if !errs.is_empty() {
             return Err(ConfigError::Invalid(errs));
@@ -999,8 +1110,104 @@ impl RawConfig {
             sync,
             shutdown_deadline: Duration::from_millis(self.shutdown.deadline_ms),
             log,
+            rollout,
+            trial,
         })
     }
+}
+
+fn validate_rollout(
+    r: &RawRollout,
+    sync_enabled: bool,
+    watching: bool,
+    state_dir: &Path,
+    errs: &mut Vec<String>,
+) -> (
+    Option<crate::rollout::RolloutSettings>,
+    Option<crate::inference::trial::TrialSettings>,
+) {
+    for (key, v) in [
+        ("rollout.max_error_rate", r.max_error_rate),
+        ("rollout.max_nonfinite_rate", r.max_nonfinite_rate),
+        ("rollout.max_anomaly_rate", r.max_anomaly_rate),
+        ("rollout.max_over_p99_share", r.max_over_p99_share),
+    ] {
+        if !(0.0..=1.0).contains(&v) {
+            errs.push(format!("{key}: must be between 0.0 and 1.0, got {v}"));
+        }
+    }
+    if r.trial_secs > 30 * 86_400 {
+        errs.push("rollout.trial_secs: must be at most 2592000 (30 days)".into());
+    }
+    if r.max_p99_latency_ms == 0 {
+        errs.push("rollout.max_p99_latency_ms: must be at least 1".into());
+    }
+    let trial = (r.trial_secs > 0).then(|| crate::inference::trial::TrialSettings {
+        duration: Duration::from_secs(r.trial_secs),
+        min_windows: r.trial_min_windows,
+        max_error_rate: r.max_error_rate,
+        max_nonfinite_rate: r.max_nonfinite_rate,
+        max_p99_latency: Duration::from_millis(r.max_p99_latency_ms),
+        max_anomaly_rate: r.max_anomaly_rate,
+        max_over_p99_share: r.max_over_p99_share,
+    });
+    if !r.enabled {
+        return (None, trial);
+    }
+    if !sync_enabled {
+        errs.push("rollout.enabled: needs [sync] enabled (the registry is cloud-sync's: same URL, token and TLS)".into());
+    }
+    if !watching {
+        errs.push("rollout.enabled: needs inference.watch_interval_ms > 0 (installed versions are swapped in by the watcher)".into());
+    }
+    if r.models.is_empty() {
+        errs.push("rollout.models: name at least one model to follow".into());
+    }
+    for m in &r.models {
+        if m.is_empty()
+            || m.len() > 128
+            || !m
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+        {
+            errs.push(format!(
+                "rollout.models: {m:?} is not a model name ([A-Za-z0-9._-], 1-128)"
+            ));
+        }
+    }
+    if r.group.is_empty() || r.group.len() > 128 {
+        errs.push("rollout.group: must be 1-128 characters".into());
+    }
+    if r.poll_interval_secs == 0 || r.poll_interval_secs > 86_400 {
+        errs.push("rollout.poll_interval_secs: must be between 1 and 86400".into());
+    }
+    if r.max_artifact_bytes < 1024 {
+        errs.push("rollout.max_artifact_bytes: must be at least 1024".into());
+    }
+    if r.trusted_keys.is_empty() {
+        errs.push("rollout.trusted_keys: list at least one registry public key (`cloud-sync keys show-public`); unsigned models are never installed".into());
+    }
+    let mut trusted_keys = Vec::new();
+    for (i, k) in r.trusted_keys.iter().enumerate() {
+        match crate::rollout::TrustedKey::parse(k) {
+            Ok(k) => trusted_keys.push(k),
+            Err(e) => errs.push(format!("rollout.trusted_keys[{i}]: {e}")),
+        }
+    }
+    let rollout_dir = state_dir.join("rollout");
+    (
+        Some(crate::rollout::RolloutSettings {
+            models: r.models.clone(),
+            group: r.group.clone(),
+            poll_interval: Duration::from_secs(r.poll_interval_secs),
+            trusted_keys,
+            max_artifact_bytes: r.max_artifact_bytes,
+            allow_downgrade: r.allow_downgrade,
+            downloads_dir: rollout_dir.join("downloads"),
+            reports_dir: rollout_dir.join("reports"),
+        }),
+        trial,
+    )
 }
 
 fn validate_log(l: &RawLog, errs: &mut Vec<String>) -> LogSettings {
@@ -1114,6 +1321,66 @@ mod tests {
         ] {
             assert!(msg.contains(key), "{key} missing from {msg}");
         }
+    }
+
+    #[test]
+    fn rollout_keys_are_checked_and_trials_apply_without_the_registry() {
+        let (_dir, text) = with_token(DEFAULT_CONFIG);
+        let s = RawConfig::parse(&text).unwrap().validate().unwrap();
+        assert!(s.rollout.is_none());
+        let trial = s.trial.unwrap();
+        assert_eq!(trial.duration, Duration::from_secs(600));
+        assert_eq!(trial.max_p99_latency, Duration::from_millis(500));
+
+        let enabled = text
+            .replace("[rollout]\n# Follow", "[rollout]\nenabled = true\n# Follow")
+            .replace("\nenabled = false\nmodels", "\nmodels");
+        let err = RawConfig::parse(&enabled).unwrap().validate().unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("rollout.trusted_keys: list at least one"),
+            "{err}"
+        );
+
+        let key = "d75a980182b10ab7d54bfed3c964073a0ee172f3daa62325af021a68f707511a";
+        let good = enabled.replace("trusted_keys = []", &format!("trusted_keys = [\"{key}\"]"));
+        let s = RawConfig::parse(&good).unwrap().validate().unwrap();
+        let r = s.rollout.unwrap();
+        assert_eq!(r.trusted_keys.len(), 1);
+        assert_eq!(r.trusted_keys[0].id.len(), 16);
+        assert!(r.downloads_dir.ends_with("rollout/downloads"));
+
+        let bad = enabled
+            .replace("trusted_keys = []", "trusted_keys = [\"abcd\"]")
+            .replace("max_anomaly_rate = 0.5", "max_anomaly_rate = 1.5")
+            .replace("poll_interval_secs = 300", "poll_interval_secs = 0")
+            .replace(
+                "[sync]\n# Set to false to keep everything local.\nenabled = true",
+                "[sync]\nenabled = false",
+            );
+        let msg = RawConfig::parse(&bad)
+            .unwrap()
+            .validate()
+            .unwrap_err()
+            .to_string();
+        for key in [
+            "rollout.trusted_keys[0]: must be 64 hex digits",
+            "rollout.max_anomaly_rate",
+            "rollout.poll_interval_secs",
+            "rollout.enabled: needs [sync] enabled",
+        ] {
+            assert!(msg.contains(key), "{key} missing from {msg}");
+        }
+
+        let off = text.replace("trial_secs = 600", "trial_secs = 0");
+        assert!(
+            RawConfig::parse(&off)
+                .unwrap()
+                .validate()
+                .unwrap()
+                .trial
+                .is_none()
+        );
     }
 
     #[test]

@@ -18,6 +18,7 @@ pub mod config;
 pub mod demo;
 pub mod inference;
 pub mod ingest;
+pub mod rollout;
 pub mod supervisor;
 pub mod sync;
 pub mod systemd;

@@ -25,6 +25,8 @@ use crate::inference::publish::PublishStage;
 use crate::inference::swap::Watcher;
 use crate::inference::{InferenceError, InferenceStage, LoadedModel};
 use crate::ingest::{IngestError, IngestStage};
+use crate::rollout::reports::ReportQueue;
+use crate::rollout::{RolloutError, RolloutStage};
 use crate::sync::{SyncError, SyncStage};
 use crate::telemetry::Counters;
 
@@ -43,6 +45,9 @@ pub enum AgentError {
     /// Sync failed.
     #[error("sync failed")]
     Sync(#[from] SyncError),
+    /// The rollout stage could not start.
+    #[error("rollout failed to start")]
+    Rollout(#[from] RolloutError),
     /// A stage panicked.
     #[error("stage {0} panicked or was aborted")]
     Join(&'static str),
@@ -181,7 +186,7 @@ pub async fn run(
                     "prlimit not found: new model packages are verified in a child process without a memory limit"
                 );
             }
-            let watcher = Watcher::new(
+            let mut watcher = Watcher::new(
                 inf.packages_dir.clone(),
                 interval,
                 verify,
@@ -189,8 +194,32 @@ pub async fn run(
                 swap_tx,
                 inference.metrics(),
             );
+            let mut inference = inference.with_swaps(swap_rx);
+            if let Some(trial) = settings.trial.clone() {
+                let (outcome_tx, outcome_rx) = mpsc::channel(64);
+                inference = inference.with_trial(trial, outcome_tx);
+                watcher = watcher.with_trials(outcome_rx);
+            }
+            if let (Some(rollout), Some(sync)) = (settings.rollout.clone(), settings.sync.as_ref())
+            {
+                let reports = ReportQueue::open(&rollout.reports_dir).map_err(|source| {
+                    RolloutError::Dir {
+                        dir: rollout.reports_dir.clone(),
+                        source,
+                    }
+                })?;
+                watcher = watcher.with_reports(reports.clone());
+                let stage = RolloutStage::new(
+                    rollout,
+                    sync,
+                    inf.packages_dir.clone(),
+                    reports,
+                    counters.clone(),
+                )?;
+                tokio::spawn(stage.run(token.clone()));
+            }
             tokio::spawn(watcher.run(token.clone()));
-            inference.with_swaps(swap_rx)
+            inference
         }
         None => inference,
     };

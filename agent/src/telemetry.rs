@@ -178,6 +178,15 @@ pub struct Counters {
     pub heartbeats_sent: AtomicU64,
     /// Heartbeats that failed.
     pub heartbeat_failures: AtomicU64,
+    /// Registry polls that failed (network, HTTP status, bad body).
+    pub rollout_poll_failures: AtomicU64,
+    /// Model versions downloaded, verified and installed from the registry.
+    pub rollout_installs: AtomicU64,
+    /// Model versions from the registry refused before install (signature,
+    /// sha256, size, downgrade, layout).
+    pub rollout_refusals: AtomicU64,
+    /// Rollout reports delivered to the registry.
+    pub rollout_reports_sent: AtomicU64,
 }
 
 impl Counters {

@@ -12,6 +12,7 @@ pub mod package;
 pub mod publish;
 pub mod runtime;
 pub mod swap;
+pub mod trial;
 pub mod window;
 
 use std::collections::HashMap;
@@ -31,6 +32,7 @@ use features::{InputPlan, SourceState};
 use output::{OutputPlan, Scored};
 use package::{Package, PackageError};
 use runtime::{ModelHandle, RuntimeError};
+use trial::{Trial, TrialOutcome, TrialSettings, Verdict};
 
 /// Why inference could not start or continue.
 #[derive(Debug, thiserror::Error)]
@@ -80,6 +82,12 @@ pub struct InferenceMetrics {
     pub swaps: AtomicU64,
     /// Packages refused while running (the old model kept serving).
     pub swap_failures: AtomicU64,
+    /// Trials started (a new version swapped in on trial).
+    pub trials: AtomicU64,
+    /// Trials passed (the version adopted).
+    pub trials_passed: AtomicU64,
+    /// Versions rolled back because they broke a health target on trial.
+    pub rollbacks: AtomicU64,
 }
 
 /// A model that passed every check and is ready to serve.
@@ -97,6 +105,12 @@ pub struct LoadedModel {
     pub input: Arc<InputPlan>,
     /// Validated output side.
     pub output: Arc<OutputPlan>,
+    /// 99th percentile training score (`baseline.score_p99`), if stated.
+    pub score_p99: Option<f64>,
+    /// Serve it on trial ([`trial`]): set by the watcher for versions not
+    /// yet adopted; the stage keeps the model it replaces ready to swap
+    /// back while the trial runs.
+    pub on_trial: bool,
     handle: ModelHandle,
 }
 
@@ -123,6 +137,8 @@ impl LoadedModel {
             dir: dir.to_owned(),
             input: Arc::new(package.input),
             output: Arc::new(package.output),
+            score_p99: m.baseline.score_p99,
+            on_trial: false,
             handle,
         })
     }
@@ -148,6 +164,11 @@ struct Slot {
     sources: HashMap<String, SourceState>,
     pending: Vec<Row>,
     since: Option<Instant>,
+    /// The running trial of `model`, and the model to swap back to.
+    trial: Option<(Trial, Option<LoadedModel>)>,
+    /// `model` failed its trial with nothing to restore: it scores nothing
+    /// until a new version arrives.
+    suspended: bool,
 }
 
 impl Slot {
@@ -157,6 +178,8 @@ impl Slot {
             sources: HashMap::new(),
             pending: Vec::new(),
             since: None,
+            trial: None,
+            suspended: false,
         }
     }
 }
@@ -173,6 +196,7 @@ pub struct InferenceStage {
     output: mpsc::Sender<publish::PredictionEvent>,
     counters: Arc<Counters>,
     metrics: Arc<InferenceMetrics>,
+    trial: Option<(TrialSettings, mpsc::Sender<TrialOutcome>)>,
 }
 
 impl InferenceStage {
@@ -194,6 +218,7 @@ impl InferenceStage {
             output,
             counters,
             metrics: Arc::new(InferenceMetrics::default()),
+            trial: None,
         }
     }
 
@@ -211,6 +236,21 @@ impl InferenceStage {
     #[must_use]
     pub fn with_swaps(mut self, swaps: mpsc::Receiver<LoadedModel>) -> Self {
         self.swaps = Some(swaps);
+        self
+    }
+
+    /// Models swapped in with [`LoadedModel::on_trial`] serve on trial
+    /// under `settings`: the replaced model stays loaded, and when the new
+    /// one breaks a target it is swapped back at once. Every verdict is sent
+    /// to `outcomes` (the watcher records it on disk). Without this, models
+    /// swap in without a trial.
+    #[must_use]
+    pub fn with_trial(
+        mut self,
+        settings: TrialSettings,
+        outcomes: mpsc::Sender<TrialOutcome>,
+    ) -> Self {
+        self.trial = Some((settings, outcomes));
         self
     }
 
@@ -316,12 +356,97 @@ impl InferenceStage {
             if slot.model.input != model.input {
                 slot.sources.clear();
             }
-            slot.model = model;
+            let on_trial = model.on_trial && self.trial.is_some();
+            let was_suspended = std::mem::replace(&mut slot.suspended, false);
+            let old = std::mem::replace(&mut slot.model, model);
+            // Design: a version replaced while itself on trial was never
+            // adopted, so the fallback stays the last model not on trial.
+            let fallback = match slot.trial.take() {
+                Some((_, fallback)) => fallback,
+                None if was_suspended => None,
+                None => Some(old),
+            };
+            if on_trial {
+                Counters::add(&self.metrics.trials, 1);
+                slot.trial = Some((Trial::new(Instant::now()), fallback));
+            }
         } else {
             tracing::info!(model = %model.name, version = %model.version, sha256 = %model.sha256, "model added");
-            self.slots.push(Slot::new(model));
+            let on_trial = model.on_trial && self.trial.is_some();
+            let mut slot = Slot::new(model);
+            if on_trial {
+                Counters::add(&self.metrics.trials, 1);
+                slot.trial = Some((Trial::new(Instant::now()), None));
+            }
+            self.slots.push(slot);
         }
         Ok(())
+    }
+
+    /// Judges slot `ix`'s trial after a run; swaps back or adopts.
+    fn judge(&mut self, ix: usize) {
+        let Some((settings, outcomes)) = &self.trial else {
+            return;
+        };
+        let slot = &mut self.slots[ix];
+        let Some((trial, _)) = &slot.trial else {
+            return;
+        };
+        let has_p99 = slot.model.score_p99.is_some() && !slot.model.output.alert_below;
+        let failure = match trial.verdict(Instant::now(), settings, has_p99) {
+            Verdict::Continue => return,
+            Verdict::Pass => None,
+            Verdict::Fail(reason) => Some(reason),
+        };
+        let Some((_, fallback)) = slot.trial.take() else {
+            return;
+        };
+        let mut outcome = TrialOutcome {
+            name: slot.model.name.clone(),
+            version: slot.model.version.clone(),
+            dir: slot.model.dir.clone(),
+            restored: None,
+            failure: failure.clone(),
+        };
+        match failure {
+            None => {
+                Counters::add(&self.metrics.trials_passed, 1);
+                tracing::info!(model = %outcome.name, version = %outcome.version, "model passed its trial; adopted");
+            }
+            Some(reason) => {
+                Counters::add(&self.metrics.rollbacks, 1);
+                match fallback {
+                    Some(previous) => {
+                        tracing::error!(
+                            model = %outcome.name,
+                            version = %outcome.version,
+                            restored = %previous.version,
+                            reason = %reason,
+                            "model broke a health target on trial; rolled back"
+                        );
+                        if slot.model.input != previous.input {
+                            slot.sources.clear();
+                        }
+                        outcome.restored = Some((previous.version.clone(), previous.dir.clone()));
+                        slot.model = previous;
+                    }
+                    None => {
+                        tracing::error!(
+                            model = %outcome.name,
+                            version = %outcome.version,
+                            reason = %reason,
+                            "model broke a health target on trial; no earlier version to restore, it stops serving"
+                        );
+                        slot.suspended = true;
+                        slot.sources.clear();
+                        slot.pending.clear();
+                    }
+                }
+            }
+        }
+        if outcomes.try_send(outcome).is_err() {
+            tracing::error!("trial outcome not recorded: the watcher is not listening");
+        }
     }
 
     async fn flush_due(&mut self, stored: &mpsc::Sender<Stored>) -> Result<()> {
@@ -345,7 +470,7 @@ impl InferenceStage {
         for ix in 0..self.slots.len() {
             let slot = &mut self.slots[ix];
             let plan = slot.model.input.clone();
-            if !plan.reads(&reading.stream) {
+            if slot.suspended || !plan.reads(&reading.stream) {
                 continue;
             }
             let pushed = slot
@@ -401,28 +526,49 @@ impl InferenceStage {
         let n = rows.len() as u64;
         Counters::add(&self.metrics.runs, 1);
         Counters::add(&self.metrics.rows, n);
-        let outputs = match model
+        let started = Instant::now();
+        let result = model
             .run(rows.iter().map(|r| r.values.clone()).collect())
-            .await
-        {
+            .await;
+        let slot = &mut self.slots[ix];
+        if let Some((trial, _)) = &mut slot.trial {
+            trial.record_run(n, started.elapsed());
+        }
+        let outputs = match result {
             Ok(o) => o,
             Err(e) => {
                 Counters::add(&self.counters.inference_errors, n);
                 tracing::warn!(model = %model.name, windows = n, error = %e, "windows not scored");
+                if let Some((trial, _)) = &mut slot.trial {
+                    trial.record_errors(n);
+                }
+                self.judge(ix);
                 return Ok(());
             }
         };
         let stream = model.input.clock().to_owned();
         let mut predictions = Vec::with_capacity(rows.len());
+        let mut trial = slot.trial.as_mut().map(|(t, _)| t);
         for (row, out) in rows.iter().zip(outputs) {
             let scored = match model.output.apply(&out) {
                 Ok(s) => s,
                 Err(e) => {
                     Counters::add(&self.counters.inference_errors, 1);
                     tracing::warn!(model = %model.name, source = %row.source, error = %e, "window not scored");
+                    if let Some(t) = trial.as_deref_mut() {
+                        if matches!(e, output::OutputError::NonFinite) {
+                            t.record_nonfinite();
+                        } else {
+                            t.record_errors(1);
+                        }
+                    }
                     continue;
                 }
             };
+            if let Some(t) = trial.as_deref_mut() {
+                let beyond = model.score_p99.is_some_and(|p99| scored.score > p99);
+                t.record_score(scored.is_anomaly, beyond);
+            }
             let prediction = NewPrediction {
                 model: model.name.clone(),
                 model_version: model.version.clone(),
@@ -438,6 +584,7 @@ impl InferenceStage {
             };
             predictions.push((prediction, scored));
         }
+        self.judge(ix);
         if predictions.is_empty() {
             return Ok(());
         }

@@ -15,6 +15,17 @@
 //! keeps the current model serving, is logged at ERROR and counted in
 //! [`super::InferenceMetrics::swap_failures`]; the refused directory is not
 //! retried until its `model.toml` changes. Nothing here deletes files.
+//!
+//! Trials ([`super::trial`]): with trials on, a version without an
+//! `.accepted` marker is sent on trial, and its `.trial` marker counts how
+//! often that happened. The stage's verdict comes back as a
+//! [`TrialOutcome`]: adopted writes `.accepted`; rolled back writes
+//! `.rejected` (with the reason), which removes the version from selection
+//! for good, so a restart never serves it again. A version still on trial
+//! after [`MAX_TRIAL_STARTS`] starts (the agent kept stopping during its
+//! trial, for instance crashing) is rejected too: no crash loop. A
+//! `.retired` marker (written by the rollout when the registry directs a
+//! downgrade) also removes a version from selection.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -27,8 +38,52 @@ use tokio_util::sync::CancellationToken;
 
 use super::check::{VerifySettings, verify_in_child};
 use super::package::parse_version;
+use super::trial::TrialOutcome;
 use super::{InferenceMetrics, LoadedModel};
+use crate::rollout::reports::ReportQueue;
 use crate::telemetry::Counters;
+use sync_protocol::registry::{RolloutEvent, RolloutReport};
+
+/// Marker of a version that passed its trial.
+pub const ACCEPTED: &str = ".accepted";
+/// Marker of a version refused for good (trial failure, or too many
+/// starts on trial); holds the reason.
+pub const REJECTED: &str = ".rejected";
+/// Marker of a version withdrawn by the registry (a directed downgrade).
+pub const RETIRED: &str = ".retired";
+/// Marker counting how often a version was sent on trial.
+pub const TRIAL: &str = ".trial";
+/// Starts on trial after which a version still not adopted is rejected.
+pub const MAX_TRIAL_STARTS: u32 = 3;
+
+/// Whether `dir` carries `marker`.
+#[must_use]
+pub fn has_marker(dir: &Path, marker: &str) -> bool {
+    dir.join(marker).is_file()
+}
+
+/// Writes `marker` in `dir` with `text` (temp file, fsync, rename).
+///
+/// # Errors
+/// The I/O error.
+pub fn write_marker(dir: &Path, marker: &str, text: &str) -> std::io::Result<()> {
+    let tmp = dir.join(format!("{marker}.tmp"));
+    {
+        use std::io::Write;
+        let mut f = std::fs::File::create(&tmp)?;
+        f.write_all(text.as_bytes())?;
+        f.sync_all()?;
+    }
+    std::fs::rename(&tmp, dir.join(marker))?;
+    std::fs::File::open(dir)?.sync_all()
+}
+
+fn trial_starts(dir: &Path) -> u32 {
+    std::fs::read_to_string(dir.join(TRIAL))
+        .ok()
+        .and_then(|t| t.trim().parse().ok())
+        .unwrap_or(0)
+}
 
 /// A version directory found in the packages directory.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -39,6 +94,14 @@ pub struct Candidate {
     pub version: (u64, u64, u64),
     /// The version directory.
     pub dir: PathBuf,
+}
+
+impl Candidate {
+    /// Whether the version may be selected: not rejected, not retired.
+    #[must_use]
+    pub fn selectable(&self) -> bool {
+        !has_marker(&self.dir, REJECTED) && !has_marker(&self.dir, RETIRED)
+    }
 }
 
 /// Lists `<dir>/<name>/<version>/` entries; unreadable or oddly named
@@ -116,6 +179,11 @@ pub struct Watcher {
     refused: HashMap<PathBuf, String>,
     tx: mpsc::Sender<LoadedModel>,
     metrics: Arc<InferenceMetrics>,
+    /// Trial outcomes from the stage; `Some` turns trials on.
+    outcomes: Option<mpsc::Receiver<TrialOutcome>>,
+    /// Whether versions not yet adopted go on trial.
+    trials: bool,
+    reports: Option<ReportQueue>,
 }
 
 impl Watcher {
@@ -140,16 +208,107 @@ impl Watcher {
             refused: HashMap::new(),
             tx,
             metrics,
+            outcomes: None,
+            trials: false,
+            reports: None,
         }
     }
 
-    /// Scans now and then every interval until `shutdown`.
+    /// Turns trials on: versions not yet adopted are sent on trial, and the
+    /// stage's verdicts arrive on `outcomes` (see the module docs).
+    #[must_use]
+    pub fn with_trials(mut self, outcomes: mpsc::Receiver<TrialOutcome>) -> Self {
+        self.outcomes = Some(outcomes);
+        self.trials = true;
+        self
+    }
+
+    /// Queues a rollout report for the registry for every refusal, adoption
+    /// and rollback.
+    #[must_use]
+    pub fn with_reports(mut self, reports: ReportQueue) -> Self {
+        self.reports = Some(reports);
+        self
+    }
+
+    async fn report(&self, name: &str, version: &str, event: RolloutEvent, reason: Option<String>) {
+        if let Some(q) = &self.reports {
+            q.push(RolloutReport {
+                model: name.to_owned(),
+                version: version.to_owned(),
+                sha256: None,
+                event,
+                reason,
+                at_ms: crate::now_ms(),
+                shadow: None,
+            })
+            .await;
+        }
+    }
+
+    /// Records a trial outcome: markers on disk, the version now served,
+    /// and a report.
+    pub async fn record(&mut self, outcome: TrialOutcome) {
+        let (marker, text, event) = match &outcome.failure {
+            None => (
+                ACCEPTED,
+                format!("{{\"at_ms\":{}}}\n", crate::now_ms()),
+                RolloutEvent::Adopted,
+            ),
+            Some(reason) => (
+                REJECTED,
+                serde_json::json!({"at_ms": crate::now_ms(), "reason": reason}).to_string(),
+                RolloutEvent::RolledBack,
+            ),
+        };
+        let dir = outcome.dir.clone();
+        let written = tokio::task::spawn_blocking(move || {
+            write_marker(&dir, marker, &text)?;
+            match std::fs::remove_file(dir.join(TRIAL)) {
+                Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e),
+                _ => Ok(()),
+            }
+        })
+        .await;
+        if !matches!(written, Ok(Ok(()))) {
+            tracing::error!(dir = %outcome.dir.display(), marker, "cannot record the trial outcome on disk");
+        }
+        if outcome.failure.is_some() {
+            match &outcome.restored {
+                Some((_, dir)) => {
+                    self.serving.insert(outcome.name.clone(), dir.clone());
+                }
+                None => {
+                    self.serving.remove(&outcome.name);
+                }
+            }
+        }
+        self.report(
+            &outcome.name,
+            &outcome.version,
+            event,
+            outcome.failure.clone(),
+        )
+        .await;
+    }
+
+    /// Scans now and then every interval until `shutdown`, recording trial
+    /// outcomes as they arrive.
     pub async fn run(mut self, shutdown: CancellationToken) {
+        let mut outcomes = self.outcomes.take();
         loop {
             self.poll(&shutdown).await;
-            tokio::select! {
-                () = shutdown.cancelled() => break,
-                () = tokio::time::sleep(self.interval) => {}
+            let sleep = tokio::time::sleep(self.interval);
+            tokio::pin!(sleep);
+            loop {
+                tokio::select! {
+                    () = shutdown.cancelled() => return,
+                    () = &mut sleep => break,
+                    o = recv_outcome(outcomes.as_mut()) => match o {
+                        Some(o) => self.record(o).await,
+                        None => outcomes = None,
+                    },
+                }
             }
         }
     }
@@ -159,6 +318,9 @@ impl Watcher {
         let candidates = scan(&self.packages_dir);
         let mut targets: HashMap<&str, &Candidate> = HashMap::new();
         for c in &candidates {
+            if !c.selectable() {
+                continue;
+            }
             if self
                 .refused
                 .get(&c.dir)
@@ -178,8 +340,36 @@ impl Watcher {
             if self.serving.get(name) == Some(&c.dir) {
                 continue;
             }
+            let on_trial = self.trials && !has_marker(&c.dir, ACCEPTED);
+            if on_trial && trial_starts(&c.dir) >= MAX_TRIAL_STARTS {
+                let reason = format!(
+                    "still on trial after {MAX_TRIAL_STARTS} starts (the agent kept stopping during its trial)"
+                );
+                tracing::error!(model = %c.name, dir = %c.dir.display(), %reason, "model version rejected");
+                if let Err(e) = write_marker(
+                    &c.dir,
+                    REJECTED,
+                    &serde_json::json!({"at_ms": crate::now_ms(), "reason": reason}).to_string(),
+                ) {
+                    tracing::error!(dir = %c.dir.display(), error = %e, "cannot write the rejection marker");
+                    self.refused.insert(c.dir.clone(), fingerprint(&c.dir));
+                }
+                Counters::add(&self.metrics.rollbacks, 1);
+                let version = version_of(c);
+                self.report(&c.name, &version, RolloutEvent::RolledBack, Some(reason))
+                    .await;
+                continue;
+            }
             match self.verify_and_load(c, shutdown).await {
-                Ok(model) => {
+                Ok(mut model) => {
+                    if on_trial {
+                        let starts = trial_starts(&c.dir) + 1;
+                        if let Err(e) = write_marker(&c.dir, TRIAL, &format!("{starts}\n")) {
+                            tracing::error!(dir = %c.dir.display(), error = %e, "cannot count the trial start; not swapping");
+                            continue;
+                        }
+                        model.on_trial = true;
+                    }
                     self.serving.insert(c.name.clone(), c.dir.clone());
                     if self.tx.send(model).await.is_err() {
                         return;
@@ -187,6 +377,13 @@ impl Watcher {
                 }
                 Err(e) => {
                     Counters::add(&self.metrics.swap_failures, 1);
+                    self.report(
+                        &c.name,
+                        &version_of(c),
+                        RolloutEvent::Refused,
+                        Some(format!("package checks failed: {}", chain(&e))),
+                    )
+                    .await;
                     self.refused.insert(c.dir.clone(), fingerprint(&c.dir));
                     tracing::error!(
                         model = %c.name,
@@ -238,6 +435,18 @@ impl Watcher {
         }
         tracing::info!(model = %model.name, version = %model.version, dir = %c.dir.display(), "model package verified");
         Ok(model)
+    }
+}
+
+fn version_of(c: &Candidate) -> String {
+    let (a, b, p) = c.version;
+    format!("{a}.{b}.{p}")
+}
+
+async fn recv_outcome(rx: Option<&mut mpsc::Receiver<TrialOutcome>>) -> Option<TrialOutcome> {
+    match rx {
+        Some(rx) => rx.recv().await,
+        None => std::future::pending().await,
     }
 }
 

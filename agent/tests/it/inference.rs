@@ -13,7 +13,8 @@ use edge_agent::inference::check::{VerifyError, VerifySettings, find_prlimit, ve
 use edge_agent::inference::package::Package;
 use edge_agent::inference::publish::PredictionEvent;
 use edge_agent::inference::runtime::Runner;
-use edge_agent::inference::swap::Watcher;
+use edge_agent::inference::swap::{self, Watcher};
+use edge_agent::inference::trial::{TrialOutcome, TrialSettings};
 use edge_agent::inference::{InferenceMetrics, InferenceStage, LoadedModel};
 use edge_agent::ingest::CommittedReading;
 use edge_agent::telemetry::Counters;
@@ -242,6 +243,7 @@ async fn start(
     models: Vec<LoadedModel>,
     wait: Duration,
     swaps: Option<mpsc::Receiver<LoadedModel>>,
+    trial: Option<(TrialSettings, mpsc::Sender<TrialOutcome>)>,
 ) -> Running {
     let (buffer, thread) = open_buffer(dir).await;
     let (tx, rx) = mpsc::channel(4096);
@@ -250,6 +252,9 @@ async fn start(
         .with_batch_max_wait(wait);
     if let Some(s) = swaps {
         stage = stage.with_swaps(s);
+    }
+    if let Some((settings, outcomes)) = trial {
+        stage = stage.with_trial(settings, outcomes);
     }
     let metrics = stage.metrics();
     let stop = CancellationToken::new();
@@ -312,7 +317,7 @@ async fn windows_of_several_devices_share_one_run_with_batch_one_results() {
     let d = tempfile::tempdir().unwrap();
     let model = LoadedModel::load(&machine_state()).unwrap();
     assert_eq!(model.input.batch_size, 4);
-    let run = start(d.path(), vec![model], Duration::from_secs(30), None).await;
+    let run = start(d.path(), vec![model], Duration::from_secs(30), None, None).await;
     let mut seq = 0;
     for t in 0..10u64 {
         for dev in 0..4u64 {
@@ -385,7 +390,14 @@ async fn windows_of_several_devices_share_one_run_with_batch_one_results() {
 async fn a_lone_window_waits_at_most_the_batch_max_wait() {
     let d = tempfile::tempdir().unwrap();
     let model = LoadedModel::load(&machine_state()).unwrap();
-    let run = start(d.path(), vec![model], Duration::from_millis(200), None).await;
+    let run = start(
+        d.path(),
+        vec![model],
+        Duration::from_millis(200),
+        None,
+        None,
+    )
+    .await;
     for t in 0..4u64 {
         let ts = 1_000_000 + t as i64 * 1000;
         run.tx
@@ -428,7 +440,7 @@ async fn two_models_are_each_fed_by_their_own_streams() {
     let nab = LoadedModel::load(&shipped()).unwrap();
     let ms = LoadedModel::load(&machine_state()).unwrap();
     let golden = Package::read(&shipped()).unwrap().manifest.golden;
-    let run = start(d.path(), vec![nab, ms], Duration::ZERO, None).await;
+    let run = start(d.path(), vec![nab, ms], Duration::ZERO, None, None).await;
     let mut seq = 0;
     // 24 temperature readings (windows at 12 and 18 and 24) and 6 steps of
     // the other two streams (windows at steps 4 and 6), interleaved.
@@ -495,7 +507,7 @@ async fn nan_windows_are_skipped_or_imputed_per_model_policy() {
             keep,
         );
         let model = LoadedModel::load(&pkg).unwrap();
-        let run = start(d.path(), vec![model], Duration::ZERO, None).await;
+        let run = start(d.path(), vec![model], Duration::ZERO, None, None).await;
         for (i, v) in golden.iter().enumerate() {
             let v = if i == 5 { f64::NAN } else { f64::from(*v) };
             run.tx
@@ -623,6 +635,7 @@ async fn hot_swap_verifies_refuses_keeps_serving_and_rolls_back() {
         vec![initial.clone()],
         Duration::ZERO,
         Some(swap_rx),
+        None,
     )
     .await;
     let metrics = run.metrics.clone();
@@ -701,5 +714,157 @@ async fn hot_swap_verifies_refuses_keeps_serving_and_rolls_back() {
         "nothing deleted"
     );
     drop(watcher);
+    run.finish().await;
+}
+
+/// Trials: a bad-but-valid version (every package check passes, but it
+/// flags every window) is rolled back within its trial while the previous
+/// version takes over at once; the rejection is on disk, so a restarted
+/// agent never serves it again; a version that keeps getting interrupted
+/// on trial is rejected instead of crash-looping; a good version passes its
+/// trial and is adopted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bad_but_valid_version_is_rolled_back_on_trial_and_stays_rejected() {
+    let d = tempfile::tempdir().unwrap();
+    let packages = d.path().join("packages");
+    let nab = packages.join("nab-machine-temp");
+    package_copy(&shipped(), &nab.join("1.0.0"), same, keep);
+    swap::write_marker(&nab.join("1.0.0"), swap::ACCEPTED, "{}").unwrap();
+    let trial = TrialSettings {
+        duration: Duration::from_millis(500),
+        min_windows: 5,
+        max_p99_latency: Duration::from_secs(10),
+        ..TrialSettings::default()
+    };
+
+    let initial = LoadedModel::load(&nab.join("1.0.0")).unwrap();
+    let (swap_tx, swap_rx) = mpsc::channel(4);
+    let (outcome_tx, outcome_rx) = mpsc::channel(16);
+    let mut run = start(
+        d.path(),
+        vec![initial.clone()],
+        Duration::ZERO,
+        Some(swap_rx),
+        Some((trial.clone(), outcome_tx)),
+    )
+    .await;
+    let metrics = run.metrics.clone();
+    let watcher = Watcher::new(
+        packages.clone(),
+        Duration::from_millis(100),
+        verify_settings(),
+        std::slice::from_ref(&initial),
+        swap_tx,
+        metrics.clone(),
+    )
+    .with_trials(outcome_rx);
+    let stop = CancellationToken::new();
+    let watching = tokio::spawn(watcher.run(stop.clone()));
+
+    // Same graph, same golden pairs; only the threshold is absurd.
+    package_copy(
+        &shipped(),
+        &nab.join("1.1.0"),
+        |t| version("1.1.0")(t).replace("threshold = 49.569885", "threshold = 0.000001"),
+        keep,
+    );
+    wait_until("1.1.0 on trial", || get(&metrics.trials) == 1).await;
+    let mut seq = 1;
+    let mut served = Vec::new();
+    while get(&metrics.rollbacks) == 0 {
+        assert!(
+            served.len() < 50,
+            "no rollback after {} windows",
+            served.len()
+        );
+        seq = one_window(&run, seq).await;
+        served.push(run.events.recv().await.unwrap().prediction.model_version);
+    }
+    assert!(served.iter().any(|v| v == "1.1.0"), "{served:?}");
+    assert!(
+        served.len() <= 6,
+        "rolled back once min_windows (5) were seen: {served:?}"
+    );
+    for _ in 0..3 {
+        seq = one_window(&run, seq).await;
+        let e = run.events.recv().await.unwrap();
+        assert_eq!(
+            e.prediction.model_version, "1.0.0",
+            "previous version serves"
+        );
+    }
+    wait_until("rejection on disk", || {
+        nab.join("1.1.0").join(swap::REJECTED).is_file()
+    })
+    .await;
+    let why = std::fs::read_to_string(nab.join("1.1.0").join(swap::REJECTED)).unwrap();
+    assert!(why.contains("flagged anomalous"), "{why}");
+    assert_eq!(get(&metrics.swap_failures), 0);
+    stop.cancel();
+    watching.await.unwrap();
+    run.finish().await;
+
+    // A restart: the rejected version is never selected again, and one
+    // that was on trial too often is rejected without being loaded.
+    let dir_113 = nab.join("1.1.3");
+    package_copy(&shipped(), &dir_113, version("1.1.3"), keep);
+    std::fs::write(dir_113.join(swap::TRIAL), "3\n").unwrap();
+    let (swap_tx, mut swap_rx) = mpsc::channel(4);
+    let mut watcher = Watcher::new(
+        packages.clone(),
+        Duration::from_secs(3600),
+        verify_settings(),
+        std::slice::from_ref(&initial),
+        swap_tx,
+        Arc::new(InferenceMetrics::default()),
+    )
+    .with_trials(mpsc::channel(1).1);
+    watcher.poll(&CancellationToken::new()).await;
+    assert!(swap_rx.try_recv().is_err(), "nothing swapped in");
+    let why = std::fs::read_to_string(dir_113.join(swap::REJECTED)).unwrap();
+    assert!(why.contains("still on trial after 3 starts"), "{why}");
+
+    // A good version passes its trial and is adopted.
+    let (swap_tx, swap_rx) = mpsc::channel(4);
+    let (outcome_tx, outcome_rx) = mpsc::channel(16);
+    let mut run = start(
+        d.path(),
+        vec![initial.clone()],
+        Duration::ZERO,
+        Some(swap_rx),
+        Some((trial, outcome_tx)),
+    )
+    .await;
+    let metrics = run.metrics.clone();
+    let watcher = Watcher::new(
+        packages.clone(),
+        Duration::from_millis(100),
+        verify_settings(),
+        std::slice::from_ref(&initial),
+        swap_tx,
+        metrics.clone(),
+    )
+    .with_trials(outcome_rx);
+    let stop = CancellationToken::new();
+    let watching = tokio::spawn(watcher.run(stop.clone()));
+    package_copy(&shipped(), &nab.join("1.2.0"), version("1.2.0"), keep);
+    wait_until("1.2.0 on trial", || get(&metrics.trials) == 1).await;
+    let started = std::time::Instant::now();
+    let mut seq = 1000;
+    while !nab.join("1.2.0").join(swap::ACCEPTED).is_file() {
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "1.2.0 never adopted"
+        );
+        seq = one_window(&run, seq).await;
+        let e = run.events.recv().await.unwrap();
+        assert_eq!(e.prediction.model_version, "1.2.0");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(get(&metrics.trials_passed), 1);
+    assert_eq!(get(&metrics.rollbacks), 0);
+    assert!(!nab.join("1.2.0").join(swap::TRIAL).exists());
+    stop.cancel();
+    watching.await.unwrap();
     run.finish().await;
 }

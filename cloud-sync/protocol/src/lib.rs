@@ -1,4 +1,5 @@
-//! Wire types shared by `edge-agent` and `cloud-sync`: serde only, no I/O.
+//! Wire types shared by `edge-agent` and `cloud-sync`, and the layout of a
+//! model artifact ([`archive`]): pure data, no I/O.
 //!
 //! Owns the shape of every HTTP body that crosses between a device and the
 //! cloud. Both sides depend on this crate, so a change here is a protocol
@@ -11,6 +12,7 @@
 //! by the agent's buffer and never reused, so replaying a batch (after a crash
 //! between upload and marking rows synced) can never create a duplicate row.
 
+pub mod archive;
 pub mod codec;
 pub mod registry;
 

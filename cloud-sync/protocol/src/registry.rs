@@ -361,7 +361,10 @@ mod tests {
             counts[usize::from(b / 10)] += 1;
         }
         // Each decile holds about 1000 of 10 000 devices.
-        assert!(counts.iter().all(|&c| (800..1200).contains(&c)), "{counts:?}");
+        assert!(
+            counts.iter().all(|&c| (800..1200).contains(&c)),
+            "{counts:?}"
+        );
         assert_ne!(
             (0..50)
                 .map(|i| canary_bucket(&format!("d{i}"), "m", "1.0.0"))

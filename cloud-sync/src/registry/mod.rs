@@ -21,7 +21,7 @@
 //! - At most one production version per (model, group); a promotion
 //!   archives the previous one in the same transaction.
 
-pub mod archive;
+pub use sync_protocol::archive;
 pub mod artifacts;
 pub mod db;
 pub mod http;
