@@ -1205,6 +1205,7 @@ fn validate_rollout(
             allow_downgrade: r.allow_downgrade,
             downloads_dir: rollout_dir.join("downloads"),
             reports_dir: rollout_dir.join("reports"),
+            shadow_dir: rollout_dir.join("shadow"),
         }),
         trial,
     )

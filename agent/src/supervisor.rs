@@ -209,6 +209,10 @@ pub async fn run(
                     }
                 })?;
                 watcher = watcher.with_reports(reports.clone());
+                let (shadow_tx, shadow_rx) = mpsc::channel(4);
+                let (summary_tx, summary_rx) = mpsc::channel(16);
+                inference = inference.with_shadows(shadow_rx, summary_tx);
+                watcher = watcher.with_shadows(rollout.shadow_dir.clone(), shadow_tx, summary_rx);
                 let stage = RolloutStage::new(
                     rollout,
                     sync,

@@ -11,6 +11,7 @@ pub mod output;
 pub mod package;
 pub mod publish;
 pub mod runtime;
+pub mod shadow;
 pub mod swap;
 pub mod trial;
 pub mod window;
@@ -32,6 +33,7 @@ use features::{InputPlan, SourceState};
 use output::{OutputPlan, Scored};
 use package::{Package, PackageError};
 use runtime::{ModelHandle, RuntimeError};
+use shadow::{Shadow, ShadowReport, ShadowUpdate};
 use trial::{Trial, TrialOutcome, TrialSettings, Verdict};
 
 /// Why inference could not start or continue.
@@ -169,6 +171,8 @@ struct Slot {
     /// `model` failed its trial with nothing to restore: it scores nothing
     /// until a new version arrives.
     suspended: bool,
+    /// A candidate scored beside `model`, compared, never published.
+    shadow: Option<Shadow>,
 }
 
 impl Slot {
@@ -180,6 +184,7 @@ impl Slot {
             since: None,
             trial: None,
             suspended: false,
+            shadow: None,
         }
     }
 }
@@ -197,6 +202,8 @@ pub struct InferenceStage {
     counters: Arc<Counters>,
     metrics: Arc<InferenceMetrics>,
     trial: Option<(TrialSettings, mpsc::Sender<TrialOutcome>)>,
+    shadows: Option<mpsc::Receiver<ShadowUpdate>>,
+    shadow_reports: Option<mpsc::Sender<ShadowReport>>,
 }
 
 impl InferenceStage {
@@ -219,6 +226,8 @@ impl InferenceStage {
             counters,
             metrics: Arc::new(InferenceMetrics::default()),
             trial: None,
+            shadows: None,
+            shadow_reports: None,
         }
     }
 
@@ -251,6 +260,20 @@ impl InferenceStage {
         outcomes: mpsc::Sender<TrialOutcome>,
     ) -> Self {
         self.trial = Some((settings, outcomes));
+        self
+    }
+
+    /// Shadow candidates ([`shadow`]) arrive on `updates`; cumulative
+    /// comparisons go to `reports` every [`shadow::REPORT_EVERY`] windows
+    /// and when a candidate leaves.
+    #[must_use]
+    pub fn with_shadows(
+        mut self,
+        updates: mpsc::Receiver<ShadowUpdate>,
+        reports: mpsc::Sender<ShadowReport>,
+    ) -> Self {
+        self.shadows = Some(updates);
+        self.shadow_reports = Some(reports);
         self
     }
 
@@ -308,6 +331,7 @@ impl InferenceStage {
         shutdown: &CancellationToken,
     ) -> Result<()> {
         let mut swaps_open = self.swaps.is_some();
+        let mut shadows_open = self.shadows.is_some();
         loop {
             let deadline = self.next_deadline();
             tokio::select! {
@@ -327,6 +351,10 @@ impl InferenceStage {
                 m = recv_swap(self.swaps.as_mut()), if swaps_open => match m {
                     Some(m) => self.swap(stored, m).await?,
                     None => swaps_open = false,
+                },
+                u = recv_swap(self.shadows.as_mut()), if shadows_open => match u {
+                    Some(u) => self.set_shadow(u),
+                    None => shadows_open = false,
                 },
                 () = sleep_until(deadline), if deadline.is_some() => {
                     self.flush_due(stored).await?;
@@ -381,6 +409,79 @@ impl InferenceStage {
             self.slots.push(slot);
         }
         Ok(())
+    }
+
+    fn set_shadow(&mut self, update: ShadowUpdate) {
+        let Some(ix) = self.slots.iter().position(|s| s.model.name == update.name) else {
+            tracing::warn!(model = %update.name, "shadow candidate for a model that is not served; ignored");
+            return;
+        };
+        if let Some(old) = self.slots[ix].shadow.take() {
+            self.report_shadow(&old.model.name, &old.model.version, old.summary());
+            tracing::info!(model = %update.name, version = %old.model.version, "shadow candidate stopped");
+        }
+        if let Some(model) = update.model {
+            tracing::info!(model = %update.name, version = %model.version, "shadow candidate running beside the active model");
+            self.slots[ix].shadow = Some(Shadow::new(model));
+        }
+    }
+
+    fn report_shadow(
+        &self,
+        name: &str,
+        version: &str,
+        summary: sync_protocol::registry::ShadowSummary,
+    ) {
+        tracing::info!(
+            model = %name,
+            version = %version,
+            windows = summary.windows,
+            mean_abs_diff = summary.mean_abs_diff,
+            agreement = summary.agreement,
+            candidate_errors = summary.candidate_errors,
+            "shadow comparison"
+        );
+        if let Some(tx) = &self.shadow_reports
+            && tx
+                .try_send((name.to_owned(), version.to_owned(), summary))
+                .is_err()
+        {
+            tracing::warn!(model = %name, "shadow summary not reported: the watcher is busy");
+        }
+    }
+
+    /// Runs slot `ix`'s shadow candidate on `rows` and compares it with the
+    /// active model's `active` results (one per row, `None` when the active
+    /// model did not score it).
+    async fn run_shadow(&mut self, ix: usize, rows: Vec<Vec<f32>>, active: &[Option<(f64, bool)>]) {
+        let Some(candidate) = self.slots[ix].shadow.as_ref().map(|s| s.model.clone()) else {
+            return;
+        };
+        let n = rows.len() as u64;
+        let result = candidate.run(rows).await;
+        let Some(shadow) = self.slots[ix].shadow.as_mut() else {
+            return;
+        };
+        match result {
+            Ok(outputs) => {
+                for (a, out) in active.iter().zip(outputs) {
+                    let Some(a) = a else { continue };
+                    let c = candidate
+                        .output
+                        .apply(&out)
+                        .ok()
+                        .map(|s| (s.score, s.is_anomaly));
+                    shadow.compare(*a, c);
+                }
+            }
+            Err(e) => {
+                tracing::debug!(model = %candidate.name, version = %candidate.version, error = %e, "shadow run failed");
+                shadow.failed(n);
+            }
+        }
+        if let Some(summary) = shadow.due() {
+            self.report_shadow(&candidate.name, &candidate.version, summary);
+        }
     }
 
     /// Judges slot `ix`'s trial after a run; swaps back or adopts.
@@ -548,11 +649,13 @@ impl InferenceStage {
         };
         let stream = model.input.clock().to_owned();
         let mut predictions = Vec::with_capacity(rows.len());
+        let mut active = Vec::with_capacity(rows.len());
         let mut trial = slot.trial.as_mut().map(|(t, _)| t);
         for (row, out) in rows.iter().zip(outputs) {
             let scored = match model.output.apply(&out) {
                 Ok(s) => s,
                 Err(e) => {
+                    active.push(None);
                     Counters::add(&self.counters.inference_errors, 1);
                     tracing::warn!(model = %model.name, source = %row.source, error = %e, "window not scored");
                     if let Some(t) = trial.as_deref_mut() {
@@ -569,6 +672,7 @@ impl InferenceStage {
                 let beyond = model.score_p99.is_some_and(|p99| scored.score > p99);
                 t.record_score(scored.is_anomaly, beyond);
             }
+            active.push(Some((scored.score, scored.is_anomaly)));
             let prediction = NewPrediction {
                 model: model.name.clone(),
                 model_version: model.version.clone(),
@@ -583,6 +687,10 @@ impl InferenceStage {
                 created_ms: crate::now_ms(),
             };
             predictions.push((prediction, scored));
+        }
+        if self.slots[ix].shadow.is_some() {
+            self.run_shadow(ix, rows.into_iter().map(|r| r.values).collect(), &active)
+                .await;
         }
         self.judge(ix);
         if predictions.is_empty() {
@@ -599,7 +707,7 @@ impl InferenceStage {
     }
 }
 
-async fn recv_swap(rx: Option<&mut mpsc::Receiver<LoadedModel>>) -> Option<LoadedModel> {
+async fn recv_swap<T>(rx: Option<&mut mpsc::Receiver<T>>) -> Option<T> {
     match rx {
         Some(rx) => rx.recv().await,
         None => std::future::pending().await,

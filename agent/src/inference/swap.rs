@@ -38,6 +38,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::check::{VerifySettings, verify_in_child};
 use super::package::parse_version;
+use super::shadow::{ShadowReport, ShadowUpdate};
 use super::trial::TrialOutcome;
 use super::{InferenceMetrics, LoadedModel};
 use crate::rollout::reports::ReportQueue;
@@ -184,6 +185,11 @@ pub struct Watcher {
     /// Whether versions not yet adopted go on trial.
     trials: bool,
     reports: Option<ReportQueue>,
+    /// Shadow candidates: `<dir>/<name>/<version>/`, and where to send them.
+    shadow: Option<(PathBuf, mpsc::Sender<ShadowUpdate>)>,
+    /// name -> shadow directory being run.
+    shadowing: HashMap<String, PathBuf>,
+    shadow_reports: Option<mpsc::Receiver<ShadowReport>>,
 }
 
 impl Watcher {
@@ -211,6 +217,87 @@ impl Watcher {
             outcomes: None,
             trials: false,
             reports: None,
+            shadow: None,
+            shadowing: HashMap::new(),
+            shadow_reports: None,
+        }
+    }
+
+    /// Runs the highest version under `dir/<name>/` as `<name>`'s shadow
+    /// candidate (verified like any version; sent on `updates`), stops it
+    /// when the directory empties, and queues the stage's comparisons from
+    /// `reports` as `shadow` rollout reports.
+    #[must_use]
+    pub fn with_shadows(
+        mut self,
+        dir: PathBuf,
+        updates: mpsc::Sender<ShadowUpdate>,
+        reports: mpsc::Receiver<ShadowReport>,
+    ) -> Self {
+        self.shadow = Some((dir, updates));
+        self.shadow_reports = Some(reports);
+        self
+    }
+
+    async fn poll_shadows(&mut self, shutdown: &CancellationToken) {
+        let Some((dir, updates)) = self.shadow.clone() else {
+            return;
+        };
+        let mut wanted: HashMap<String, Candidate> = HashMap::new();
+        for c in scan(&dir) {
+            wanted.insert(c.name.clone(), c);
+        }
+        let gone: Vec<String> = self
+            .shadowing
+            .keys()
+            .filter(|n| !wanted.contains_key(*n))
+            .cloned()
+            .collect();
+        for name in gone {
+            self.shadowing.remove(&name);
+            let _ = updates.send(ShadowUpdate { name, model: None }).await;
+        }
+        let mut names: Vec<String> = wanted.keys().cloned().collect();
+        names.sort_unstable();
+        for name in names {
+            let c = &wanted[&name];
+            if shutdown.is_cancelled() {
+                return;
+            }
+            if self.shadowing.get(&name) == Some(&c.dir)
+                || self
+                    .refused
+                    .get(&c.dir)
+                    .is_some_and(|f| *f == fingerprint(&c.dir))
+            {
+                continue;
+            }
+            match self.verify_and_load(c, shutdown).await {
+                Ok(model) => {
+                    self.shadowing.insert(name.clone(), c.dir.clone());
+                    let _ = updates
+                        .send(ShadowUpdate {
+                            name,
+                            model: Some(model),
+                        })
+                        .await;
+                }
+                Err(e) => {
+                    Counters::add(&self.metrics.swap_failures, 1);
+                    self.refused.insert(c.dir.clone(), fingerprint(&c.dir));
+                    tracing::error!(model = %c.name, dir = %c.dir.display(), error = %chain(&e), "shadow candidate refused");
+                    self.report(
+                        &c.name,
+                        &version_of(c),
+                        RolloutEvent::Refused,
+                        Some(format!(
+                            "shadow candidate failed its package checks: {}",
+                            chain(&e)
+                        )),
+                    )
+                    .await;
+                }
+            }
         }
     }
 
@@ -296,8 +383,10 @@ impl Watcher {
     /// outcomes as they arrive.
     pub async fn run(mut self, shutdown: CancellationToken) {
         let mut outcomes = self.outcomes.take();
+        let mut shadow_reports = self.shadow_reports.take();
         loop {
             self.poll(&shutdown).await;
+            self.poll_shadows(&shutdown).await;
             let sleep = tokio::time::sleep(self.interval);
             tokio::pin!(sleep);
             loop {
@@ -307,6 +396,23 @@ impl Watcher {
                     o = recv_outcome(outcomes.as_mut()) => match o {
                         Some(o) => self.record(o).await,
                         None => outcomes = None,
+                    },
+                    r = recv_outcome(shadow_reports.as_mut()) => match r {
+                        Some((name, version, summary)) => {
+                            if let Some(q) = &self.reports {
+                                q.push(RolloutReport {
+                                    model: name,
+                                    version,
+                                    sha256: None,
+                                    event: RolloutEvent::Shadow,
+                                    reason: None,
+                                    at_ms: crate::now_ms(),
+                                    shadow: Some(summary),
+                                })
+                                .await;
+                            }
+                        }
+                        None => shadow_reports = None,
                     },
                 }
             }
@@ -443,7 +549,7 @@ fn version_of(c: &Candidate) -> String {
     format!("{a}.{b}.{p}")
 }
 
-async fn recv_outcome(rx: Option<&mut mpsc::Receiver<TrialOutcome>>) -> Option<TrialOutcome> {
+async fn recv_outcome<T>(rx: Option<&mut mpsc::Receiver<T>>) -> Option<T> {
     match rx {
         Some(rx) => rx.recv().await,
         None => std::future::pending().await,

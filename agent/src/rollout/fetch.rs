@@ -173,7 +173,14 @@ impl Fetcher {
         let body = read_capped(response, MAX_DEPLOYMENT_BYTES).await?;
         let deployment: Deployment =
             serde_json::from_slice(&body).map_err(|e| FetchError::Body(e.to_string()))?;
-        let polled = self.handle(name, &deployment).await;
+        let mut polled = self.handle(name, &deployment).await;
+        if let Err(e) = self.handle_shadow(name, &deployment).await {
+            if polled.is_ok() && !matches!(e, FetchError::Refused(_)) {
+                polled = Err(e);
+            } else {
+                tracing::error!(model = %name, error = %chain(&e), "shadow candidate not installed");
+            }
+        }
         // Design: the ETag is kept only once the deployment was handled,
         // so an interrupted download is retried at the next poll instead
         // of being skipped by a 304.
@@ -239,6 +246,51 @@ impl Fetcher {
                 )
                 .await;
         }
+        self.fetch_and_install(v, &target).await?;
+        if d.downgrade {
+            self.retire_newer(&installed, version, &target).await?;
+        }
+        Counters::add(&self.counters.rollout_installs, 1);
+        Ok(Polled::Installed(v.version.clone()))
+    }
+
+    /// Keeps `<shadow_dir>/<name>/` holding exactly the deployment's shadow
+    /// candidate (same checks as an active version, except the downgrade
+    /// rule), or nothing. The directory is this module's alone.
+    async fn handle_shadow(&mut self, name: &str, d: &Deployment) -> Result<(), FetchError> {
+        let dir = self.settings.shadow_dir.join(name);
+        let wanted = d
+            .shadow
+            .as_ref()
+            .filter(|v| v.name == name && parse_version(&v.version).is_some());
+        let keep = wanted.map(|v| v.version.clone());
+        if let Ok(entries) = std::fs::read_dir(&dir) {
+            for e in entries.flatten() {
+                if Some(e.file_name().to_string_lossy().into_owned()) != keep {
+                    std::fs::remove_dir_all(e.path())
+                        .map_err(io(format!("cannot remove {}", e.path().display())))?;
+                }
+            }
+        }
+        let Some(v) = wanted else {
+            return Ok(());
+        };
+        let target = dir.join(&v.version);
+        if target.is_dir() || self.refused.contains(&v.sha256) {
+            return Ok(());
+        }
+        std::fs::create_dir_all(&dir).map_err(io(format!("cannot create {}", dir.display())))?;
+        self.fetch_and_install(v, &target).await?;
+        tracing::info!(model = %name, version = %v.version, "shadow candidate installed");
+        Ok(())
+    }
+
+    /// Checks 1 (size) to 5 of [`super`] and installs `v` at `target`.
+    async fn fetch_and_install(
+        &mut self,
+        v: &ModelVersion,
+        target: &Path,
+    ) -> Result<(), FetchError> {
         if v.size_bytes > self.settings.max_artifact_bytes {
             return self
                 .refuse(
@@ -279,8 +331,9 @@ impl Fetcher {
         };
         let (manifest, onnx) = (manifest.to_vec(), onnx.to_vec());
         drop(bytes);
-        let incoming = model_dir.join(format!(".incoming-{}", &v.sha256[..16.min(v.sha256.len())]));
-        let dest = target.clone();
+        let parent = target.parent().unwrap_or(target);
+        let incoming = parent.join(format!(".incoming-{}", &v.sha256[..16.min(v.sha256.len())]));
+        let dest = target.to_owned();
         tokio::task::spawn_blocking(move || install(&incoming, &dest, &manifest, &onnx))
             .await
             .map_err(|e| FetchError::Io {
@@ -289,11 +342,7 @@ impl Fetcher {
             })?
             .map_err(io(format!("cannot install {}", target.display())))?;
         let _ = tokio::fs::remove_file(&file).await;
-        if d.downgrade {
-            self.retire_newer(&installed, version, &target).await?;
-        }
-        Counters::add(&self.counters.rollout_installs, 1);
-        Ok(Polled::Installed(v.version.clone()))
+        Ok(())
     }
 
     /// Marks every installed version newer than `version` `.retired`, so the
@@ -445,7 +494,7 @@ impl Fetcher {
         }
     }
 
-    async fn refuse(&mut self, v: &ModelVersion, reason: String) -> Result<Polled, FetchError> {
+    async fn refuse<T>(&mut self, v: &ModelVersion, reason: String) -> Result<T, FetchError> {
         Counters::add(&self.counters.rollout_refusals, 1);
         self.refused.insert(v.sha256.clone());
         self.reports

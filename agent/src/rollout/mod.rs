@@ -99,6 +99,8 @@ pub struct RolloutSettings {
     pub downloads_dir: PathBuf,
     /// Durable report queue.
     pub reports_dir: PathBuf,
+    /// Shadow candidates: `<name>/<version>/`, at most one per model.
+    pub shadow_dir: PathBuf,
 }
 
 /// The rollout stage: polls the registry, installs, delivers reports.

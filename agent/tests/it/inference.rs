@@ -13,8 +13,9 @@ use edge_agent::inference::check::{VerifyError, VerifySettings, find_prlimit, ve
 use edge_agent::inference::package::Package;
 use edge_agent::inference::publish::PredictionEvent;
 use edge_agent::inference::runtime::Runner;
+use edge_agent::inference::shadow::ShadowUpdate;
 use edge_agent::inference::swap::{self, Watcher};
-use edge_agent::inference::trial::{TrialOutcome, TrialSettings};
+use edge_agent::inference::trial::TrialSettings;
 use edge_agent::inference::{InferenceMetrics, InferenceStage, LoadedModel};
 use edge_agent::ingest::CommittedReading;
 use edge_agent::telemetry::Counters;
@@ -243,7 +244,7 @@ async fn start(
     models: Vec<LoadedModel>,
     wait: Duration,
     swaps: Option<mpsc::Receiver<LoadedModel>>,
-    trial: Option<(TrialSettings, mpsc::Sender<TrialOutcome>)>,
+    configure: impl FnOnce(InferenceStage) -> InferenceStage,
 ) -> Running {
     let (buffer, thread) = open_buffer(dir).await;
     let (tx, rx) = mpsc::channel(4096);
@@ -253,9 +254,7 @@ async fn start(
     if let Some(s) = swaps {
         stage = stage.with_swaps(s);
     }
-    if let Some((settings, outcomes)) = trial {
-        stage = stage.with_trial(settings, outcomes);
-    }
+    stage = configure(stage);
     let metrics = stage.metrics();
     let stop = CancellationToken::new();
     let token = stop.clone();
@@ -317,7 +316,7 @@ async fn windows_of_several_devices_share_one_run_with_batch_one_results() {
     let d = tempfile::tempdir().unwrap();
     let model = LoadedModel::load(&machine_state()).unwrap();
     assert_eq!(model.input.batch_size, 4);
-    let run = start(d.path(), vec![model], Duration::from_secs(30), None, None).await;
+    let run = start(d.path(), vec![model], Duration::from_secs(30), None, |s| s).await;
     let mut seq = 0;
     for t in 0..10u64 {
         for dev in 0..4u64 {
@@ -395,7 +394,7 @@ async fn a_lone_window_waits_at_most_the_batch_max_wait() {
         vec![model],
         Duration::from_millis(200),
         None,
-        None,
+        |s| s,
     )
     .await;
     for t in 0..4u64 {
@@ -440,7 +439,7 @@ async fn two_models_are_each_fed_by_their_own_streams() {
     let nab = LoadedModel::load(&shipped()).unwrap();
     let ms = LoadedModel::load(&machine_state()).unwrap();
     let golden = Package::read(&shipped()).unwrap().manifest.golden;
-    let run = start(d.path(), vec![nab, ms], Duration::ZERO, None, None).await;
+    let run = start(d.path(), vec![nab, ms], Duration::ZERO, None, |s| s).await;
     let mut seq = 0;
     // 24 temperature readings (windows at 12 and 18 and 24) and 6 steps of
     // the other two streams (windows at steps 4 and 6), interleaved.
@@ -507,7 +506,7 @@ async fn nan_windows_are_skipped_or_imputed_per_model_policy() {
             keep,
         );
         let model = LoadedModel::load(&pkg).unwrap();
-        let run = start(d.path(), vec![model], Duration::ZERO, None, None).await;
+        let run = start(d.path(), vec![model], Duration::ZERO, None, |s| s).await;
         for (i, v) in golden.iter().enumerate() {
             let v = if i == 5 { f64::NAN } else { f64::from(*v) };
             run.tx
@@ -635,7 +634,7 @@ async fn hot_swap_verifies_refuses_keeps_serving_and_rolls_back() {
         vec![initial.clone()],
         Duration::ZERO,
         Some(swap_rx),
-        None,
+        |s| s,
     )
     .await;
     let metrics = run.metrics.clone();
@@ -745,7 +744,7 @@ async fn a_bad_but_valid_version_is_rolled_back_on_trial_and_stays_rejected() {
         vec![initial.clone()],
         Duration::ZERO,
         Some(swap_rx),
-        Some((trial.clone(), outcome_tx)),
+        |s| s.with_trial(trial.clone(), outcome_tx),
     )
     .await;
     let metrics = run.metrics.clone();
@@ -832,7 +831,7 @@ async fn a_bad_but_valid_version_is_rolled_back_on_trial_and_stays_rejected() {
         vec![initial.clone()],
         Duration::ZERO,
         Some(swap_rx),
-        Some((trial, outcome_tx)),
+        |s| s.with_trial(trial, outcome_tx),
     )
     .await;
     let metrics = run.metrics.clone();
@@ -866,5 +865,79 @@ async fn a_bad_but_valid_version_is_rolled_back_on_trial_and_stays_rejected() {
     assert!(!nab.join("1.2.0").join(swap::TRIAL).exists());
     stop.cancel();
     watching.await.unwrap();
+    run.finish().await;
+}
+
+/// Shadow mode: the candidate scores the same windows as the active model,
+/// its outputs are compared and summarised, never published; stopping it
+/// sends the final summary.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_shadow_candidate_is_compared_never_published() {
+    let d = tempfile::tempdir().unwrap();
+    let candidate_dir = d.path().join("shadow/nab-machine-temp/1.1.0");
+    package_copy(
+        &shipped(),
+        &candidate_dir,
+        |t| version("1.1.0")(t).replace("threshold = 49.569885", "threshold = 0.000001"),
+        keep,
+    );
+    let active = LoadedModel::load(&shipped()).unwrap();
+    let candidate = LoadedModel::load(&candidate_dir).unwrap();
+    let (shadow_tx, shadow_rx) = mpsc::channel(4);
+    let (summary_tx, mut summaries) = mpsc::channel(16);
+    let mut run = start(d.path(), vec![active], Duration::ZERO, None, |s| {
+        s.with_shadows(shadow_rx, summary_tx)
+    })
+    .await;
+    shadow_tx
+        .send(ShadowUpdate {
+            name: "nab-machine-temp".into(),
+            model: Some(candidate),
+        })
+        .await
+        .unwrap();
+    let mut seq = 1;
+    for _ in 0..100 {
+        seq = one_window(&run, seq).await;
+        let e = run.events.recv().await.unwrap();
+        assert_eq!(
+            e.prediction.model_version, "1.0.0",
+            "only the active model publishes"
+        );
+        assert!(!e.prediction.is_anomaly);
+    }
+    let (name, version, summary) = tokio::time::timeout(Duration::from_secs(30), summaries.recv())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        (name.as_str(), version.as_str()),
+        ("nab-machine-temp", "1.1.0")
+    );
+    assert_eq!(summary.windows, 100);
+    assert_eq!(summary.candidate_errors, 0);
+    assert!(summary.max_abs_diff < 1e-6, "same graph: {summary:?}");
+    assert!(
+        summary.agreement.abs() < 1e-12,
+        "the candidate flags every window: {summary:?}"
+    );
+
+    for _ in 0..5 {
+        seq = one_window(&run, seq).await;
+        run.events.recv().await.unwrap();
+    }
+    shadow_tx
+        .send(ShadowUpdate {
+            name: "nab-machine-temp".into(),
+            model: None,
+        })
+        .await
+        .unwrap();
+    let (_, _, last) = tokio::time::timeout(Duration::from_secs(30), summaries.recv())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(last.windows, 105);
+    drop(shadow_tx);
     run.finish().await;
 }
