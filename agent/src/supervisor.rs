@@ -135,14 +135,7 @@ pub async fn run(
     let (buffer, buffer_thread) = Buffer::open(&settings.buffer)?;
     tracing::info!(path = %settings.buffer.path.display(), "buffer open");
     let models = load_models(&settings);
-    let active_models: Vec<sync_protocol::ActiveModel> = models
-        .iter()
-        .map(|m| sync_protocol::ActiveModel {
-            name: m.name.clone(),
-            version: m.version.clone(),
-            sha256: m.sha256.clone(),
-        })
-        .collect();
+    let (active_tx, active_models) = tokio::sync::watch::channel(Vec::new());
 
     let (ingest_tx, ingest_rx) = mpsc::channel(settings.inference.queue_capacity);
     let (publish_tx, publish_rx) = mpsc::channel(1024);
@@ -171,7 +164,8 @@ pub async fn run(
         publish_tx,
         counters.clone(),
     )
-    .with_batch_max_wait(settings.inference.batch_max_wait);
+    .with_batch_max_wait(settings.inference.batch_max_wait)
+    .with_active_models(active_tx);
     let inference = match settings.inference.watch_interval {
         Some(interval) => {
             let (swap_tx, swap_rx) = mpsc::channel(4);

@@ -204,6 +204,7 @@ pub struct InferenceStage {
     trial: Option<(TrialSettings, mpsc::Sender<TrialOutcome>)>,
     shadows: Option<mpsc::Receiver<ShadowUpdate>>,
     shadow_reports: Option<mpsc::Sender<ShadowReport>>,
+    active: Option<tokio::sync::watch::Sender<Vec<sync_protocol::ActiveModel>>>,
 }
 
 impl InferenceStage {
@@ -228,6 +229,7 @@ impl InferenceStage {
             trial: None,
             shadows: None,
             shadow_reports: None,
+            active: None,
         }
     }
 
@@ -275,6 +277,35 @@ impl InferenceStage {
         self.shadows = Some(updates);
         self.shadow_reports = Some(reports);
         self
+    }
+
+    /// Keeps `active` holding the models that serve (name, version,
+    /// sha256), updated on every swap, rollback and suspension; heartbeats
+    /// report it.
+    #[must_use]
+    pub fn with_active_models(
+        mut self,
+        active: tokio::sync::watch::Sender<Vec<sync_protocol::ActiveModel>>,
+    ) -> Self {
+        self.active = Some(active);
+        self.publish_active();
+        self
+    }
+
+    fn publish_active(&self) {
+        if let Some(tx) = &self.active {
+            let models = self
+                .slots
+                .iter()
+                .filter(|s| !s.suspended)
+                .map(|s| sync_protocol::ActiveModel {
+                    name: s.model.name.clone(),
+                    version: s.model.version.clone(),
+                    sha256: s.model.sha256.clone(),
+                })
+                .collect();
+            tx.send_replace(models);
+        }
     }
 
     /// Uses `metrics` instead of a private set (to share them with [`swap`]).
@@ -408,6 +439,7 @@ impl InferenceStage {
             }
             self.slots.push(slot);
         }
+        self.publish_active();
         Ok(())
     }
 
@@ -548,6 +580,7 @@ impl InferenceStage {
         if outcomes.try_send(outcome).is_err() {
             tracing::error!("trial outcome not recorded: the watcher is not listening");
         }
+        self.publish_active();
     }
 
     async fn flush_due(&mut self, stored: &mpsc::Sender<Stored>) -> Result<()> {

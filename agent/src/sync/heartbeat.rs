@@ -31,8 +31,8 @@ pub struct Heartbeats {
     pub buffer: Buffer,
     /// Counters to report.
     pub counters: Arc<Counters>,
-    /// Models being served.
-    pub models: Vec<sync_protocol::ActiveModel>,
+    /// Models being served (latest value at each beat).
+    pub models: tokio::sync::watch::Receiver<Vec<sync_protocol::ActiveModel>>,
     /// Period.
     pub interval: Duration,
     /// Process start, Unix ms.
@@ -76,10 +76,11 @@ impl Heartbeats {
     async fn beat(&self, offset: Option<i64>) -> Result<i64> {
         let stats = self.buffer.sync_stats(self.started_ms).await?;
         let now = crate::now_ms();
+        let models = self.models.borrow().clone();
         let body = build(
             &stats,
             &self.counters,
-            &self.models,
+            &models,
             self.started_ms,
             now,
             offset,

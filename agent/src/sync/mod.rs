@@ -115,7 +115,7 @@ pub struct SyncStage {
     device_id: String,
     buffer: Buffer,
     counters: Arc<Counters>,
-    models: Vec<sync_protocol::ActiveModel>,
+    models: tokio::sync::watch::Receiver<Vec<sync_protocol::ActiveModel>>,
     /// Cleared when the cloud turns out not to know the compact codec.
     compact: AtomicBool,
 }
@@ -145,7 +145,7 @@ impl SyncStage {
             device_id,
             buffer,
             counters,
-            models: Vec::new(),
+            models: tokio::sync::watch::channel(Vec::new()).1,
             compact: AtomicBool::new(true),
         }
     }
@@ -166,9 +166,13 @@ impl SyncStage {
         }
     }
 
-    /// The models reported in heartbeats.
+    /// The models reported in heartbeats: the latest value at each beat
+    /// (the inference stage updates it on every swap and rollback).
     #[must_use]
-    pub fn with_models(mut self, models: Vec<sync_protocol::ActiveModel>) -> Self {
+    pub fn with_models(
+        mut self,
+        models: tokio::sync::watch::Receiver<Vec<sync_protocol::ActiveModel>>,
+    ) -> Self {
         self.models = models;
         self
     }

@@ -476,7 +476,7 @@ async fn heartbeats_report_models_backlog_and_clock() {
     let counters = Arc::new(Counters::default());
     let stop = CancellationToken::new();
     let stage = SyncStage::new(s, DEVICE.into(), buffer.clone(), counters.clone())
-        .with_models(vec![model.clone()]);
+        .with_models(tokio::sync::watch::channel(vec![model.clone()]).1);
     let task = tokio::spawn(stage.run(stop.clone()));
     edge_agent::install_crypto_provider();
     let client = reqwest::Client::new();
