@@ -913,3 +913,55 @@ fn cli_set_group_promote_rollout_status_rollback() -> Result<()> {
     assert!(text.contains("production again"), "{text}");
     Ok(())
 }
+
+/// A database at registry schema version 1 (before device groups and
+/// rollouts) with a production version keeps serving it after the upgrade,
+/// and the new features work on it.
+#[tokio::test]
+async fn schema_1_databases_are_migrated() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let settings = Settings::for_database(dir.path().join("cloud.db"));
+    keys::generate(&settings.registry)?;
+    let signer = Signer::load(&settings.registry)?;
+    // Register two versions with the current code, then turn the database
+    // back into a schema-1 one: drop what migration 2 added.
+    {
+        let registry = Registry::open(&settings.registry, &settings.storage).await?;
+        for version in [V1, V2] {
+            registry
+                .push(
+                    &package(dir.path(), version, version)?,
+                    &signer,
+                    PushOptions::default(),
+                )
+                .await?;
+        }
+    }
+    let db = rusqlite::Connection::open(dir.path().join("cloud.db"))?;
+    db.execute_batch(
+        "DROP TABLE shadows; DROP TABLE rollout_reports; DROP TABLE rollout_history;
+         DROP TABLE rollouts; DROP TABLE device_groups;
+         DELETE FROM registry_migrations WHERE version = 2;
+         UPDATE model_versions SET stage = 'production' WHERE version = '1.0.0';",
+    )?;
+    drop(db);
+
+    let registry = Registry::open(&settings.registry, &settings.storage).await?;
+    let d = registry
+        .deployment(NAME, Some("dev-1"), None)
+        .await?
+        .context("nothing deployable")?;
+    assert_eq!((d.active.version.as_str(), d.downgrade), (V1, false));
+    let promotion = registry
+        .promote_staged(NAME, V2, "default", 100, 0.5)
+        .await?;
+    assert_eq!(promotion.archived.as_deref(), Some(V1));
+    let done = registry.rollback(NAME, "default").await?;
+    assert!(done.restored);
+    let db = rusqlite::Connection::open(dir.path().join("cloud.db"))?;
+    let version: i64 = db.query_row("SELECT MAX(version) FROM registry_migrations", [], |r| {
+        r.get(0)
+    })?;
+    assert_eq!(version, 2);
+    Ok(())
+}
