@@ -586,7 +586,7 @@ fn decode_compact_batch(plain: &[u8]) -> Result<UploadBatch, ApiError> {
 }
 
 /// Bodies other than batches have no compact form ([`body_format`] refuses it).
-fn no_compact_form<T>(_plain: &[u8]) -> Result<T, ApiError> {
+pub(crate) fn no_compact_form<T>(_plain: &[u8]) -> Result<T, ApiError> {
     Err(ApiError::UnsupportedMediaType {
         content_type: codec::MEDIA_TYPE.to_owned(),
         accepted: JSON_MEDIA_TYPE,
@@ -594,7 +594,7 @@ fn no_compact_form<T>(_plain: &[u8]) -> Result<T, ApiError> {
 }
 
 /// Reads, decompresses and decodes a request body within the size caps.
-async fn read_body<T: serde::de::DeserializeOwned + Send + 'static>(
+pub(crate) async fn read_body<T: serde::de::DeserializeOwned + Send + 'static>(
     state: &AppState,
     request: Request,
     accepted: &'static str,

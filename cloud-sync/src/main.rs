@@ -112,12 +112,78 @@ enum ModelsCommand {
         #[arg(long, value_name = "FILE")]
         config: PathBuf,
     },
-    /// Make a version the production one of a group (archives the previous one).
+    /// Make a version the production one of a group (archives the previous
+    /// one), or, with --percent below 100, start a staged rollout of it.
     Promote {
         /// Model name.
         name: String,
         /// Version (MAJOR.MINOR.PATCH).
         version: String,
+        /// Device group.
+        #[arg(long, default_value = DEFAULT_GROUP)]
+        group: String,
+        /// Share of the group's devices (1-100) that get the version, chosen
+        /// by their canary bucket; below 100 starts a staged rollout.
+        #[arg(long, default_value_t = 100, value_parser = clap::value_parser!(u8).range(1..=100))]
+        percent: u8,
+        /// The rollout halts once more than this share (0.0-1.0) of the
+        /// reporting devices rolled the version back.
+        #[arg(long, default_value_t = 0.5)]
+        halt_share: f64,
+        /// Config file (TOML).
+        #[arg(long, value_name = "FILE")]
+        config: PathBuf,
+    },
+    /// Widen (or narrow) the active staged rollout of a model; 100 completes it.
+    Rollout {
+        /// Model name.
+        name: String,
+        /// Device group.
+        #[arg(long, default_value = DEFAULT_GROUP)]
+        group: String,
+        /// New share of the group's devices (1-100).
+        #[arg(long, value_parser = clap::value_parser!(u8).range(1..=100))]
+        percent: u8,
+        /// Config file (TOML).
+        #[arg(long, value_name = "FILE")]
+        config: PathBuf,
+    },
+    /// Halt the active rollout of a model, or promote its previous production
+    /// version again; devices are told to downgrade.
+    Rollback {
+        /// Model name.
+        name: String,
+        /// Device group.
+        #[arg(long, default_value = DEFAULT_GROUP)]
+        group: String,
+        /// Config file (TOML).
+        #[arg(long, value_name = "FILE")]
+        config: PathBuf,
+    },
+    /// Run a version in shadow mode beside the active one (or --clear).
+    Shadow {
+        /// Model name.
+        name: String,
+        /// Version to shadow (MAJOR.MINOR.PATCH); omit with --clear.
+        #[arg(required_unless_present = "clear")]
+        version: Option<String>,
+        /// Device group.
+        #[arg(long, default_value = DEFAULT_GROUP)]
+        group: String,
+        /// Share of the group's devices (1-100) that run the shadow.
+        #[arg(long, default_value_t = 100, value_parser = clap::value_parser!(u8).range(1..=100))]
+        percent: u8,
+        /// Remove the shadow target.
+        #[arg(long, conflicts_with = "version")]
+        clear: bool,
+        /// Config file (TOML).
+        #[arg(long, value_name = "FILE")]
+        config: PathBuf,
+    },
+    /// Print the rollout state of a model: counts and recent rollback reasons.
+    Status {
+        /// Model name.
+        name: String,
         /// Device group.
         #[arg(long, default_value = DEFAULT_GROUP)]
         group: String,
@@ -178,6 +244,20 @@ enum DevicesCommand {
         #[arg(long, value_name = "FILE")]
         config: PathBuf,
     },
+    /// Assign a device to a model group (overrides the group it names), or --clear.
+    SetGroup {
+        /// Device id.
+        id: String,
+        /// Group: 1 to 128 characters from [A-Za-z0-9._-]; omit with --clear.
+        #[arg(required_unless_present = "clear")]
+        group: Option<String>,
+        /// Remove the assignment: the group the device names applies again.
+        #[arg(long, conflicts_with = "group")]
+        clear: bool,
+        /// Config file (TOML) naming the database.
+        #[arg(long, value_name = "FILE")]
+        config: PathBuf,
+    },
 }
 
 fn main() -> ExitCode {
@@ -201,6 +281,13 @@ fn main() -> ExitCode {
         Command::Devices {
             command: DevicesCommand::Revoke { id, config },
         } => with_settings(&config, |settings| run(revoke_device(settings, id))),
+        Command::Devices {
+            command: DevicesCommand::SetGroup {
+                id, group, config, ..
+            },
+        } => with_settings(&config, |settings| {
+            run(registry_cli::set_group(settings, id, group))
+        }),
         Command::Operators {
             command: OperatorsCommand::Add { name, config },
         } => with_settings(&config, |settings| run(add_operator(settings, name))),
@@ -361,9 +448,44 @@ async fn revoke_operator(settings: Settings, name: String) -> anyhow::Result<()>
 mod registry_cli {
     use anyhow::Context as _;
     use cloud_sync::Settings;
+    use cloud_sync::registry::rollout::overview_text;
     use cloud_sync::registry::{PushOptions, Registry, Signer, keys, table};
+    use cloud_sync::sync_protocol::registry::RolloutState;
 
-    use super::{KeysCommand, ModelsCommand, run, with_settings};
+    use super::{KeysCommand, ModelsCommand, open_store, run, with_settings};
+
+    /// `devices set-group`: the device must be registered and not revoked.
+    pub(super) async fn set_group(
+        settings: Settings,
+        id: String,
+        group: Option<String>,
+    ) -> anyhow::Result<()> {
+        let store = open_store(&settings).await?;
+        let active = store
+            .device_is_active(&id)
+            .await
+            .with_context(|| format!("cannot look up device {id:?}"));
+        let closed = store.close().await.context("cannot close database");
+        if !active? {
+            anyhow::bail!("cannot set the group of device {id:?}: unknown or revoked device");
+        }
+        closed?;
+        let previous = open(&settings)
+            .await?
+            .set_device_group(&id, group.as_deref())
+            .await
+            .with_context(|| format!("cannot set the group of device {id:?}"))?;
+        let was = previous
+            .map(|g| format!(" (was {g:?})"))
+            .unwrap_or_default();
+        match group {
+            Some(group) => eprintln!("cloud-sync: device {id:?} assigned to group {group:?}{was}"),
+            None => eprintln!(
+                "cloud-sync: device {id:?} has no assigned group{was}; the group it names applies"
+            ),
+        }
+        Ok(())
+    }
 
     pub(super) fn keys(command: KeysCommand) -> std::process::ExitCode {
         match command {
@@ -449,14 +571,26 @@ mod registry_cli {
                 name,
                 version,
                 group,
+                percent,
+                halt_share,
                 config,
             } => with_settings(&config, |s| {
                 run(async move {
                     let promotion = open(&s)
                         .await?
-                        .promote(&name, &version, &group)
+                        .promote_staged(&name, &version, &group, percent, halt_share)
                         .await
                         .with_context(|| format!("cannot promote {name} {version}"))?;
+                    if let Some(r) = promotion.rollout {
+                        eprintln!(
+                            "cloud-sync: staged rollout of {name} {version} to {}% of group {group:?} \
+                             started; the others keep {}; halts above {} rolled back",
+                            r.percent,
+                            r.previous.as_deref().unwrap_or("none"),
+                            r.halt_share
+                        );
+                        return Ok(());
+                    }
                     let archived = promotion
                         .archived
                         .map(|v| format!("; {v} archived"))
@@ -464,6 +598,112 @@ mod registry_cli {
                     eprintln!(
                         "cloud-sync: {name} {version} is production for group {group:?}{archived}"
                     );
+                    Ok::<(), anyhow::Error>(())
+                })
+            }),
+            ModelsCommand::Rollout {
+                name,
+                group,
+                percent,
+                config,
+            } => with_settings(&config, |s| {
+                run(async move {
+                    let (r, archived) = open(&s)
+                        .await?
+                        .rollout(&name, &group, percent)
+                        .await
+                        .with_context(|| format!("cannot change the rollout of {name}"))?;
+                    if r.state == RolloutState::Complete {
+                        let archived = archived
+                            .map(|v| format!("; {v} archived"))
+                            .unwrap_or_default();
+                        eprintln!(
+                            "cloud-sync: rollout complete: {name} {} is production for group {group:?}{archived}",
+                            r.version
+                        );
+                    } else {
+                        eprintln!(
+                            "cloud-sync: rollout of {name} {} now at {}% of group {group:?}",
+                            r.version, r.percent
+                        );
+                    }
+                    Ok::<(), anyhow::Error>(())
+                })
+            }),
+            ModelsCommand::Rollback {
+                name,
+                group,
+                config,
+            } => with_settings(&config, |s| {
+                run(async move {
+                    let done = open(&s)
+                        .await?
+                        .rollback(&name, &group)
+                        .await
+                        .with_context(|| format!("cannot roll back {name}"))?;
+                    let r = &done.rollout;
+                    let previous = r.previous.as_deref().unwrap_or("none");
+                    if !done.changed {
+                        eprintln!(
+                            "cloud-sync: {name} {} already rolled back in group {group:?}; {previous} serves",
+                            r.version
+                        );
+                    } else if done.restored {
+                        eprintln!(
+                            "cloud-sync: {name} {previous} is production again for group {group:?} \
+                             ({} archived); devices are told to downgrade",
+                            r.version
+                        );
+                    } else {
+                        eprintln!(
+                            "cloud-sync: rollout of {name} {} halted in group {group:?}; \
+                             every device goes back to {previous}",
+                            r.version
+                        );
+                    }
+                    Ok::<(), anyhow::Error>(())
+                })
+            }),
+            ModelsCommand::Shadow {
+                name,
+                version,
+                group,
+                percent,
+                clear,
+                config,
+            } => with_settings(&config, |s| {
+                run(async move {
+                    let target = if clear {
+                        None
+                    } else {
+                        version.as_deref().map(|v| (v, percent))
+                    };
+                    open(&s)
+                        .await?
+                        .set_shadow(&name, &group, target)
+                        .await
+                        .with_context(|| format!("cannot set the shadow of {name}"))?;
+                    match target {
+                        Some((v, p)) => eprintln!(
+                            "cloud-sync: {name} {v} runs in shadow on {p}% of group {group:?}"
+                        ),
+                        None => eprintln!("cloud-sync: no shadow for {name} in group {group:?}"),
+                    }
+                    Ok::<(), anyhow::Error>(())
+                })
+            }),
+            ModelsCommand::Status {
+                name,
+                group,
+                config,
+            } => with_settings(&config, |s| {
+                run(async move {
+                    let overview = open(&s)
+                        .await?
+                        .overview(&name, &group)
+                        .await
+                        .with_context(|| format!("cannot read the rollout of {name}"))?;
+                    print!("{}", overview_text(&overview));
                     Ok::<(), anyhow::Error>(())
                 })
             }),

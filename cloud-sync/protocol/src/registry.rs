@@ -126,22 +126,39 @@ pub struct ModelVersion {
 }
 
 /// Body of the promote and archive endpoints.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct StageChange {
     /// Device group; [`DEFAULT_GROUP`] when absent.
     #[serde(default)]
     pub group: Option<String>,
+    /// Promote only: share of the group's devices (`1..=100`) that get the
+    /// version, by [`canary_bucket`]; below 100 with a production version in
+    /// place, a staged rollout starts. Absent: 100.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub percent: Option<u8>,
+    /// Promote only: the staged rollout halts once more than this share
+    /// (`0.0..=1.0`) of the reporting devices rolled the version back.
+    /// Absent: 0.5.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub halt_share: Option<f64>,
 }
+
+impl Eq for StageChange {}
 
 /// Reply of the promote endpoint.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Promotion {
-    /// The version now in production.
+    /// The version promoted: in production, or the candidate of the staged
+    /// rollout in `rollout`.
     pub promoted: ModelVersion,
     /// The version it replaced (now archived), if any.
     pub archived: Option<String>,
+    /// The staged rollout this promotion started (`percent` below 100), if
+    /// any; the version then stays in its stage until the rollout completes.
+    #[serde(default)]
+    pub rollout: Option<RolloutStatus>,
 }
 
 /// Path of the deployment endpoint of one model (query `group`): what one

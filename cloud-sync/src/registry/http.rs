@@ -1,10 +1,14 @@
 //! Registry API handlers: the production version of a model for a device
-//! group (with `ETag` / `If-None-Match`), artifact downloads (with `Range`,
-//! for resuming over poor links), and promotion / archiving by operators.
+//! group and the per-device deployment (both with `ETag` /
+//! `If-None-Match`), artifact downloads (with `Range`, for resuming over
+//! poor links), promotion / archiving and the rollout view by operators, and
+//! rollout reports by devices.
 //!
 //! Owns status codes and headers of these routes only; routing is
 //! [`crate::api`]'s (see [`routes`]), credentials [`crate::auth`]'s. A device
-//! or operator token may read; only operators may change stages.
+//! or operator token may read; only operators may change stages or read the
+//! rollout view; only devices may report. A device's group comes from its
+//! server-side assignment before the `group` it names.
 
 use std::io::SeekFrom;
 
@@ -23,15 +27,17 @@ use axum::routing::{MethodRouter, get, post};
 use serde::Deserialize;
 use sha2::{Digest as _, Sha256};
 use sync_protocol::registry::{
-    ARTIFACT_MEDIA_TYPE, DEFAULT_GROUP, ModelVersion, Promotion, StageChange,
+    ARTIFACT_MEDIA_TYPE, DEFAULT_GROUP, ModelVersion, Promotion, RolloutReport, RolloutReportAck,
+    StageChange,
 };
-use sync_protocol::{API_VERSION, ErrorBody};
+use sync_protocol::{API_VERSION, ErrorBody, JSON_MEDIA_TYPE};
 use tokio::io::{AsyncReadExt as _, AsyncSeekExt as _};
 use tokio_util::io::ReaderStream;
 
+use super::rollout::{DEFAULT_HALT_SHARE, FULL_PERCENT, RolloutOverview};
 use super::{Registry, RegistryError};
 use crate::api::{ApiError, AppState};
-use crate::auth::{OperatorAuth, Principal};
+use crate::auth::{AuthError, OperatorAuth, Principal};
 use crate::store::Store;
 
 /// The registry's routes: method, path template, handler.
@@ -56,6 +62,21 @@ pub fn routes() -> Vec<(Method, String, MethodRouter<AppState>)> {
             Method::POST,
             format!("/{API_VERSION}/models/{{model}}/versions/{{version}}/archive"),
             post(archive),
+        ),
+        (
+            Method::GET,
+            format!("/{API_VERSION}/models/{{model}}/deployment"),
+            get(deployment),
+        ),
+        (
+            Method::GET,
+            format!("/{API_VERSION}/models/{{model}}/rollouts"),
+            get(rollouts),
+        ),
+        (
+            Method::POST,
+            format!("/{API_VERSION}/rollout/reports"),
+            post(report),
         ),
     ]
 }
@@ -110,8 +131,20 @@ impl HttpError {
             HttpError::Registry(RegistryError::UnknownVersion { .. }) => {
                 (StatusCode::NOT_FOUND, "unknown_version")
             }
+            HttpError::Registry(RegistryError::UnknownModelVersion { .. }) => {
+                (StatusCode::NOT_FOUND, "unknown_version")
+            }
             HttpError::Registry(RegistryError::InvalidGroup { .. }) => {
                 (StatusCode::BAD_REQUEST, "bad_query")
+            }
+            HttpError::Registry(
+                RegistryError::InvalidPercent { .. } | RegistryError::InvalidHaltShare { .. },
+            ) => (StatusCode::BAD_REQUEST, "invalid_rollout"),
+            HttpError::Registry(
+                RegistryError::InvalidReport { .. } | RegistryError::InvalidDevice { .. },
+            ) => (StatusCode::BAD_REQUEST, "invalid_report"),
+            HttpError::Registry(RegistryError::RolloutInProgress { .. }) => {
+                (StatusCode::CONFLICT, "rollout_in_progress")
             }
             HttpError::Io(_) | HttpError::Registry(_) => {
                 (StatusCode::INTERNAL_SERVER_ERROR, "storage_error")
@@ -208,7 +241,7 @@ fn header(value: &str) -> Result<HeaderValue, HttpError> {
 
 async fn production(
     State(state): State<AppState>,
-    _reader: Reader,
+    reader: Reader,
     name: Result<Path<String>, PathRejection>,
     query: Result<Query<GroupQuery>, QueryRejection>,
     headers: HeaderMap,
@@ -216,15 +249,31 @@ async fn production(
     let registry = registry(&state)?;
     let Path(name) = name.map_err(ApiError::BadPath)?;
     let Query(query) = query.map_err(ApiError::BadQuery)?;
-    let group = query.group.unwrap_or_else(|| DEFAULT_GROUP.to_owned());
+    let group = registry
+        .group_of(device_of(&reader), query.group.as_deref())
+        .await?;
     let Some(version) = registry.production(&name, &group).await? else {
         return Err(HttpError::NoProduction { name, group });
     };
     let body = serde_json::to_vec(&version).map_err(|err| HttpError::Io(err.into()))?;
+    cached_json(&headers, body)
+}
+
+/// The device a reader is, `None` for an operator (device-less view).
+fn device_of(reader: &Reader) -> Option<&str> {
+    match &reader.0 {
+        Principal::Device(device) => Some(device),
+        Principal::Operator(_) => None,
+    }
+}
+
+/// A JSON body with an `ETag` over it; a bodiless 304 when `If-None-Match`
+/// matches.
+fn cached_json(headers: &HeaderMap, body: Vec<u8>) -> Result<Response, HttpError> {
     // Design: the ETag is a hash of the body, so any change (a promotion,
     // a rollback, another signature) changes it and nothing else does.
     let etag = format!("\"{}\"", &hex::encode(Sha256::digest(&body))[..32]);
-    let mut response = if none_match(&headers, &etag) {
+    let mut response = if none_match(headers, &etag) {
         StatusCode::NOT_MODIFIED.into_response()
     } else {
         (
@@ -353,13 +402,12 @@ async fn artifact(
     Ok(response)
 }
 
-fn stage_change(body: Result<Bytes, BytesRejection>) -> Result<String, HttpError> {
+fn stage_change(body: Result<Bytes, BytesRejection>) -> Result<StageChange, HttpError> {
     let body = body.map_err(ApiError::BadBody)?;
     if body.iter().all(u8::is_ascii_whitespace) {
-        return Ok(DEFAULT_GROUP.to_owned());
+        return Ok(StageChange::default());
     }
-    let change: StageChange = serde_json::from_slice(&body).map_err(ApiError::MalformedJson)?;
-    Ok(change.group.unwrap_or_else(|| DEFAULT_GROUP.to_owned()))
+    Ok(serde_json::from_slice(&body).map_err(ApiError::MalformedJson)?)
 }
 
 async fn promote(
@@ -370,10 +418,21 @@ async fn promote(
 ) -> Result<Json<Promotion>, HttpError> {
     let registry = registry(&state)?;
     let Path((name, version)) = path.map_err(ApiError::BadPath)?;
-    let group = stage_change(body)?;
-    let promotion = registry.promote(&name, &version, &group).await?;
+    let change = stage_change(body)?;
+    let group = change.group.unwrap_or_else(|| DEFAULT_GROUP.to_owned());
+    let promotion = registry
+        .promote_staged(
+            &name,
+            &version,
+            &group,
+            change.percent.unwrap_or(FULL_PERCENT),
+            change.halt_share.unwrap_or(DEFAULT_HALT_SHARE),
+        )
+        .await?;
     tracing::info!(operator = %auth.operator, model = %name, %version, %group,
-        archived = ?promotion.archived, "promoted model version");
+        archived = ?promotion.archived,
+        rollout_percent = ?promotion.rollout.as_ref().map(|r| r.percent),
+        "promoted model version");
     Ok(Json(promotion))
 }
 
@@ -385,10 +444,75 @@ async fn archive(
 ) -> Result<Json<ModelVersion>, HttpError> {
     let registry = registry(&state)?;
     let Path((name, version)) = path.map_err(ApiError::BadPath)?;
-    let group = stage_change(body)?;
+    // `percent` and `halt_share` are promotion options; archiving ignores them.
+    let change = stage_change(body)?;
+    let group = change.group.unwrap_or_else(|| DEFAULT_GROUP.to_owned());
     let archived = registry.archive(&name, &version, &group).await?;
     tracing::info!(operator = %auth.operator, model = %name, %version, %group, "archived model version");
     Ok(Json(archived))
+}
+
+async fn deployment(
+    State(state): State<AppState>,
+    reader: Reader,
+    name: Result<Path<String>, PathRejection>,
+    query: Result<Query<GroupQuery>, QueryRejection>,
+    headers: HeaderMap,
+) -> Result<Response, HttpError> {
+    let registry = registry(&state)?;
+    let Path(name) = name.map_err(ApiError::BadPath)?;
+    let Query(query) = query.map_err(ApiError::BadQuery)?;
+    let device = device_of(&reader);
+    let Some(deployment) = registry
+        .deployment(&name, device, query.group.as_deref())
+        .await?
+    else {
+        let group = registry.group_of(device, query.group.as_deref()).await?;
+        return Err(HttpError::NoProduction { name, group });
+    };
+    let body = serde_json::to_vec(&deployment).map_err(|err| HttpError::Io(err.into()))?;
+    cached_json(&headers, body)
+}
+
+async fn rollouts(
+    State(state): State<AppState>,
+    _auth: OperatorAuth,
+    name: Result<Path<String>, PathRejection>,
+    query: Result<Query<GroupQuery>, QueryRejection>,
+) -> Result<Json<RolloutOverview>, HttpError> {
+    let registry = registry(&state)?;
+    let Path(name) = name.map_err(ApiError::BadPath)?;
+    let Query(query) = query.map_err(ApiError::BadQuery)?;
+    let group = query.group.unwrap_or_else(|| DEFAULT_GROUP.to_owned());
+    Ok(Json(registry.overview(&name, &group).await?))
+}
+
+async fn report(
+    State(state): State<AppState>,
+    reader: Reader,
+    query: Result<Query<GroupQuery>, QueryRejection>,
+    request: axum::extract::Request,
+) -> Result<Json<RolloutReportAck>, HttpError> {
+    let registry = registry(&state)?;
+    let device = match reader.0 {
+        Principal::Device(device) => device,
+        Principal::Operator(operator) => {
+            return Err(ApiError::from(AuthError::OperatorCannotUpload { operator }).into());
+        }
+    };
+    let Query(query) = query.map_err(ApiError::BadQuery)?;
+    let report: RolloutReport = crate::api::read_body(
+        &state,
+        request,
+        JSON_MEDIA_TYPE,
+        crate::api::no_compact_form,
+    )
+    .await?;
+    Ok(Json(
+        registry
+            .report(&device, query.group.as_deref(), report)
+            .await?,
+    ))
 }
 
 #[cfg(test)]

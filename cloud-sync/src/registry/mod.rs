@@ -7,7 +7,9 @@
 //! - `archive`: the deterministic tar agents download;
 //! - `artifacts`: the content-addressed files (`artifact_dir`);
 //! - `keys`: the ed25519 signing key and the public keys list;
-//! - `db`: the `model_versions` table on SQLite or PostgreSQL;
+//! - `db`: the registry's tables on SQLite or PostgreSQL;
+//! - `rollout`: staged rollouts, shadow targets and device groups as pure
+//!   rules (which version a device gets, when reports halt a rollout);
 //! - `http`: the API handlers; `openapi`: their part of `/openapi.json`.
 //!
 //! Invariants:
@@ -20,6 +22,11 @@
 //!   group) is refused.
 //! - At most one production version per (model, group); a promotion
 //!   archives the previous one in the same transaction.
+//! - At most one active rollout per (model, group); while it is active,
+//!   promotions of the pair and archiving the versions it involves are
+//!   refused.
+//! - The group of a device is its server-side assignment when it has one,
+//!   else the `group` it names, else `default`.
 
 pub use sync_protocol::archive;
 pub mod artifacts;
@@ -27,17 +34,24 @@ pub mod db;
 pub mod http;
 pub mod keys;
 pub mod openapi;
+pub mod rollout;
 pub mod validate;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use sync_protocol::registry::{ModelVersion, Promotion, Stage, artifact_path};
+use sync_protocol::registry::{
+    Deployment, ModelVersion, Promotion, RolloutReport, RolloutReportAck, RolloutState,
+    RolloutStatus, Stage, artifact_path,
+};
 
 pub use artifacts::ArtifactStore;
-use db::{Changed, Db, DbError, Inserted, VersionRow};
+use db::{
+    Changed, Db, DbError, Inserted, ReportRow, Reported, RolledBack, ShadowSet, VersionRow, Widened,
+};
 pub use keys::{KeyError, Signer};
+use rollout::{DEFAULT_HALT_SHARE, DeploymentView, FULL_PERCENT, RolloutOverview};
 pub use validate::{ValidPackage, ValidationError};
 
 use crate::config::{RegistrySettings, StorageSettings};
@@ -92,6 +106,75 @@ pub enum RegistryError {
         /// Groups the version is registered in.
         groups: Vec<String>,
     },
+    /// A rollout of the (model, group) is active.
+    #[error(
+        "a rollout of {name} {version} to group {group:?} is in progress at {percent}%: \
+         change it with `models rollout`, or end it with `models rollback`"
+    )]
+    RolloutInProgress {
+        /// Model name.
+        name: String,
+        /// Group.
+        group: String,
+        /// Version being rolled out.
+        version: String,
+        /// Its percentage.
+        percent: u8,
+    },
+    /// No active rollout of the (model, group).
+    #[error("no active rollout of {name} in group {group:?}")]
+    NoActiveRollout {
+        /// Model name.
+        name: String,
+        /// Group.
+        group: String,
+    },
+    /// Nothing to roll back to.
+    #[error(
+        "nothing to roll back for {name} in group {group:?}: no production version, \
+         or no previous version"
+    )]
+    NothingToRollBack {
+        /// Model name.
+        name: String,
+        /// Group.
+        group: String,
+    },
+    /// A percentage outside `1..=100`.
+    #[error("invalid percentage {percent}: use 1 to 100")]
+    InvalidPercent {
+        /// The value given.
+        percent: i64,
+    },
+    /// A halt share outside `0.0..=1.0`.
+    #[error("invalid halt share {share}: use 0.0 to 1.0")]
+    InvalidHaltShare {
+        /// The value given.
+        share: f64,
+    },
+    /// A device id is not valid.
+    #[error("invalid device id {device:?}")]
+    InvalidDevice {
+        /// The id.
+        device: String,
+    },
+    /// A rollout report is not acceptable.
+    #[error("invalid rollout report: {reason}")]
+    InvalidReport {
+        /// What is wrong.
+        reason: &'static str,
+    },
+    /// No such (model, version) in any group.
+    #[error("unknown model version {name} {version}")]
+    UnknownModelVersion {
+        /// Model name.
+        name: String,
+        /// Version.
+        version: String,
+    },
+    /// A shadow summary could not be serialised.
+    #[error("cannot encode shadow summary")]
+    Encode(#[source] serde_json::Error),
     /// The artifact could not be written or removed.
     #[error("cannot store artifact in {}", dir.display())]
     Artifact {
@@ -335,49 +418,398 @@ impl Registry {
     /// the current production version changes nothing.
     ///
     /// # Errors
-    /// [`RegistryError::UnknownVersion`], [`RegistryError::InvalidGroup`] or
-    /// a database failure.
+    /// As [`Registry::promote_staged`].
     pub async fn promote(&self, name: &str, version: &str, group: &str) -> Result<Promotion> {
-        let (promoted, archived) = self
-            .set_stage(name, version, group, Stage::Production)
+        self.promote_staged(name, version, group, FULL_PERCENT, DEFAULT_HALT_SHARE)
+            .await
+    }
+
+    /// Promotes a version for `group` to `percent` of its devices. Below
+    /// 100 with another version in production, starts a staged rollout
+    /// (returned in [`Promotion::rollout`]): devices whose
+    /// [`sync_protocol::registry::canary_bucket`] is below `percent` get
+    /// the version, the others keep the production version, and the
+    /// rollout halts once more than `halt_share` of the reporting devices
+    /// rolled it back. Otherwise as a full promotion.
+    ///
+    /// # Errors
+    /// [`RegistryError::UnknownVersion`], [`RegistryError::InvalidGroup`],
+    /// [`RegistryError::InvalidPercent`], [`RegistryError::InvalidHaltShare`],
+    /// [`RegistryError::RolloutInProgress`] or a database failure.
+    pub async fn promote_staged(
+        &self,
+        name: &str,
+        version: &str,
+        group: &str,
+        percent: u8,
+        halt_share: f64,
+    ) -> Result<Promotion> {
+        check_group(group)?;
+        check_percent(i64::from(percent))?;
+        if !(0.0..=1.0).contains(&halt_share) {
+            return Err(RegistryError::InvalidHaltShare { share: halt_share });
+        }
+        let changed = self
+            .db
+            .promote(name, version, group, percent, halt_share, now_ms())
             .await?;
-        Ok(Promotion { promoted, archived })
+        let (promoted, archived, rollout) = changed_result(name, version, group, changed)?;
+        Ok(Promotion {
+            promoted,
+            archived,
+            rollout,
+        })
     }
 
     /// Archives a version (agents of its group then have no production
     /// version of the model, if it was the production one).
     ///
     /// # Errors
-    /// As [`Registry::promote`].
+    /// [`RegistryError::UnknownVersion`], [`RegistryError::InvalidGroup`],
+    /// [`RegistryError::RolloutInProgress`] (the version is part of an
+    /// active rollout) or a database failure.
     pub async fn archive(&self, name: &str, version: &str, group: &str) -> Result<ModelVersion> {
-        Ok(self
-            .set_stage(name, version, group, Stage::Archived)
-            .await?
-            .0)
+        check_group(group)?;
+        let changed = self.db.archive(name, version, group, now_ms()).await?;
+        Ok(changed_result(name, version, group, changed)?.0)
     }
 
-    async fn set_stage(
+    /// Sets the active rollout of `name` in `group` to `percent` (widening
+    /// only adds devices, narrowing only removes some); at 100 the rollout
+    /// completes: its version becomes production for the whole group and
+    /// the previous one is archived. Returns the rollout and the version
+    /// archived.
+    ///
+    /// # Errors
+    /// [`RegistryError::NoActiveRollout`], [`RegistryError::InvalidPercent`],
+    /// [`RegistryError::InvalidGroup`] or a database failure.
+    pub async fn rollout(
         &self,
         name: &str,
-        version: &str,
         group: &str,
-        stage: Stage,
-    ) -> Result<(ModelVersion, Option<String>)> {
+        percent: u8,
+    ) -> Result<(RolloutStatus, Option<String>)> {
         check_group(group)?;
-        match self
-            .db
-            .set_stage(name, version, group, stage, now_ms())
-            .await?
-        {
-            Changed::Done { row, archived } => Ok((to_wire(*row), archived)),
-            Changed::Unknown { groups } => Err(RegistryError::UnknownVersion {
+        check_percent(i64::from(percent))?;
+        match self.db.widen(name, group, percent, now_ms()).await? {
+            Widened::NoActive => Err(RegistryError::NoActiveRollout {
                 name: name.to_owned(),
-                version: version.to_owned(),
+                group: group.to_owned(),
+            }),
+            Widened::Done { rollout, archived } => Ok((rollout.status(), archived)),
+        }
+    }
+
+    /// Rolls back `name` in `group`: halts its active rollout (every device
+    /// then gets the production version with `downgrade: true`), or, with
+    /// no active rollout, promotes the previous production version again
+    /// and records a halted rollout so that deployments carry
+    /// `downgrade: true`. Rolling back twice changes nothing the second
+    /// time.
+    ///
+    /// # Errors
+    /// [`RegistryError::NothingToRollBack`], [`RegistryError::InvalidGroup`]
+    /// or a database failure.
+    pub async fn rollback(&self, name: &str, group: &str) -> Result<Rollback> {
+        check_group(group)?;
+        match self.db.rollback(name, group, now_ms()).await? {
+            RolledBack::Nothing => Err(RegistryError::NothingToRollBack {
+                name: name.to_owned(),
+                group: group.to_owned(),
+            }),
+            RolledBack::Halted(r) => Ok(Rollback {
+                rollout: r.status(),
+                restored: false,
+                changed: true,
+            }),
+            RolledBack::AlreadyHalted(r) => Ok(Rollback {
+                rollout: r.status(),
+                restored: false,
+                changed: false,
+            }),
+            RolledBack::Restored(r) => Ok(Rollback {
+                rollout: r.status(),
+                restored: true,
+                changed: true,
+            }),
+        }
+    }
+
+    /// Sets (`Some((version, percent))`) or clears (`None`) the shadow
+    /// target of `name` in `group`: targeted devices (by
+    /// [`sync_protocol::registry::canary_bucket`] of the shadow version)
+    /// get it as `shadow` in their deployment.
+    ///
+    /// # Errors
+    /// [`RegistryError::UnknownVersion`], [`RegistryError::InvalidPercent`],
+    /// [`RegistryError::InvalidGroup`] or a database failure.
+    pub async fn set_shadow(
+        &self,
+        name: &str,
+        group: &str,
+        target: Option<(&str, u8)>,
+    ) -> Result<()> {
+        check_group(group)?;
+        if let Some((_, percent)) = target {
+            check_percent(i64::from(percent))?;
+        }
+        let owned = target.map(|(v, p)| (v.to_owned(), p));
+        match self.db.set_shadow(name, group, owned, now_ms()).await? {
+            ShadowSet::Done => Ok(()),
+            ShadowSet::Unknown { groups } => Err(RegistryError::UnknownVersion {
+                name: name.to_owned(),
+                version: target.map(|(v, _)| v.to_owned()).unwrap_or_default(),
                 group: group.to_owned(),
                 groups,
             }),
         }
     }
+
+    /// Assigns `device` to `group` (`None`: removes the assignment, so the
+    /// group it names applies again); returns the previous assignment. The
+    /// caller checks that the device is registered.
+    ///
+    /// # Errors
+    /// [`RegistryError::InvalidDevice`], [`RegistryError::InvalidGroup`] or
+    /// a database failure.
+    pub async fn set_device_group(
+        &self,
+        device: &str,
+        group: Option<&str>,
+    ) -> Result<Option<String>> {
+        check_device(device)?;
+        if let Some(group) = group {
+            check_group(group)?;
+        }
+        Ok(self.db.set_device_group(device, group, now_ms()).await?)
+    }
+
+    /// The group of `device` (`None`: device-less, an operator) that names
+    /// `query_group`: its assignment, else `query_group`, else `default`.
+    ///
+    /// # Errors
+    /// [`RegistryError::InvalidGroup`] or a database failure.
+    pub async fn group_of(
+        &self,
+        device: Option<&str>,
+        query_group: Option<&str>,
+    ) -> Result<String> {
+        if let Some(group) = query_group {
+            check_group(group)?;
+        }
+        let assigned = match device {
+            Some(device) => self.db.device_group(device).await?,
+            None => None,
+        };
+        Ok(assigned
+            .or_else(|| query_group.map(str::to_owned))
+            .unwrap_or_else(|| sync_protocol::registry::DEFAULT_GROUP.to_owned()))
+    }
+
+    /// What `device` (`None`: the device-less view of a group, as for a
+    /// device outside every partial canary) should run for `name`; `None`
+    /// when the resolved group has no production version.
+    ///
+    /// # Errors
+    /// [`RegistryError::InvalidGroup`] or a database failure.
+    pub async fn deployment(
+        &self,
+        name: &str,
+        device: Option<&str>,
+        query_group: Option<&str>,
+    ) -> Result<Option<Deployment>> {
+        if let Some(group) = query_group {
+            check_group(group)?;
+        }
+        let rows = self.db.view(name, device, query_group).await?;
+        let view = DeploymentView {
+            group: rows.group,
+            production: rows.production.map(to_wire),
+            rollout: rows.rollout,
+            candidate: rows.candidate.map(to_wire),
+            shadow: rows.shadow.map(|(target, row)| (target, to_wire(row))),
+        };
+        Ok(rollout::deployment(view, device, name))
+    }
+
+    /// Stores `device`'s report (idempotent per device, model, version and
+    /// event), recounts the rollout of that version in the device's group
+    /// and halts it when more than its halt share of the reporting devices
+    /// rolled it back (logged at WARN).
+    ///
+    /// # Errors
+    /// [`RegistryError::InvalidReport`], [`RegistryError::InvalidGroup`],
+    /// [`RegistryError::UnknownModelVersion`] or a database failure.
+    pub async fn report(
+        &self,
+        device: &str,
+        query_group: Option<&str>,
+        report: RolloutReport,
+    ) -> Result<RolloutReportAck> {
+        check_device(device)?;
+        if let Some(group) = query_group {
+            check_group(group)?;
+        }
+        check_report(&report)?;
+        let shadow_json = report
+            .shadow
+            .as_ref()
+            .map(serde_json::to_string)
+            .transpose()
+            .map_err(RegistryError::Encode)?;
+        let (name, version, event) = (report.model.clone(), report.version.clone(), report.event);
+        let row = ReportRow {
+            device: device.to_owned(),
+            query_group: query_group.map(str::to_owned),
+            report,
+            shadow_json,
+        };
+        match self.db.report(row, now_ms()).await? {
+            Reported::Unknown => Err(RegistryError::UnknownModelVersion { name, version }),
+            Reported::Stored {
+                group,
+                rollout,
+                halted_now,
+            } => {
+                let rollout = rollout.map(|r| r.status());
+                if halted_now && let Some(r) = &rollout {
+                    tracing::warn!(
+                        model = %name, %version, %group, adopted = r.adopted,
+                        rolled_back = r.rolled_back, halt_share = r.halt_share,
+                        previous = ?r.previous, %device,
+                        "rollout halted: rollback share exceeded; devices go back to the previous version"
+                    );
+                } else {
+                    tracing::debug!(model = %name, %version, %group, %device,
+                        event = event.as_str(), "stored rollout report");
+                }
+                Ok(RolloutReportAck { rollout })
+            }
+        }
+    }
+
+    /// The operator view of `name` in `group`: production version, latest
+    /// rollout, devices per event, shadow target, recent reasons.
+    ///
+    /// # Errors
+    /// [`RegistryError::InvalidGroup`] or a database failure.
+    pub async fn overview(&self, name: &str, group: &str) -> Result<RolloutOverview> {
+        check_group(group)?;
+        let rows = self.db.overview(name, group).await?;
+        Ok(RolloutOverview {
+            name: name.to_owned(),
+            group: group.to_owned(),
+            production: rows.production,
+            rollout: rows.rollout.map(|r| r.status()),
+            events: rows.events.into_iter().collect(),
+            shadow: rows.shadow,
+            recent_reasons: rows.reasons,
+        })
+    }
+
+    /// How many times rollouts of `name` in `group` entered `state`
+    /// (from the rollout history; e.g. each halt is recorded once).
+    ///
+    /// # Errors
+    /// A database failure.
+    pub async fn transitions(&self, name: &str, group: &str, state: RolloutState) -> Result<u64> {
+        Ok(self.db.history_count(name, group, state).await?)
+    }
+}
+
+/// What [`Registry::rollback`] did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Rollback {
+    /// The halted rollout (the active one just halted, or the one recording
+    /// the re-promotion).
+    pub rollout: RolloutStatus,
+    /// True when the previous production version was promoted again.
+    pub restored: bool,
+    /// False when the rollout was already halted (nothing changed).
+    pub changed: bool,
+}
+
+fn changed_result(
+    name: &str,
+    version: &str,
+    group: &str,
+    changed: Changed,
+) -> Result<(ModelVersion, Option<String>, Option<RolloutStatus>)> {
+    match changed {
+        Changed::Done {
+            row,
+            archived,
+            rollout,
+        } => Ok((to_wire(*row), archived, rollout.map(|r| r.status()))),
+        Changed::Unknown { groups } => Err(RegistryError::UnknownVersion {
+            name: name.to_owned(),
+            version: version.to_owned(),
+            group: group.to_owned(),
+            groups,
+        }),
+        Changed::InProgress(active) => Err(in_progress(&active)),
+    }
+}
+
+fn in_progress(active: &rollout::RolloutRow) -> RegistryError {
+    RegistryError::RolloutInProgress {
+        name: active.name.clone(),
+        group: active.device_group.clone(),
+        version: active.version.clone(),
+        percent: active.percent,
+    }
+}
+
+fn check_percent(percent: i64) -> Result<()> {
+    if (1..=i64::from(FULL_PERCENT)).contains(&percent) {
+        Ok(())
+    } else {
+        Err(RegistryError::InvalidPercent { percent })
+    }
+}
+
+fn check_device(device: &str) -> Result<()> {
+    if crate::store::is_valid_device_id(device) {
+        Ok(())
+    } else {
+        Err(RegistryError::InvalidDevice {
+            device: device.to_owned(),
+        })
+    }
+}
+
+/// Longest `reason` a report may carry, in bytes.
+pub const MAX_REASON_BYTES: usize = 4096;
+
+fn check_report(report: &RolloutReport) -> Result<()> {
+    let invalid = |reason| Err(RegistryError::InvalidReport { reason });
+    if report.model.is_empty() || report.model.len() > 128 {
+        return invalid("model must be 1-128 bytes");
+    }
+    if validate::parse_version(&report.version).is_none() {
+        return invalid("version must be MAJOR.MINOR.PATCH");
+    }
+    if report
+        .sha256
+        .as_ref()
+        .is_some_and(|sha| sha.len() != 64 || !sha.bytes().all(|b| b.is_ascii_hexdigit()))
+    {
+        return invalid("sha256 must be 64 hex digits");
+    }
+    if report
+        .reason
+        .as_ref()
+        .is_some_and(|r| r.len() > MAX_REASON_BYTES)
+    {
+        return invalid("reason is longer than 4096 bytes");
+    }
+    if let Some(shadow) = &report.shadow {
+        let finite = [shadow.mean_abs_diff, shadow.max_abs_diff, shadow.agreement];
+        if !finite.iter().all(|v| v.is_finite()) || !(0.0..=1.0).contains(&shadow.agreement) {
+            return invalid("shadow summary values must be finite, agreement within 0..=1");
+        }
+    }
+    Ok(())
 }
 
 fn to_wire(row: VersionRow) -> ModelVersion {

@@ -1,6 +1,7 @@
-//! The registry's part of the OpenAPI document (`/openapi.json`): its four
-//! operations and the `ModelVersion`, `Promotion` and `StageChange` schemas.
-//! [`extend`] adds them to the document [`crate::openapi::document`] builds.
+//! The registry's part of the OpenAPI document (`/openapi.json`): its
+//! operations (production, deployment, artifacts, promote, archive, rollout
+//! view, rollout reports) and their schemas. [`extend`] adds them to the
+//! document [`crate::openapi::document`] builds.
 
 use serde_json::{Value, json};
 use sync_protocol::registry::DEFAULT_GROUP;
@@ -123,10 +124,65 @@ fn paths() -> serde_json::Map<String, Value> {
     map.insert(
         "/v1/models/{model}/versions/{version}/archive".into(),
         json!({
-            "parameters": [model, version],
-            "post": stage_operation("Archive a version", "Operators only.", "ModelVersion"),
+            "parameters": [model.clone(), version],
+            "post": stage_operation("Archive a version", "Operators only. Refused (409 rollout_in_progress) while an active rollout involves the version.", "ModelVersion"),
         }),
     );
+    let group_query = json!({ "name": "group", "in": "query", "required": false,
+        "description": format!("Device group (default {DEFAULT_GROUP:?}); a device's server-side assignment takes precedence."),
+        "schema": { "type": "string" } });
+    map.insert("/v1/models/{model}/deployment".into(), json!({
+        "parameters": [model.clone()],
+        "get": {
+            "summary": "What this device should run for a model",
+            "description": "Any device or operator credential. The group is the device's server-side assignment, else `group`, else \"default\". During an active staged rollout, devices whose canary bucket (FNV-1a 64 of device, model and version separated by NUL bytes, modulo 100) is below the rollout's percent get the new version, the others the production version; after a halt or a rollback every device gets the previous version with `downgrade: true`. Operators get the device-less view (a device outside every partial canary). ETag over the body; If-None-Match gets a bodiless 304.",
+            "security": [{ "bearerAuth": [] }, { "mutualTLS": [] }],
+            "parameters": [
+                group_query.clone(),
+                { "name": "If-None-Match", "in": "header", "required": false,
+                  "schema": { "type": "string" } }
+            ],
+            "responses": Value::Object(errors(&[
+                ("200", json!({
+                    "description": "The deployment; ETag header set.",
+                    "headers": { "ETag": { "schema": { "type": "string" } } },
+                    "content": { "application/json": { "schema": reference("schemas", "Deployment") } }
+                })),
+                ("304", json!({ "description": "Unchanged since the ETag sent." })),
+                ("404", error_body("no_production_version for that model and the device's group.")),
+            ]))
+        }
+    }));
+    map.insert("/v1/models/{model}/rollouts".into(), json!({
+        "parameters": [model],
+        "get": {
+            "summary": "Rollout state of a model in a group",
+            "description": "Operators only. The latest rollout (current or last), devices per reported event on its version, the shadow target and recent rollback and refusal reasons.",
+            "security": [{ "bearerAuth": [] }],
+            "parameters": [group_query.clone()],
+            "responses": Value::Object(errors(&[
+                ("200", json_body("RolloutOverview", "The rollout view.")),
+            ]))
+        }
+    }));
+    map.insert("/v1/rollout/reports".into(), json!({
+        "post": {
+            "summary": "Report what a device did with a version",
+            "description": "Devices only (operators get 403). Idempotent per (device, model, version, event): a repeated report updates its reason, time and shadow summary and is never counted twice. The report counts towards the rollout of that version in the device's group (its assignment, else `group`, else \"default\"); the rollout halts once more than its halt_share of the reporting devices rolled the version back (a device reporting both adopted and rolled_back counts as rolled back).",
+            "security": [{ "bearerAuth": [] }, { "mutualTLS": [] }],
+            "parameters": [group_query],
+            "requestBody": {
+                "required": true,
+                "content": { "application/json": { "schema": reference("schemas", "RolloutReport") } }
+            },
+            "responses": Value::Object(errors(&[
+                ("200", json_body("RolloutReportAck", "Stored.")),
+                ("404", error_body("unknown_version: the model version is registered in no group.")),
+                ("413", reference("responses", "PayloadTooLarge")),
+                ("415", reference("responses", "UnsupportedMediaType")),
+            ]))
+        }
+    }));
     map
 }
 
@@ -166,7 +222,9 @@ fn schemas() -> serde_json::Map<String, Value> {
         "type": "object",
         "properties": {
             "promoted": reference("schemas", "ModelVersion"),
-            "archived": { "type": ["string", "null"], "description": "Version it replaced, now archived." }
+            "archived": { "type": ["string", "null"], "description": "Version it replaced, now archived." },
+            "rollout": { "oneOf": [reference("schemas", "RolloutStatus"), { "type": "null" }],
+                "description": "The staged rollout this promotion started, if any." }
         },
         "required": ["promoted", "archived"],
         "additionalProperties": false
@@ -175,10 +233,115 @@ fn schemas() -> serde_json::Map<String, Value> {
         "StageChange".into(),
         json!({
             "type": "object",
-            "properties": { "group": { "type": ["string", "null"] } },
+            "properties": {
+                "group": { "type": ["string", "null"] },
+                "percent": { "type": ["integer", "null"], "minimum": 1, "maximum": 100,
+                    "description": "Promote only: share of the group's devices (default 100); below 100 with a production version in place, starts a staged rollout." },
+                "halt_share": { "type": ["number", "null"], "minimum": 0, "maximum": 1,
+                    "description": "Promote only: halt once more than this share of reporting devices rolled back (default 0.5)." }
+            },
             "additionalProperties": false
         }),
     );
+    map.insert("RolloutStatus".into(), json!({
+        "type": "object",
+        "description": "A staged rollout of one version within one (model, group).",
+        "properties": {
+            "name": string("Model name."),
+            "group": string("Device group."),
+            "version": string("Version rolled out."),
+            "previous": { "type": ["string", "null"], "description": "Production version the other devices keep." },
+            "percent": { "type": "integer", "minimum": 0, "maximum": 100 },
+            "state": { "enum": ["active", "halted", "complete"] },
+            "halt_share": { "type": "number", "minimum": 0, "maximum": 1 },
+            "adopted": { "type": "integer", "minimum": 0 },
+            "rolled_back": { "type": "integer", "minimum": 0 }
+        },
+        "required": ["name", "group", "version", "previous", "percent", "state", "halt_share",
+                     "adopted", "rolled_back"],
+        "additionalProperties": false
+    }));
+    map.insert("Deployment".into(), json!({
+        "type": "object",
+        "description": "What one device should run for one model.",
+        "properties": {
+            "group": string("The group resolved for the device."),
+            "active": reference("schemas", "ModelVersion"),
+            "shadow": { "oneOf": [reference("schemas", "ModelVersion"), { "type": "null" }] },
+            "downgrade": { "type": "boolean", "description": "The device is directed to an older version (halted rollout or rollback)." },
+            "rollout": { "oneOf": [reference("schemas", "RolloutStatus"), { "type": "null" }] }
+        },
+        "required": ["group", "active"],
+        "additionalProperties": false
+    }));
+    map.insert("ShadowSummary".into(), json!({
+        "type": "object",
+        "properties": {
+            "windows": { "type": "integer", "minimum": 0 },
+            "mean_abs_diff": { "type": "number" },
+            "max_abs_diff": { "type": "number" },
+            "agreement": { "type": "number", "minimum": 0, "maximum": 1 },
+            "candidate_errors": { "type": "integer", "minimum": 0 }
+        },
+        "required": ["windows", "mean_abs_diff", "max_abs_diff", "agreement", "candidate_errors"],
+        "additionalProperties": false
+    }));
+    map.insert(
+        "RolloutReport".into(),
+        json!({
+            "type": "object",
+            "properties": {
+                "model": string("Model name."),
+                "version": string("Version the event is about."),
+                "sha256": { "type": ["string", "null"] },
+                "event": { "enum": ["adopted", "rolled_back", "refused", "shadow"] },
+                "reason": { "type": ["string", "null"], "description": "At most 4096 bytes." },
+                "at_ms": int("When it happened on the device (Unix ms)."),
+                "shadow": { "oneOf": [reference("schemas", "ShadowSummary"), { "type": "null" }] }
+            },
+            "required": ["model", "version", "sha256", "event", "reason", "at_ms", "shadow"],
+            "additionalProperties": false
+        }),
+    );
+    map.insert(
+        "RolloutReportAck".into(),
+        json!({
+            "type": "object",
+            "properties": {
+                "rollout": { "oneOf": [reference("schemas", "RolloutStatus"), { "type": "null" }] }
+            },
+            "required": ["rollout"],
+            "additionalProperties": false
+        }),
+    );
+    map.insert("RolloutOverview".into(), json!({
+        "type": "object",
+        "properties": {
+            "name": string("Model name."),
+            "group": string("Device group."),
+            "production": { "type": ["string", "null"] },
+            "rollout": { "oneOf": [reference("schemas", "RolloutStatus"), { "type": "null" }] },
+            "events": { "type": "object", "description": "Devices per reported event.",
+                "additionalProperties": { "type": "integer", "minimum": 0 } },
+            "shadow": { "oneOf": [{
+                "type": "object",
+                "properties": { "version": { "type": "string" }, "percent": { "type": "integer", "minimum": 1, "maximum": 100 } },
+                "required": ["version", "percent"], "additionalProperties": false
+            }, { "type": "null" }] },
+            "recent_reasons": { "type": "array", "items": {
+                "type": "object",
+                "properties": {
+                    "device": { "type": "string" }, "version": { "type": "string" },
+                    "event": { "enum": ["adopted", "rolled_back", "refused", "shadow"] },
+                    "reason": { "type": "string" }, "at_ms": { "type": "integer" }
+                },
+                "required": ["device", "version", "event", "reason", "at_ms"],
+                "additionalProperties": false
+            } }
+        },
+        "required": ["name", "group", "production", "rollout", "events", "shadow", "recent_reasons"],
+        "additionalProperties": false
+    }));
     map
 }
 

@@ -367,3 +367,117 @@ async fn schemas_accept_real_bodies_and_reject_broken_ones() -> Result<()> {
     }
     Ok(())
 }
+
+#[test]
+fn rollout_schemas_accept_wire_bodies_and_reject_broken_ones() -> Result<()> {
+    use cloud_sync::sync_protocol::registry::{
+        Deployment, ModelVersion, Promotion, RolloutEvent, RolloutReport, RolloutReportAck,
+        RolloutState, RolloutStatus, ShadowSummary, Stage, StageChange,
+    };
+
+    let doc = cloud_sync::openapi::document();
+    let schema = |name: &str| serde_json::json!({ "$ref": format!("#/components/schemas/{name}") });
+    let version = ModelVersion {
+        name: "m".into(),
+        version: "1.0.0".into(),
+        group: "default".into(),
+        stage: Stage::Production,
+        sha256: "ab".repeat(32),
+        model_sha256: "cd".repeat(32),
+        size_bytes: 10,
+        signature: "00".repeat(64),
+        key_id: "0123456789abcdef".into(),
+        created_ms: 1,
+        stage_changed_ms: 2,
+        training_run: None,
+        dataset: Some("d".into()),
+        artifact_url: "/v1/artifacts/x".into(),
+    };
+    let status = RolloutStatus {
+        name: "m".into(),
+        group: "default".into(),
+        version: "1.1.0".into(),
+        previous: Some("1.0.0".into()),
+        percent: 10,
+        state: RolloutState::Halted,
+        halt_share: 0.5,
+        adopted: 3,
+        rolled_back: 4,
+    };
+    let deployment = Deployment {
+        group: "default".into(),
+        active: version.clone(),
+        shadow: Some(version.clone()),
+        downgrade: true,
+        rollout: Some(status.clone()),
+    };
+    let report = RolloutReport {
+        model: "m".into(),
+        version: "1.1.0".into(),
+        sha256: None,
+        event: RolloutEvent::Shadow,
+        reason: Some("r".into()),
+        at_ms: 5,
+        shadow: Some(ShadowSummary {
+            windows: 3,
+            mean_abs_diff: 0.1,
+            max_abs_diff: 0.2,
+            agreement: 1.0,
+            candidate_errors: 0,
+        }),
+    };
+    let good = [
+        ("Deployment", serde_json::to_value(&deployment)?),
+        (
+            "Deployment",
+            serde_json::to_value(Deployment {
+                shadow: None,
+                rollout: None,
+                ..deployment.clone()
+            })?,
+        ),
+        ("RolloutReport", serde_json::to_value(&report)?),
+        (
+            "RolloutReportAck",
+            serde_json::to_value(RolloutReportAck {
+                rollout: Some(status.clone()),
+            })?,
+        ),
+        (
+            "Promotion",
+            serde_json::to_value(Promotion {
+                promoted: version.clone(),
+                archived: None,
+                rollout: Some(status),
+            })?,
+        ),
+        (
+            "StageChange",
+            serde_json::to_value(StageChange {
+                group: None,
+                percent: Some(10),
+                halt_share: Some(0.2),
+            })?,
+        ),
+    ];
+    for (name, value) in &good {
+        validate(&doc, &schema(name), value, name)?;
+    }
+    let mut bad_event = serde_json::to_value(&report)?;
+    bad_event["event"] = Value::from("exploded");
+    let mut bad_percent = serde_json::to_value(&deployment)?;
+    bad_percent["rollout"]["percent"] = Value::from(101);
+    let mut extra = serde_json::to_value(&deployment)?;
+    extra["surprise"] = Value::from(true);
+    for (name, value) in [
+        ("RolloutReport", bad_event),
+        ("Deployment", bad_percent),
+        ("Deployment", extra),
+    ] {
+        assert!(
+            validate(&doc, &schema(name), &value, name).is_err(),
+            "{value}"
+        );
+    }
+    Ok(())
+}

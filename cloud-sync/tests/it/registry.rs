@@ -25,14 +25,14 @@ use tokio_util::sync::CancellationToken;
 
 use crate::backends::PgSchema;
 
-const NAME: &str = "nab-machine-temp";
+pub(crate) const NAME: &str = "nab-machine-temp";
 
 fn shipped_package() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../models/nab-machine-temp")
 }
 
 /// A copy of the shipped package in `dir/name`, with `version` set.
-fn package(dir: &Path, name: &str, version: &str) -> Result<PathBuf> {
+pub(crate) fn package(dir: &Path, name: &str, version: &str) -> Result<PathBuf> {
     let target = dir.join(name);
     std::fs::create_dir_all(&target)?;
     std::fs::copy(
@@ -494,21 +494,21 @@ fn registry_config_is_validated_with_key_names() -> Result<()> {
 }
 
 /// A reply from [`http`].
-struct Reply {
-    status: u16,
-    headers: Vec<(String, String)>,
-    body: Vec<u8>,
+pub(crate) struct Reply {
+    pub(crate) status: u16,
+    pub(crate) headers: Vec<(String, String)>,
+    pub(crate) body: Vec<u8>,
 }
 
 impl Reply {
-    fn header(&self, name: &str) -> Option<&str> {
+    pub(crate) fn header(&self, name: &str) -> Option<&str> {
         self.headers
             .iter()
             .find(|(n, _)| n.eq_ignore_ascii_case(name))
             .map(|(_, v)| v.as_str())
     }
 
-    fn code(&self) -> Result<String> {
+    pub(crate) fn code(&self) -> Result<String> {
         Ok(serde_json::from_slice::<ErrorBody>(&self.body)
             .with_context(|| format!("body {:?}", String::from_utf8_lossy(&self.body)))?
             .code)
@@ -516,7 +516,7 @@ impl Reply {
 }
 
 /// One HTTP/1.1 exchange on a fresh connection; bodies with Content-Length only.
-async fn http(
+pub(crate) async fn http(
     addr: SocketAddr,
     method: &str,
     path: &str,
