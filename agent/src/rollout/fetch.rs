@@ -302,7 +302,7 @@ impl Fetcher {
                 )
                 .await;
         }
-        if let Err(reason) = self.check_signature(v) {
+        if let Err(reason) = verify_signature(&self.settings.trusted_keys, v) {
             return self.refuse(v, reason).await;
         }
         let file = self.download(v).await?;
@@ -370,23 +370,6 @@ impl Fetcher {
             }
             _ => Ok(()),
         }
-    }
-
-    fn check_signature(&self, v: &ModelVersion) -> Result<(), String> {
-        let Some(key) = self.settings.trusted_keys.iter().find(|k| k.id == v.key_id) else {
-            return Err(format!(
-                "signed with key {:?}, which is not in rollout.trusted_keys",
-                v.key_id
-            ));
-        };
-        let bytes: [u8; 64] = hex::decode(&v.signature)
-            .ok()
-            .and_then(|b| b.try_into().ok())
-            .ok_or_else(|| "signature is not 128 hex digits".to_owned())?;
-        let signature = ed25519_dalek::Signature::from_bytes(&bytes);
-        key.key
-            .verify_strict(&signed_message(&v.sha256), &signature)
-            .map_err(|_| format!("signature does not verify with key {}", key.id))
     }
 
     /// Downloads the artifact into `<downloads_dir>/<sha256>.part`,
@@ -562,6 +545,28 @@ impl Fetcher {
     }
 }
 
+/// Checks `v`'s signature: its key id names one of `trusted` and the
+/// ed25519 signature over [`signed_message`] verifies strictly.
+///
+/// # Errors
+/// Why the signature is not acceptable.
+pub fn verify_signature(trusted: &[super::TrustedKey], v: &ModelVersion) -> Result<(), String> {
+    let Some(key) = trusted.iter().find(|k| k.id == v.key_id) else {
+        return Err(format!(
+            "signed with key {:?}, which is not in rollout.trusted_keys",
+            v.key_id
+        ));
+    };
+    let bytes: [u8; 64] = hex::decode(&v.signature)
+        .ok()
+        .and_then(|b| b.try_into().ok())
+        .ok_or_else(|| "signature is not 128 hex digits".to_owned())?;
+    let signature = ed25519_dalek::Signature::from_bytes(&bytes);
+    key.key
+        .verify_strict(&signed_message(&v.sha256), &signature)
+        .map_err(|_| format!("signature does not verify with key {}", key.id))
+}
+
 /// Checks the artifact layout and that its manifest and ONNX file are the
 /// announced ones; returns `(model.toml, model.onnx)`.
 fn check_archive<'a>(bytes: &'a [u8], v: &ModelVersion) -> Result<(&'a [u8], &'a [u8]), String> {
@@ -641,4 +646,104 @@ fn chain(e: &dyn std::error::Error) -> String {
         cur = c.source();
     }
     s
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+    use crate::rollout::TrustedKey;
+    use ed25519_dalek::Signer as _;
+
+    fn version(sha: &str, key: &TrustedKey, signature: String) -> ModelVersion {
+        ModelVersion {
+            name: "m".into(),
+            version: "1.0.0".into(),
+            group: "default".into(),
+            stage: sync_protocol::registry::Stage::Production,
+            sha256: sha.into(),
+            model_sha256: "00".repeat(32),
+            size_bytes: 10,
+            signature,
+            key_id: key.id.clone(),
+            created_ms: 0,
+            stage_changed_ms: 0,
+            training_run: None,
+            dataset: None,
+            artifact_url: String::new(),
+        }
+    }
+
+    #[test]
+    fn only_a_strict_signature_by_a_trusted_key_verifies() {
+        let signing = ed25519_dalek::SigningKey::from_bytes(&[3; 32]);
+        let key = TrustedKey::parse(&hex::encode(signing.verifying_key().as_bytes())).unwrap();
+        let sha = "ab".repeat(32);
+        let good = hex::encode(signing.sign(&signed_message(&sha)).to_bytes());
+        assert_eq!(
+            verify_signature(
+                std::slice::from_ref(&key),
+                &version(&sha, &key, good.clone())
+            ),
+            Ok(())
+        );
+
+        // The same signature for another artifact.
+        let other = "cd".repeat(32);
+        let err = verify_signature(
+            std::slice::from_ref(&key),
+            &version(&other, &key, good.clone()),
+        )
+        .unwrap_err();
+        assert!(err.contains("does not verify"), "{err}");
+        // A flipped bit.
+        let mut bad = hex::decode(&good).unwrap();
+        bad[5] ^= 1;
+        let err = verify_signature(
+            std::slice::from_ref(&key),
+            &version(&sha, &key, hex::encode(bad)),
+        )
+        .unwrap_err();
+        assert!(err.contains("does not verify"), "{err}");
+        // Not hex, wrong length.
+        for s in ["zz".repeat(64), "ab".repeat(10), String::new()] {
+            let err =
+                verify_signature(std::slice::from_ref(&key), &version(&sha, &key, s)).unwrap_err();
+            assert!(err.contains("128 hex digits"), "{err}");
+        }
+        // A key id nobody trusts.
+        let err = verify_signature(&[], &version(&sha, &key, good)).unwrap_err();
+        assert!(err.contains("not in rollout.trusted_keys"), "{err}");
+    }
+
+    #[test]
+    fn archives_must_hold_the_announced_model() {
+        let onnx = b"not really onnx";
+        let onnx_sha = hex::encode(Sha256::digest(onnx));
+        let manifest = format!("name = \"m\"\nversion = \"1.0.0\"\nsha256 = \"{onnx_sha}\"\n");
+        let archive = sync_protocol::archive::write(manifest.as_bytes(), onnx).unwrap();
+        let key =
+            TrustedKey::parse(&"d75a980182b10ab7d54bfed3c964073a0ee172f3daa62325af021a68f707511a")
+                .unwrap();
+        let mut v = version("", &key, String::new());
+        v.model_sha256 = onnx_sha.clone();
+        assert!(check_archive(&archive, &v).is_ok());
+
+        v.version = "1.0.1".into();
+        let err = check_archive(&archive, &v).unwrap_err();
+        assert!(
+            err.contains("artifact holds m 1.0.0, the registry announced m 1.0.1"),
+            "{err}"
+        );
+        v.version = "1.0.0".into();
+        v.model_sha256 = "00".repeat(32);
+        assert!(
+            check_archive(&archive, &v)
+                .unwrap_err()
+                .contains("model.onnx has sha256")
+        );
+        v.model_sha256 = onnx_sha;
+        let err = check_archive(&archive[..archive.len() - 600], &v).unwrap_err();
+        assert!(err.contains("not a model archive"), "{err}");
+    }
 }

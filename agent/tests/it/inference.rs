@@ -29,7 +29,7 @@ fn models() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../models")
 }
 
-fn shipped() -> PathBuf {
+pub(super) fn shipped() -> PathBuf {
     models().join("nab-machine-temp")
 }
 
@@ -37,13 +37,13 @@ fn machine_state() -> PathBuf {
     models().join("machine-state")
 }
 
-fn get(c: &std::sync::atomic::AtomicU64) -> u64 {
+pub(super) fn get(c: &std::sync::atomic::AtomicU64) -> u64 {
     Counters::get(c)
 }
 
 /// Copies a package to `dir`, then applies `edit` to the manifest text and
 /// `onnx` to the graph bytes, fixing the manifest's sha256.
-fn package_copy(
+pub(super) fn package_copy(
     from: &Path,
     dir: &Path,
     edit: impl Fn(String) -> String,
@@ -68,7 +68,7 @@ fn same(t: String) -> String {
     t
 }
 
-fn keep(b: Vec<u8>) -> Vec<u8> {
+pub(super) fn keep(b: Vec<u8>) -> Vec<u8> {
     b
 }
 
@@ -114,7 +114,7 @@ fn window_6(t: String) -> String {
     out
 }
 
-fn version(v: &'static str) -> impl Fn(String) -> String {
+pub(super) fn version(v: &'static str) -> impl Fn(String) -> String {
     move |t| t.replace("version = \"1.0.0\"", &format!("version = \"{v}\""))
 }
 
@@ -230,16 +230,16 @@ fn reading(
     }
 }
 
-struct Running {
+pub(super) struct Running {
     tx: mpsc::Sender<CommittedReading>,
-    events: mpsc::Receiver<PredictionEvent>,
-    metrics: Arc<InferenceMetrics>,
+    pub(super) events: mpsc::Receiver<PredictionEvent>,
+    pub(super) metrics: Arc<InferenceMetrics>,
     stop: CancellationToken,
     handle: tokio::task::JoinHandle<()>,
     _buffer: BufferThread,
 }
 
-async fn start(
+pub(super) async fn start(
     dir: &Path,
     models: Vec<LoadedModel>,
     wait: Duration,
@@ -270,7 +270,7 @@ async fn start(
 }
 
 impl Running {
-    async fn finish(self) -> Vec<PredictionEvent> {
+    pub(super) async fn finish(self) -> Vec<PredictionEvent> {
         let Running {
             tx,
             mut events,
@@ -537,7 +537,7 @@ async fn nan_windows_are_skipped_or_imputed_per_model_policy() {
     }
 }
 
-fn verify_settings() -> VerifySettings {
+pub(super) fn verify_settings() -> VerifySettings {
     VerifySettings {
         checker: util::bin(),
         timeout: Duration::from_secs(60),
@@ -584,7 +584,7 @@ fn the_child_verifier_survives_crashes_hangs_and_memory_limits() {
     }
 }
 
-async fn wait_until(what: &str, f: impl Fn() -> bool) {
+pub(super) async fn wait_until(what: &str, f: impl Fn() -> bool) {
     let deadline = std::time::Instant::now() + Duration::from_secs(30);
     while !f() {
         assert!(
@@ -596,7 +596,7 @@ async fn wait_until(what: &str, f: impl Fn() -> bool) {
 }
 
 /// Exactly one window, from a source of its own.
-async fn one_window(run: &Running, first_seq: u64) -> u64 {
+pub(super) async fn one_window(run: &Running, first_seq: u64) -> u64 {
     let golden = Package::read(&shipped()).unwrap().manifest.golden[0]
         .input
         .clone();

@@ -6,6 +6,7 @@ mod crash;
 mod drain;
 mod inference;
 mod mqtt;
+mod rollout;
 mod sync;
 mod systemd;
 mod util;

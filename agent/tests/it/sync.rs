@@ -87,7 +87,7 @@ fn ms(v: u64) -> Duration {
     Duration::from_millis(v)
 }
 
-fn sync_settings(url: &str, token: &str) -> SyncSettings {
+pub(super) fn sync_settings(url: &str, token: &str) -> SyncSettings {
     SyncSettings {
         url: url.to_owned(),
         token: Secret::new(token.to_owned()),
