@@ -723,7 +723,7 @@ mod tests {
         let manifest = format!("name = \"m\"\nversion = \"1.0.0\"\nsha256 = \"{onnx_sha}\"\n");
         let archive = sync_protocol::archive::write(manifest.as_bytes(), onnx).unwrap();
         let key =
-            TrustedKey::parse(&"d75a980182b10ab7d54bfed3c964073a0ee172f3daa62325af021a68f707511a")
+            TrustedKey::parse("d75a980182b10ab7d54bfed3c964073a0ee172f3daa62325af021a68f707511a")
                 .unwrap();
         let mut v = version("", &key, String::new());
         v.model_sha256 = onnx_sha.clone();
