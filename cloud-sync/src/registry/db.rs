@@ -301,6 +301,7 @@ const SQLITE_MIGRATIONS: &[&str] = &[
         version      TEXT NOT NULL,
         previous     TEXT,
         percent      INTEGER NOT NULL CHECK (percent BETWEEN 1 AND 100),
+        peak_percent INTEGER NOT NULL CHECK (peak_percent BETWEEN percent AND 100),
         halt_share   REAL NOT NULL CHECK (halt_share >= 0.0 AND halt_share <= 1.0),
         state        TEXT NOT NULL CHECK (state IN ('active', 'halted', 'complete')),
         adopted      INTEGER NOT NULL DEFAULT 0,
@@ -387,6 +388,7 @@ const PG_MIGRATIONS: &[&str] = &[
         version      TEXT NOT NULL,
         previous     TEXT,
         percent      INTEGER NOT NULL CHECK (percent BETWEEN 1 AND 100),
+        peak_percent INTEGER NOT NULL CHECK (peak_percent BETWEEN percent AND 100),
         halt_share   DOUBLE PRECISION NOT NULL CHECK (halt_share >= 0.0 AND halt_share <= 1.0),
         state        TEXT NOT NULL CHECK (state IN ('active', 'halted', 'complete')),
         adopted      BIGINT NOT NULL DEFAULT 0,
@@ -959,7 +961,7 @@ fn sqlite_groups_of(c: &Connection, name: &str, version: &str) -> Result<Vec<Str
 }
 
 const ROLLOUT_COLUMNS: &str = "id, name, device_group, version, previous, percent, halt_share, \
-     state, adopted, rolled_back, started_ms, updated_ms";
+     state, adopted, rolled_back, started_ms, updated_ms, peak_percent";
 
 /// A `rollouts` row as read, before its state and numbers are checked.
 type RawRollout = (
@@ -975,10 +977,12 @@ type RawRollout = (
     i64,
     i64,
     i64,
+    i64,
 );
 
 fn rollout_from(raw: RawRollout) -> Result<RolloutRow> {
-    let (id, name, device_group, version, previous, percent, halt_share, state, a, b, s, u) = raw;
+    let (id, name, device_group, version, previous, percent, halt_share, state, a, b, s, u, peak) =
+        raw;
     let stored = |column: &'static str, value: String| DbError::Stored { column, value };
     Ok(RolloutRow {
         id,
@@ -988,6 +992,8 @@ fn rollout_from(raw: RawRollout) -> Result<RolloutRow> {
         previous,
         percent: u8::try_from(percent)
             .map_err(|_| stored("rollouts.percent", percent.to_string()))?,
+        peak_percent: u8::try_from(peak)
+            .map_err(|_| stored("rollouts.peak_percent", peak.to_string()))?,
         halt_share,
         state: parse_state(&state).ok_or_else(|| stored("rollouts.state", state.clone()))?,
         adopted: u64::try_from(a).unwrap_or(0),
@@ -1011,6 +1017,7 @@ fn sqlite_raw_rollout(r: &rusqlite::Row<'_>) -> rusqlite::Result<RawRollout> {
         r.get(9)?,
         r.get(10)?,
         r.get(11)?,
+        r.get(12)?,
     ))
 }
 
@@ -1063,9 +1070,9 @@ fn sqlite_insert_rollout(c: &Connection, new: &NewRollout<'_>, now_ms: i64) -> R
     let row = c
         .query_row(
             &format!(
-                "INSERT INTO rollouts (name, device_group, version, previous, percent, halt_share,
-                     state, started_ms, updated_ms)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?8)
+                "INSERT INTO rollouts (name, device_group, version, previous, percent, peak_percent,
+                     halt_share, state, started_ms, updated_ms)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?5, ?6, ?7, ?8, ?8)
                  RETURNING {ROLLOUT_COLUMNS}"
             ),
             params![
@@ -1248,7 +1255,9 @@ fn sqlite_widen(
         (RolloutState::Active, "rollout percentage changed")
     };
     tx.execute(
-        "UPDATE rollouts SET percent = ?2, state = ?3, updated_ms = ?4 WHERE id = ?1",
+        "UPDATE rollouts SET percent = ?2, peak_percent = MAX(peak_percent, ?2), state = ?3,
+             updated_ms = ?4
+         WHERE id = ?1",
         params![
             active.id,
             i64::from(percent.min(FULL_PERCENT)),
@@ -1975,8 +1984,9 @@ impl PgDb {
             let row = tx
                 .query_one(
                     &format!(
-                        "UPDATE rollouts SET percent = $2, state = $3, updated_ms = $4 WHERE id = $1
-                         RETURNING {ROLLOUT_COLUMNS}"
+                        "UPDATE rollouts SET percent = $2, peak_percent = GREATEST(peak_percent, $2),
+                             state = $3, updated_ms = $4
+                         WHERE id = $1 RETURNING {ROLLOUT_COLUMNS}"
                     ),
                     &[
                         &active.id,
@@ -2453,6 +2463,7 @@ async fn pg_shadow(tx: &PgTx<'_>, name: &str, group: &str) -> Result<Option<Shad
 
 fn pg_rollout(r: &tokio_postgres::Row) -> Result<RolloutRow> {
     let percent: i32 = r.try_get(5)?;
+    let peak: i32 = r.try_get(12)?;
     rollout_from((
         r.try_get(0)?,
         r.try_get(1)?,
@@ -2466,6 +2477,7 @@ fn pg_rollout(r: &tokio_postgres::Row) -> Result<RolloutRow> {
         r.try_get(9)?,
         r.try_get(10)?,
         r.try_get(11)?,
+        i64::from(peak),
     ))
 }
 
@@ -2526,9 +2538,9 @@ async fn pg_insert_rollout(tx: &PgTx<'_>, new: &NewRollout<'_>, now_ms: i64) -> 
     let row = tx
         .query_one(
             &format!(
-                "INSERT INTO rollouts (name, device_group, version, previous, percent, halt_share,
-                     state, started_ms, updated_ms)
-                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $8)
+                "INSERT INTO rollouts (name, device_group, version, previous, percent, peak_percent,
+                     halt_share, state, started_ms, updated_ms)
+                 VALUES ($1, $2, $3, $4, $5, $5, $6, $7, $8, $8)
                  RETURNING {ROLLOUT_COLUMNS}"
             ),
             &[
