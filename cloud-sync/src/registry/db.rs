@@ -1407,6 +1407,24 @@ fn resolve_group(assigned: Option<String>, query_group: Option<&str>) -> String 
         .unwrap_or_else(|| DEFAULT_GROUP.to_owned())
 }
 
+/// The group a report counts in: the device's assignment, else the query,
+/// else the only group the reported version is registered in, else the
+/// default group.
+// Design: the report body names no group; the fallback to the version's only
+// group keeps reports of agents that do not send `group` counting.
+fn report_group(
+    assigned: Option<String>,
+    query_group: Option<&str>,
+    mut version_groups: Vec<String>,
+) -> String {
+    if assigned.is_none() && query_group.is_none() && version_groups.len() == 1 {
+        return version_groups
+            .pop()
+            .unwrap_or_else(|| DEFAULT_GROUP.to_owned());
+    }
+    resolve_group(assigned, query_group)
+}
+
 fn sqlite_view(
     c: &mut Connection,
     name: &str,
@@ -1464,13 +1482,15 @@ const COUNTS_SQL_SQLITE: &str = "SELECT
 fn sqlite_report(c: &mut Connection, row: &ReportRow, now_ms: i64) -> Result<Reported> {
     let report = &row.report;
     let tx = c.transaction_with_behavior(TransactionBehavior::Immediate)?;
-    let group = resolve_group(
-        sqlite_device_group(&tx, &row.device)?,
-        row.query_group.as_deref(),
-    );
-    if sqlite_groups_of(&tx, &report.model, &report.version)?.is_empty() {
+    let groups = sqlite_groups_of(&tx, &report.model, &report.version)?;
+    if groups.is_empty() {
         return Ok(Reported::Unknown);
     }
+    let group = report_group(
+        sqlite_device_group(&tx, &row.device)?,
+        row.query_group.as_deref(),
+        groups,
+    );
     let rollout =
         sqlite_latest_rollout(&tx, &report.model, &group)?.filter(|r| r.version == report.version);
     tx.execute(
@@ -2213,16 +2233,15 @@ impl PgDb {
         let report = &row.report;
         self.with(async |client| {
             let tx = client.transaction().await?;
-            let group = resolve_group(
-                pg_device_group(&tx, &row.device).await?,
-                row.query_group.as_deref(),
-            );
-            if pg_groups_of(&tx, &report.model, &report.version)
-                .await?
-                .is_empty()
-            {
+            let groups = pg_groups_of(&tx, &report.model, &report.version).await?;
+            if groups.is_empty() {
                 return Ok(Reported::Unknown);
             }
+            let group = report_group(
+                pg_device_group(&tx, &row.device).await?,
+                row.query_group.as_deref(),
+                groups,
+            );
             // Design: the lock serialises reports and operator changes of the
             // pair across instances, so the recount below sees every report
             // committed before it and exactly one report halts a rollout.

@@ -716,6 +716,23 @@ async fn device_groups_override_the_query_and_shadows_follow_buckets() -> Result
         Err(RegistryError::InvalidGroup { .. })
     ));
 
+    // A report without a group counts in the device's assignment, else in
+    // the only group its version is registered in.
+    let only_line_2 = "2.0.0";
+    fleet.push(only_line_2, "line-2").await?;
+    fleet
+        .registry
+        .promote_staged(NAME, only_line_2, "line-2", 50, 0.5)
+        .await?;
+    let r = report(only_line_2, RolloutEvent::Adopted, None, 1);
+    let ack: RolloutReportAck = json(&send_report(addr, &fleet.devices[2].1, &r).await?)?;
+    let status = ack.rollout.context("not counted in line-2")?;
+    assert_eq!((status.group.as_str(), status.adopted), ("line-2", 1));
+    fleet.registry.set_device_group(id, Some("default")).await?;
+    let ack: RolloutReportAck = json(&send_report(addr, token, &r).await?)?;
+    assert!(ack.rollout.is_none(), "counted outside the assigned group");
+    fleet.registry.set_device_group(id, None).await?;
+
     // Shadow at 50 %: exactly the devices whose bucket for the shadow
     // version is below 50 get it; cleared, nobody does.
     fleet
