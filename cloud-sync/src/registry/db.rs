@@ -301,6 +301,7 @@ const SQLITE_MIGRATIONS: &[&str] = &[
         version      TEXT NOT NULL,
         previous     TEXT,
         percent      INTEGER NOT NULL CHECK (percent BETWEEN 1 AND 100),
+        peak_percent INTEGER NOT NULL CHECK (peak_percent BETWEEN percent AND 100),
         halt_share   REAL NOT NULL CHECK (halt_share >= 0.0 AND halt_share <= 1.0),
         state        TEXT NOT NULL CHECK (state IN ('active', 'halted', 'complete')),
         adopted      INTEGER NOT NULL DEFAULT 0,
@@ -387,6 +388,7 @@ const PG_MIGRATIONS: &[&str] = &[
         version      TEXT NOT NULL,
         previous     TEXT,
         percent      INTEGER NOT NULL CHECK (percent BETWEEN 1 AND 100),
+        peak_percent INTEGER NOT NULL CHECK (peak_percent BETWEEN percent AND 100),
         halt_share   DOUBLE PRECISION NOT NULL CHECK (halt_share >= 0.0 AND halt_share <= 1.0),
         state        TEXT NOT NULL CHECK (state IN ('active', 'halted', 'complete')),
         adopted      BIGINT NOT NULL DEFAULT 0,
@@ -959,7 +961,7 @@ fn sqlite_groups_of(c: &Connection, name: &str, version: &str) -> Result<Vec<Str
 }
 
 const ROLLOUT_COLUMNS: &str = "id, name, device_group, version, previous, percent, halt_share, \
-     state, adopted, rolled_back, started_ms, updated_ms";
+     state, adopted, rolled_back, started_ms, updated_ms, peak_percent";
 
 /// A `rollouts` row as read, before its state and numbers are checked.
 type RawRollout = (
@@ -975,10 +977,12 @@ type RawRollout = (
     i64,
     i64,
     i64,
+    i64,
 );
 
 fn rollout_from(raw: RawRollout) -> Result<RolloutRow> {
-    let (id, name, device_group, version, previous, percent, halt_share, state, a, b, s, u) = raw;
+    let (id, name, device_group, version, previous, percent, halt_share, state, a, b, s, u, peak) =
+        raw;
     let stored = |column: &'static str, value: String| DbError::Stored { column, value };
     Ok(RolloutRow {
         id,
@@ -988,6 +992,8 @@ fn rollout_from(raw: RawRollout) -> Result<RolloutRow> {
         previous,
         percent: u8::try_from(percent)
             .map_err(|_| stored("rollouts.percent", percent.to_string()))?,
+        peak_percent: u8::try_from(peak)
+            .map_err(|_| stored("rollouts.peak_percent", peak.to_string()))?,
         halt_share,
         state: parse_state(&state).ok_or_else(|| stored("rollouts.state", state.clone()))?,
         adopted: u64::try_from(a).unwrap_or(0),
@@ -1011,6 +1017,7 @@ fn sqlite_raw_rollout(r: &rusqlite::Row<'_>) -> rusqlite::Result<RawRollout> {
         r.get(9)?,
         r.get(10)?,
         r.get(11)?,
+        r.get(12)?,
     ))
 }
 
@@ -1063,9 +1070,9 @@ fn sqlite_insert_rollout(c: &Connection, new: &NewRollout<'_>, now_ms: i64) -> R
     let row = c
         .query_row(
             &format!(
-                "INSERT INTO rollouts (name, device_group, version, previous, percent, halt_share,
-                     state, started_ms, updated_ms)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?8)
+                "INSERT INTO rollouts (name, device_group, version, previous, percent, peak_percent,
+                     halt_share, state, started_ms, updated_ms)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?5, ?6, ?7, ?8, ?8)
                  RETURNING {ROLLOUT_COLUMNS}"
             ),
             params![
@@ -1248,7 +1255,9 @@ fn sqlite_widen(
         (RolloutState::Active, "rollout percentage changed")
     };
     tx.execute(
-        "UPDATE rollouts SET percent = ?2, state = ?3, updated_ms = ?4 WHERE id = ?1",
+        "UPDATE rollouts SET percent = ?2, peak_percent = MAX(peak_percent, ?2), state = ?3,
+             updated_ms = ?4
+         WHERE id = ?1",
         params![
             active.id,
             i64::from(percent.min(FULL_PERCENT)),
@@ -1398,6 +1407,24 @@ fn resolve_group(assigned: Option<String>, query_group: Option<&str>) -> String 
         .unwrap_or_else(|| DEFAULT_GROUP.to_owned())
 }
 
+/// The group a report counts in: the device's assignment, else the query,
+/// else the only group the reported version is registered in, else the
+/// default group.
+// Design: the report body names no group; the fallback to the version's only
+// group keeps reports of agents that do not send `group` counting.
+fn report_group(
+    assigned: Option<String>,
+    query_group: Option<&str>,
+    mut version_groups: Vec<String>,
+) -> String {
+    if assigned.is_none() && query_group.is_none() && version_groups.len() == 1 {
+        return version_groups
+            .pop()
+            .unwrap_or_else(|| DEFAULT_GROUP.to_owned());
+    }
+    resolve_group(assigned, query_group)
+}
+
 fn sqlite_view(
     c: &mut Connection,
     name: &str,
@@ -1455,13 +1482,15 @@ const COUNTS_SQL_SQLITE: &str = "SELECT
 fn sqlite_report(c: &mut Connection, row: &ReportRow, now_ms: i64) -> Result<Reported> {
     let report = &row.report;
     let tx = c.transaction_with_behavior(TransactionBehavior::Immediate)?;
-    let group = resolve_group(
-        sqlite_device_group(&tx, &row.device)?,
-        row.query_group.as_deref(),
-    );
-    if sqlite_groups_of(&tx, &report.model, &report.version)?.is_empty() {
+    let groups = sqlite_groups_of(&tx, &report.model, &report.version)?;
+    if groups.is_empty() {
         return Ok(Reported::Unknown);
     }
+    let group = report_group(
+        sqlite_device_group(&tx, &row.device)?,
+        row.query_group.as_deref(),
+        groups,
+    );
     let rollout =
         sqlite_latest_rollout(&tx, &report.model, &group)?.filter(|r| r.version == report.version);
     tx.execute(
@@ -1975,8 +2004,9 @@ impl PgDb {
             let row = tx
                 .query_one(
                     &format!(
-                        "UPDATE rollouts SET percent = $2, state = $3, updated_ms = $4 WHERE id = $1
-                         RETURNING {ROLLOUT_COLUMNS}"
+                        "UPDATE rollouts SET percent = $2, peak_percent = GREATEST(peak_percent, $2),
+                             state = $3, updated_ms = $4
+                         WHERE id = $1 RETURNING {ROLLOUT_COLUMNS}"
                     ),
                     &[
                         &active.id,
@@ -2203,16 +2233,15 @@ impl PgDb {
         let report = &row.report;
         self.with(async |client| {
             let tx = client.transaction().await?;
-            let group = resolve_group(
-                pg_device_group(&tx, &row.device).await?,
-                row.query_group.as_deref(),
-            );
-            if pg_groups_of(&tx, &report.model, &report.version)
-                .await?
-                .is_empty()
-            {
+            let groups = pg_groups_of(&tx, &report.model, &report.version).await?;
+            if groups.is_empty() {
                 return Ok(Reported::Unknown);
             }
+            let group = report_group(
+                pg_device_group(&tx, &row.device).await?,
+                row.query_group.as_deref(),
+                groups,
+            );
             // Design: the lock serialises reports and operator changes of the
             // pair across instances, so the recount below sees every report
             // committed before it and exactly one report halts a rollout.
@@ -2453,6 +2482,7 @@ async fn pg_shadow(tx: &PgTx<'_>, name: &str, group: &str) -> Result<Option<Shad
 
 fn pg_rollout(r: &tokio_postgres::Row) -> Result<RolloutRow> {
     let percent: i32 = r.try_get(5)?;
+    let peak: i32 = r.try_get(12)?;
     rollout_from((
         r.try_get(0)?,
         r.try_get(1)?,
@@ -2466,6 +2496,7 @@ fn pg_rollout(r: &tokio_postgres::Row) -> Result<RolloutRow> {
         r.try_get(9)?,
         r.try_get(10)?,
         r.try_get(11)?,
+        i64::from(peak),
     ))
 }
 
@@ -2526,9 +2557,9 @@ async fn pg_insert_rollout(tx: &PgTx<'_>, new: &NewRollout<'_>, now_ms: i64) -> 
     let row = tx
         .query_one(
             &format!(
-                "INSERT INTO rollouts (name, device_group, version, previous, percent, halt_share,
-                     state, started_ms, updated_ms)
-                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $8)
+                "INSERT INTO rollouts (name, device_group, version, previous, percent, peak_percent,
+                     halt_share, state, started_ms, updated_ms)
+                 VALUES ($1, $2, $3, $4, $5, $5, $6, $7, $8, $8)
                  RETURNING {ROLLOUT_COLUMNS}"
             ),
             &[

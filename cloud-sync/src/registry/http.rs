@@ -146,6 +146,12 @@ impl HttpError {
             HttpError::Registry(RegistryError::RolloutInProgress { .. }) => {
                 (StatusCode::CONFLICT, "rollout_in_progress")
             }
+            HttpError::Registry(RegistryError::NoActiveRollout { .. }) => {
+                (StatusCode::CONFLICT, "no_active_rollout")
+            }
+            HttpError::Registry(RegistryError::NothingToRollBack { .. }) => {
+                (StatusCode::CONFLICT, "nothing_to_roll_back")
+            }
             HttpError::Io(_) | HttpError::Registry(_) => {
                 (StatusCode::INTERNAL_SERVER_ERROR, "storage_error")
             }
@@ -215,11 +221,12 @@ fn registry(state: &AppState) -> Result<&Registry, HttpError> {
     state.registry().ok_or(HttpError::Unavailable)
 }
 
-/// Query of the production endpoint.
+/// Query of the production, deployment, rollouts and report endpoints.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct GroupQuery {
-    /// Device group; `default` when absent.
+    /// Device group; `default` when absent. A device's server-side
+    /// assignment takes precedence (not for the operator-only rollouts view).
     pub group: Option<String>,
 }
 

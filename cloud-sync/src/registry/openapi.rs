@@ -168,7 +168,7 @@ fn paths() -> serde_json::Map<String, Value> {
     map.insert("/v1/rollout/reports".into(), json!({
         "post": {
             "summary": "Report what a device did with a version",
-            "description": "Devices only (operators get 403). Idempotent per (device, model, version, event): a repeated report updates its reason, time and shadow summary and is never counted twice. The report counts towards the rollout of that version in the device's group (its assignment, else `group`, else \"default\"); the rollout halts once more than its halt_share of the reporting devices rolled the version back (a device reporting both adopted and rolled_back counts as rolled back).",
+            "description": "Devices only (operators get 403). Idempotent per (device, model, version, event): a repeated report updates its reason, time and shadow summary and is never counted twice. The report counts towards the rollout of that version in the device's group (its assignment, else `group`, else the only group the version is registered in, else \"default\"); the rollout halts once more than its halt_share of the reporting devices rolled the version back (a device reporting both adopted and rolled_back counts as rolled back).",
             "security": [{ "bearerAuth": [] }, { "mutualTLS": [] }],
             "parameters": [group_query],
             "requestBody": {

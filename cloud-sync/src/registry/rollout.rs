@@ -42,6 +42,9 @@ pub struct RolloutRow {
     pub previous: Option<String>,
     /// Share of devices targeted.
     pub percent: u8,
+    /// Largest `percent` the rollout had: devices with a bucket in
+    /// `percent..peak_percent` were served the version and must go back.
+    pub peak_percent: u8,
     /// Halting threshold.
     pub halt_share: f64,
     /// State.
@@ -134,7 +137,8 @@ pub fn targeted(device: Option<&str>, model: &str, version: &str, percent: u8) -
 /// deployable (no production version).
 ///
 /// - An active rollout serves its candidate to targeted devices, the
-///   production version to the others.
+///   production version to the others; those that were targeted before the
+///   rollout was narrowed get it with `downgrade: true`.
 /// - A halted rollout whose previous version is in production serves it to
 ///   every device with `downgrade: true`.
 /// - The shadow target is attached for targeted devices unless it is the
@@ -148,10 +152,13 @@ pub fn deployment(view: DeploymentView, device: Option<&str>, model: &str) -> Op
     if let Some(row) = view.rollout {
         match row.state {
             RolloutState::Active => {
-                if targeted(device, model, &row.version, row.percent)
-                    && let Some(candidate) = view.candidate
-                {
-                    active = candidate;
+                if targeted(device, model, &row.version, row.percent) {
+                    if let Some(candidate) = view.candidate {
+                        active = candidate;
+                    }
+                } else {
+                    // Narrowed: devices that were in the canary go back.
+                    downgrade = targeted(device, model, &row.version, row.peak_percent);
                 }
                 rollout = Some(row.status());
             }
@@ -319,6 +326,7 @@ mod tests {
             version: "2.0.0".into(),
             previous: Some("1.0.0".into()),
             percent,
+            peak_percent: percent,
             halt_share: 0.5,
             state,
             adopted: 0,
@@ -372,6 +380,20 @@ mod tests {
             d.active.version, "1.0.0",
             "device-less is outside partial canaries"
         );
+    }
+
+    #[test]
+    fn narrowed_rollouts_downgrade_the_devices_they_dropped() {
+        let mut row = rollout(RolloutState::Active, 10);
+        row.peak_percent = 40;
+        for i in 0..300 {
+            let device = format!("d{i}");
+            let d = deployment(view(Some(row.clone())), Some(&device), "m").unwrap();
+            let bucket = canary_bucket(&device, "m", "2.0.0");
+            assert_eq!(d.active.version == "2.0.0", bucket < 10, "{device}");
+            assert_eq!(d.downgrade, (10..40).contains(&bucket), "{device}");
+        }
+        assert!(!deployment(view(Some(row)), None, "m").unwrap().downgrade);
     }
 
     #[test]

@@ -495,6 +495,24 @@ async fn after_halt(fleet: &Fleet) -> Result<()> {
         .promote_staged(NAME, V3, "default", 20, 0.5)
         .await?;
     assert!(promotion.rollout.is_some());
+    // Widened to 40 then narrowed back to 20: the devices dropped go back
+    // to 1.0.0 with downgrade, the others are unaffected.
+    fleet.registry.rollout(NAME, "default", 40).await?;
+    fleet.registry.rollout(NAME, "default", 20).await?;
+    let mut dropped = 0;
+    for (i, (id, token)) in fleet.devices.iter().enumerate() {
+        let (d, _) = deployment(fleet.addr(i), token, "").await?;
+        let bucket = canary_bucket(id, NAME, V3);
+        let expected = if bucket < 20 { V3 } else { V1 };
+        ensure!(d.active.version == expected, "{id}: {}", d.active.version);
+        ensure!(
+            d.downgrade == (20..40).contains(&bucket),
+            "{id}: bucket {bucket}, downgrade {}",
+            d.downgrade
+        );
+        dropped += usize::from(d.downgrade);
+    }
+    assert!(dropped > 0);
     let (status, archived) = fleet.registry.rollout(NAME, "default", 100).await?;
     assert_eq!(status.state, RolloutState::Complete);
     assert_eq!(archived.as_deref(), Some(V1));
@@ -698,6 +716,23 @@ async fn device_groups_override_the_query_and_shadows_follow_buckets() -> Result
         Err(RegistryError::InvalidGroup { .. })
     ));
 
+    // A report without a group counts in the device's assignment, else in
+    // the only group its version is registered in.
+    let only_line_2 = "2.0.0";
+    fleet.push(only_line_2, "line-2").await?;
+    fleet
+        .registry
+        .promote_staged(NAME, only_line_2, "line-2", 50, 0.5)
+        .await?;
+    let r = report(only_line_2, RolloutEvent::Adopted, None, 1);
+    let ack: RolloutReportAck = json(&send_report(addr, &fleet.devices[2].1, &r).await?)?;
+    let status = ack.rollout.context("not counted in line-2")?;
+    assert_eq!((status.group.as_str(), status.adopted), ("line-2", 1));
+    fleet.registry.set_device_group(id, Some("default")).await?;
+    let ack: RolloutReportAck = json(&send_report(addr, token, &r).await?)?;
+    assert!(ack.rollout.is_none(), "counted outside the assigned group");
+    fleet.registry.set_device_group(id, None).await?;
+
     // Shadow at 50 %: exactly the devices whose bucket for the shadow
     // version is below 50 get it; cleared, nobody does.
     fleet
@@ -818,6 +853,7 @@ async fn staged_rollout_on_two_postgres_instances() -> Result<()> {
     let fleet = Fleet::new(Some(storage), Some(schema), 2, 200).await?;
     core_scenario(&fleet).await?;
     race(&fleet).await?;
+    after_halt(&fleet).await?;
     // Both instances serve the same deployment to a device.
     let (_, token) = &fleet.devices[3];
     let (a, tag_a) = deployment(fleet.addr(0), token, "").await?;
