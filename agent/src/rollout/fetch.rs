@@ -500,7 +500,16 @@ impl Fetcher {
     /// Delivers queued reports in order; stops at the first failure that
     /// may succeed later (the rest wait for the next poll).
     pub async fn deliver_reports(&self, queue: &ReportQueue) {
-        let url = format!("{}{}", self.base_url, rollout_reports_path());
+        let Ok(mut url) =
+            reqwest::Url::parse(&format!("{}{}", self.base_url, rollout_reports_path()))
+        else {
+            tracing::error!(url = %self.base_url, "bad registry URL; rollout reports not delivered");
+            return;
+        };
+        // The registry counts a report in the group the device asks for
+        // (its own assignment wins), like the deployment.
+        url.query_pairs_mut()
+            .append_pair("group", &self.settings.group);
         let pending = tokio::task::spawn_blocking({
             let queue = queue.clone();
             move || queue.pending()
@@ -510,7 +519,7 @@ impl Fetcher {
         for (path, report) in pending {
             let sent = self
                 .client
-                .post(&url)
+                .post(url.clone())
                 .bearer_auth(self.token.expose())
                 .json(&report)
                 .send()
