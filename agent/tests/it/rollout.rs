@@ -555,3 +555,47 @@ async fn a_canary_of_a_bad_model_is_rolled_back_on_devices_and_halted_by_the_reg
     }
     cloud.stop().await;
 }
+
+/// The real binary with the registry unreachable: it boots, logs the
+/// failed poll, and serves the last good version on disk (1.1.0, adopted
+/// earlier) instead of the configured 1.0.0.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_agent_boots_offline_and_serves_the_last_good_version_on_disk() {
+    let broker = edge_agent::demo::broker::start_embedded_broker().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let good = dir.path().join("packages").join(NAME).join("1.1.0");
+    package_copy(&shipped(), &good, version("1.1.0"), keep);
+    swap::write_marker(&good, swap::ACCEPTED, "{}").unwrap();
+    std::fs::write(dir.path().join("token"), "t0ken\n").unwrap();
+    let key = hex::encode(
+        ed25519_dalek::SigningKey::from_bytes(&[9; 32])
+            .verifying_key()
+            .as_bytes(),
+    );
+    let text = super::util::config(dir.path(), &format!("mqtt://{broker}"), "it-offline")
+        .replace(
+            "[sync]\n# Set to false to keep everything local.\nenabled = false",
+            "[sync]\nenabled = true",
+        )
+        .replace("http://127.0.0.1:8443", "http://127.0.0.1:9")
+        .replace("/etc/edge-agent/token", "token")
+        .replace(
+            "enabled = false\nmodels = [\"nab-machine-temp\"]",
+            "enabled = true\nmodels = [\"nab-machine-temp\"]",
+        )
+        .replace("trusted_keys = []", &format!("trusted_keys = [\"{key}\"]"))
+        .replace("watch_interval_ms = 5000", "watch_interval_ms = 200");
+    assert!(text.contains("url = \"http://127.0.0.1:9\""), "{text}");
+    let cfg = dir.path().join("agent.toml");
+    std::fs::write(&cfg, text).unwrap();
+    let agent = super::util::Agent::start(&cfg);
+    assert!(
+        agent.wait_for("registry poll failed", Duration::from_secs(30)),
+        "the unreachable registry is logged"
+    );
+    assert!(
+        agent.wait_for("to=1.1.0", Duration::from_secs(30)),
+        "the adopted version on disk is swapped in without the network"
+    );
+    assert_eq!(agent.terminate(Duration::from_secs(10)), Some(0));
+}
