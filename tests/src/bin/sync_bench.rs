@@ -84,7 +84,7 @@ fn device_id(d: u64) -> String {
 enum Database {
     Sqlite(tempfile::TempDir),
     Postgres {
-        base: tokio_postgres::Config,
+        base: Box<tokio_postgres::Config>,
         schema: String,
     },
 }
@@ -104,7 +104,7 @@ impl Database {
             .batch_execute(&format!("CREATE SCHEMA {schema}"))
             .await?;
         Ok(Database::Postgres {
-            base: base.clone(),
+            base: Box::new(base.clone()),
             schema,
         })
     }
@@ -115,7 +115,7 @@ impl Database {
                 path: dir.path().join("cloud.db"),
             },
             Database::Postgres { base, schema } => {
-                let mut config = base.clone();
+                let mut config = (**base).clone();
                 config.options(format!("-c search_path={schema}"));
                 StorageSettings::Postgres(Box::new(PostgresSettings {
                     config,
