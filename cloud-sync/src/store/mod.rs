@@ -802,7 +802,8 @@ struct FleetRow {
     last_heartbeat_json: Option<String>,
 }
 
-/// The columns of a [`FleetRow`], in order, for either backend.
+/// The columns of a [`FleetRow`], in order, for either backend, over `d`:
+/// the page's devices (so the aggregates run for them only).
 macro_rules! fleet_select {
     () => {
         "SELECT d.id, d.revoked, d.created_ms,
@@ -817,17 +818,23 @@ macro_rules! fleet_select {
         ORDER BY received_ms DESC, id DESC LIMIT 1),
        (SELECT CAST(body_json AS TEXT) FROM heartbeats WHERE device = d.id
         ORDER BY received_ms DESC, id DESC LIMIT 1)
-     FROM devices d"
+     FROM "
     };
 }
 
 /// One fleet page on SQLite (ids compare in byte order): after `?1`, at most `?2` rows.
-const FLEET_SQL_SQLITE: &str = concat!(fleet_select!(), " WHERE d.id > ?1 ORDER BY d.id LIMIT ?2");
+const FLEET_SQL_SQLITE: &str = concat!(
+    fleet_select!(),
+    "(SELECT id, revoked, created_ms FROM devices WHERE id > ?1 ORDER BY id LIMIT ?2) d
+     ORDER BY d.id"
+);
 
 /// One fleet page on PostgreSQL, in byte order whatever the database's collation.
 const FLEET_SQL_POSTGRES: &str = concat!(
     fleet_select!(),
-    " WHERE d.id COLLATE \"C\" > $1 ORDER BY d.id COLLATE \"C\" LIMIT $2"
+    "(SELECT id, revoked, created_ms FROM devices WHERE id COLLATE \"C\" > $1
+      ORDER BY id COLLATE \"C\" LIMIT $2) d
+     ORDER BY d.id COLLATE \"C\""
 );
 
 impl FleetRow {
