@@ -36,7 +36,8 @@ use crate::registry::Registry;
 use crate::store::{BatchError, QueryError, Store, StoreError};
 
 /// `Accept-Post` sent with a 415 on the batch endpoint.
-const BATCH_MEDIA_TYPES: &str = "application/json, application/vnd.edge-batch.v1";
+const BATCH_MEDIA_TYPES: &str =
+    "application/json, application/vnd.edge-batch.v2, application/vnd.edge-batch.v1";
 
 /// Shared state of every handler.
 #[derive(Debug, Clone)]
@@ -467,8 +468,10 @@ async fn list_heartbeats(
 async fn fleet(
     State(state): State<AppState>,
     _auth: OperatorAuth,
+    query: Result<Query<ReadQuery>, QueryRejection>,
 ) -> Result<Json<FleetSummary>, ApiError> {
-    Ok(Json(state.store.fleet().await?))
+    let Query(query) = query.map_err(ApiError::BadQuery)?;
+    Ok(Json(state.store.fleet(&query).await.map_err(read_error)?))
 }
 
 /// Body formats accepted on uploads (`Content-Type`).
@@ -492,7 +495,10 @@ fn body_format(headers: &HeaderMap, accepted: &'static str) -> Result<BodyFormat
     let essence = text.split(';').next().unwrap_or_default().trim();
     if essence.eq_ignore_ascii_case(JSON_MEDIA_TYPE) {
         Ok(BodyFormat::Json)
-    } else if essence.eq_ignore_ascii_case(codec::MEDIA_TYPE) && accepted == BATCH_MEDIA_TYPES {
+    } else if (essence.eq_ignore_ascii_case(codec::MEDIA_TYPE)
+        || essence.eq_ignore_ascii_case(codec::MEDIA_TYPE_V1))
+        && accepted == BATCH_MEDIA_TYPES
+    {
         Ok(BodyFormat::Compact)
     } else {
         Err(unsupported())
@@ -726,6 +732,7 @@ mod tests {
             (Some("application/json"), BodyFormat::Json),
             (Some("Application/JSON; charset=utf-8"), BodyFormat::Json),
             (Some("application/vnd.edge-batch.v1"), BodyFormat::Compact),
+            (Some("application/vnd.edge-batch.v2"), BodyFormat::Compact),
         ] {
             assert_eq!(
                 format(value, BATCH_MEDIA_TYPES).unwrap(),
@@ -736,7 +743,7 @@ mod tests {
         for bad in [
             "text/plain",
             "application/cbor",
-            "application/vnd.edge-batch.v2",
+            "application/vnd.edge-batch.v3",
             "",
         ] {
             assert!(matches!(

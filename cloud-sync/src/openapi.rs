@@ -7,7 +7,9 @@
 //! follow the `sync_protocol` types field by field, unknown fields refused).
 
 use serde_json::{Value, json};
-use sync_protocol::codec::MEDIA_TYPE as COMPACT_MEDIA_TYPE;
+use sync_protocol::codec::{
+    MEDIA_TYPE as COMPACT_MEDIA_TYPE, MEDIA_TYPE_V1 as COMPACT_V1_MEDIA_TYPE,
+};
 use sync_protocol::{DEFAULT_PAGE_LIMIT, MAX_PAGE_LIMIT};
 
 /// `$ref` to a component schema.
@@ -142,7 +144,13 @@ fn schemas() -> Value {
             "type": "string",
             "format": "binary",
             "contentMediaType": COMPACT_MEDIA_TYPE,
-            "description": "An UploadBatch in the compact binary layout (sync_protocol::codec, version 1)."
+            "description": "An UploadBatch in the compact binary layout (sync_protocol::codec, version 2)."
+        },
+        "CompactBatchV1": {
+            "type": "string",
+            "format": "binary",
+            "contentMediaType": COMPACT_V1_MEDIA_TYPE,
+            "description": "An UploadBatch in the compact binary layout version 1 (sync_protocol::codec), still accepted from older agents."
         },
         "SeqRange": object("Inclusive range of sequence numbers.", json!({
             "key": string("source/stream, model name, or dead_letters."),
@@ -232,9 +240,10 @@ fn schemas() -> Value {
             "dead_letters": u64_(),
             "heartbeats": u64_()
         }), &[]),
-        "FleetSummary": object("Every registered device, in id order.", json!({
+        "FleetSummary": object("One page of the registered devices, in id order (byte order).", json!({
             "server_ms": i64_("Cloud clock when taken."),
-            "devices": array(schema("FleetDevice"))
+            "devices": array(schema("FleetDevice")),
+            "next_cursor": { "type": ["string", "null"], "description": "Cursor of the next page; null on the last page." }
         }), &[]),
         "ErrorBody": object("Body of every error response.", json!({
             "code": string("Stable machine-readable code."),
@@ -312,6 +321,18 @@ fn content_encoding_parameter() -> Value {
     })
 }
 
+/// `limit` and `cursor`, the parameters of every paged read.
+fn page_parameters() -> Vec<Value> {
+    vec![
+        json!({ "name": "limit", "in": "query", "required": false,
+            "description": format!("Rows per page (default {DEFAULT_PAGE_LIMIT})."),
+            "schema": { "type": "integer", "minimum": 1, "maximum": MAX_PAGE_LIMIT } }),
+        json!({ "name": "cursor", "in": "query", "required": false,
+            "description": "next_cursor of the previous page.",
+            "schema": { "type": "string" } }),
+    ]
+}
+
 fn query_parameters(filters: &[&str]) -> Vec<Value> {
     let mut params = vec![
         json!({ "name": "from_ms", "in": "query", "required": false,
@@ -326,12 +347,7 @@ fn query_parameters(filters: &[&str]) -> Vec<Value> {
                 "description": format!("Only rows with this {filter}."),
                 "schema": { "type": "string" } }));
     }
-    params.push(json!({ "name": "limit", "in": "query", "required": false,
-            "description": format!("Rows per page (default {DEFAULT_PAGE_LIMIT})."),
-            "schema": { "type": "integer", "minimum": 1, "maximum": MAX_PAGE_LIMIT } }));
-    params.push(json!({ "name": "cursor", "in": "query", "required": false,
-            "description": "next_cursor of the previous page.",
-            "schema": { "type": "string" } }));
+    params.extend(page_parameters());
     params
 }
 
@@ -385,7 +401,8 @@ fn paths() -> Value {
                     "required": true,
                     "content": {
                         "application/json": { "schema": schema("UploadBatch") },
-                        COMPACT_MEDIA_TYPE: { "schema": schema("CompactBatch") }
+                        COMPACT_MEDIA_TYPE: { "schema": schema("CompactBatch") },
+                        COMPACT_V1_MEDIA_TYPE: { "schema": schema("CompactBatchV1") }
                     }
                 },
                 "responses": upload_errors
@@ -429,8 +446,9 @@ fn paths() -> Value {
         "/v1/fleet": {
             "get": {
                 "summary": "Fleet summary",
-                "description": "Operators only (devices get 403).",
+                "description": "Operators only (devices get 403). Keyset-paginated on the device id: follow next_cursor.",
                 "security": [{ "bearerAuth": [] }],
+                "parameters": page_parameters(),
                 "responses": fleet_responses
             }
         },

@@ -64,30 +64,67 @@ pub fn classify(status: StatusCode) -> Class {
     }
 }
 
-/// How a batch body is encoded before zstd.
+/// How a batch body is encoded before zstd, newest first.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum BodyFormat {
-    /// [`sync_protocol::codec`] (`Content-Type: application/vnd.edge-batch.v1`).
+    /// [`sync_protocol::codec`] layout version 2 (`Content-Type:
+    /// application/vnd.edge-batch.v2`).
     Compact,
+    /// [`sync_protocol::codec`] layout version 1 (`Content-Type:
+    /// application/vnd.edge-batch.v1`), for clouds that predate version 2.
+    CompactV1,
     /// `application/json`, for clouds that predate the codec.
     Json,
 }
 
 impl BodyFormat {
-    fn media_type(self) -> &'static str {
+    /// The `Content-Type` of this format.
+    #[must_use]
+    pub fn media_type(self) -> &'static str {
         match self {
             BodyFormat::Compact => sync_protocol::codec::MEDIA_TYPE,
-            BodyFormat::Json => "application/json",
+            BodyFormat::CompactV1 => sync_protocol::codec::MEDIA_TYPE_V1,
+            BodyFormat::Json => sync_protocol::JSON_MEDIA_TYPE,
+        }
+    }
+
+    /// The next older format to try when the cloud does not know this one.
+    #[must_use]
+    pub fn fallback(self) -> Self {
+        match self {
+            BodyFormat::Compact => BodyFormat::CompactV1,
+            BodyFormat::CompactV1 | BodyFormat::Json => BodyFormat::Json,
+        }
+    }
+
+    /// A small number for an atomic (see [`BodyFormat::from_index`]).
+    #[must_use]
+    pub fn index(self) -> u8 {
+        match self {
+            BodyFormat::Compact => 0,
+            BodyFormat::CompactV1 => 1,
+            BodyFormat::Json => 2,
+        }
+    }
+
+    /// The format of [`BodyFormat::index`] `i` (JSON for anything unknown).
+    #[must_use]
+    pub fn from_index(i: u8) -> Self {
+        match i {
+            0 => BodyFormat::Compact,
+            1 => BodyFormat::CompactV1,
+            _ => BodyFormat::Json,
         }
     }
 }
 
-/// Whether a refusal of a compact body means the cloud does not know the
-/// codec (415, or an older cloud that read the body as JSON), so the agent
-/// should fall back to JSON rather than quarantine anything.
+/// Whether a refusal of a compact body means the cloud does not know this
+/// layout version or the codec at all (415, or an older cloud that read the
+/// body as JSON), so the agent should fall back to an older format rather
+/// than quarantine anything.
 #[must_use]
 pub fn codec_unsupported(format: BodyFormat, status: StatusCode, body: &str) -> bool {
-    format == BodyFormat::Compact
+    format != BodyFormat::Json
         && (status == StatusCode::UNSUPPORTED_MEDIA_TYPE
             || (status == StatusCode::BAD_REQUEST && body.contains("malformed_json")))
 }
@@ -116,13 +153,17 @@ pub fn encode(batch: &Outbox, format: BodyFormat) -> Result<(Vec<u8>, usize)> {
             };
             serde_json::to_vec(&body).map_err(|e| SyncError::Encode(e.into()))?
         }
-        BodyFormat::Compact => {
+        BodyFormat::Compact | BodyFormat::CompactV1 => {
             let body = sync_protocol::UploadBatch {
                 readings: batch.readings.iter().map(|(_, r)| r.clone()).collect(),
                 predictions: batch.predictions.iter().map(|(_, p)| p.clone()).collect(),
                 dead_letters: batch.dead_letters.iter().map(|(_, d)| d.clone()).collect(),
             };
-            sync_protocol::codec::encode_batch(&body)
+            if format == BodyFormat::Compact {
+                sync_protocol::codec::encode_batch(&body)
+            } else {
+                sync_protocol::codec::encode_batch_v1(&body)
+            }
         }
     };
     let compressed = zstd::bulk::compress(&plain, 3).map_err(SyncError::Encode)?;
@@ -207,7 +248,7 @@ pub async fn post_batch(
             Ok((ack, sent))
         }
         Class::Retriable => {
-            let retry_after = retry_after(response.headers());
+            let retry_after = retry_after(response.headers(), std::time::SystemTime::now());
             Err(SyncError::Retriable {
                 status,
                 retry_after,
@@ -224,13 +265,24 @@ pub async fn post_batch(
     }
 }
 
-/// `Retry-After` in delay-seconds form.
-pub fn retry_after(headers: &reqwest::header::HeaderMap) -> Option<std::time::Duration> {
-    headers
-        .get(reqwest::header::RETRY_AFTER)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.trim().parse::<u64>().ok())
-        .map(std::time::Duration::from_secs)
+/// `Retry-After` (RFC 9110, section 10.2.3) as a delay: either form,
+/// delay-seconds or an HTTP-date (measured from `now`; a date already past
+/// means no wait). `None` when absent or unparsable. The caller caps it.
+#[must_use]
+pub fn retry_after(
+    headers: &reqwest::header::HeaderMap,
+    now: std::time::SystemTime,
+) -> Option<std::time::Duration> {
+    let text = headers
+        .get(reqwest::header::RETRY_AFTER)?
+        .to_str()
+        .ok()?
+        .trim();
+    if let Ok(secs) = text.parse::<u64>() {
+        return Some(std::time::Duration::from_secs(secs));
+    }
+    let date = httpdate::parse_http_date(text).ok()?;
+    Some(date.duration_since(now).unwrap_or_default())
 }
 
 /// The response body, truncated, for logs and quarantine records.
@@ -343,6 +395,38 @@ mod tests {
             StatusCode::BAD_REQUEST,
             r#"{"code":"invalid_batch"}"#
         ));
+    }
+
+    #[test]
+    fn retry_after_takes_seconds_and_http_dates() {
+        use reqwest::header::{HeaderMap, HeaderValue, RETRY_AFTER};
+        use std::time::{Duration, SystemTime, UNIX_EPOCH};
+        let now = UNIX_EPOCH + Duration::from_secs(1_445_412_480); // Wed, 21 Oct 2015 07:28:00 GMT
+        let with = |value: &str| {
+            let mut h = HeaderMap::new();
+            h.insert(RETRY_AFTER, HeaderValue::from_str(value).unwrap());
+            retry_after(&h, now)
+        };
+        assert_eq!(with("120"), Some(Duration::from_secs(120)));
+        assert_eq!(with(" 7 "), Some(Duration::from_secs(7)));
+        assert_eq!(
+            with("Wed, 21 Oct 2015 07:29:30 GMT"),
+            Some(Duration::from_secs(90))
+        );
+        // The two obsolete HTTP-date forms a server may still send.
+        assert_eq!(
+            with("Wednesday, 21-Oct-15 07:28:10 GMT"),
+            Some(Duration::from_secs(10))
+        );
+        assert_eq!(
+            with("Wed Oct 21 07:28:05 2015"),
+            Some(Duration::from_secs(5))
+        );
+        // A date in the past: retry now.
+        assert_eq!(with("Wed, 21 Oct 2015 07:00:00 GMT"), Some(Duration::ZERO));
+        assert_eq!(with("soon"), None);
+        assert_eq!(with("-5"), None);
+        assert_eq!(retry_after(&HeaderMap::new(), SystemTime::now()), None);
     }
 
     #[test]

@@ -26,7 +26,7 @@ mod heartbeat;
 mod pace;
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicU8, Ordering};
 use std::time::Duration;
 
 use reqwest::StatusCode;
@@ -116,8 +116,9 @@ pub struct SyncStage {
     buffer: Buffer,
     counters: Arc<Counters>,
     models: tokio::sync::watch::Receiver<Vec<sync_protocol::ActiveModel>>,
-    /// Cleared when the cloud turns out not to know the compact codec.
-    compact: AtomicBool,
+    /// The body format in use ([`BodyFormat::index`]): steps down when the
+    /// cloud turns out not to know the newest compact layout, or the codec.
+    format: AtomicU8,
 }
 
 /// Where the upload loop stands.
@@ -146,7 +147,7 @@ impl SyncStage {
             buffer,
             counters,
             models: tokio::sync::watch::channel(Vec::new()).1,
-            compact: AtomicBool::new(true),
+            format: AtomicU8::new(BodyFormat::Compact.index()),
         }
     }
 
@@ -154,16 +155,22 @@ impl SyncStage {
     /// clouds that predate it; the stage also falls back on its own).
     #[must_use]
     pub fn with_json_bodies(self) -> Self {
-        self.compact.store(false, Ordering::Relaxed);
+        self.format
+            .store(BodyFormat::Json.index(), Ordering::Relaxed);
+        self
+    }
+
+    /// Uses compact layout version 1 bodies from the start (for clouds that
+    /// predate version 2; the stage also falls back on its own).
+    #[must_use]
+    pub fn with_compact_v1_bodies(self) -> Self {
+        self.format
+            .store(BodyFormat::CompactV1.index(), Ordering::Relaxed);
         self
     }
 
     fn format(&self) -> BodyFormat {
-        if self.compact.load(Ordering::Relaxed) {
-            BodyFormat::Compact
-        } else {
-            BodyFormat::Json
-        }
+        BodyFormat::from_index(self.format.load(Ordering::Relaxed))
     }
 
     /// The models reported in heartbeats: the latest value at each beat
@@ -347,7 +354,7 @@ impl SyncStage {
                     SyncError::Retriable {
                         retry_after: Some(after),
                         ..
-                    } => delay = (*after).min(s.backoff_max),
+                    } => delay = retry_delay(*after, s.backoff_max),
                     SyncError::Config { .. } => {
                         Counters::add(&self.counters.sync_auth_failures, 1);
                         tracing::error!(error = %chain(&e), retry_in_ms = delay.as_millis(), "cloud refuses this agent; nothing is uploaded until the configuration is fixed");
@@ -407,8 +414,9 @@ impl SyncStage {
                 Err(SyncError::Refused { status, body })
                     if client::codec_unsupported(format, status, &body) =>
                 {
-                    tracing::warn!(%status, error = %body, "cloud does not accept the compact batch encoding; using JSON from now on");
-                    self.compact.store(false, Ordering::Relaxed);
+                    let next = format.fallback();
+                    tracing::warn!(%status, error = %body, from = format.media_type(), to = next.media_type(), "cloud does not accept this batch encoding; using an older one from now on");
+                    self.format.store(next.index(), Ordering::Relaxed);
                     todo.push(batch);
                 }
                 Err(SyncError::Refused { status, body }) if batch.len() > 1 => {
@@ -445,6 +453,12 @@ impl SyncStage {
         );
         Ok(())
     }
+}
+
+/// The wait a `Retry-After` asks for, capped at the longest backoff so a
+/// far-off date (or a clock far behind the cloud's) cannot park the agent.
+fn retry_delay(after: Duration, backoff_max: Duration) -> Duration {
+    after.min(backoff_max)
 }
 
 fn ms(v: i64) -> Duration {
@@ -538,6 +552,40 @@ mod tests {
             predictions: (0..predictions).map(prediction).collect(),
             ..Outbox::default()
         }
+    }
+
+    #[test]
+    fn retry_after_dates_are_capped_by_the_longest_backoff() {
+        use reqwest::header::{HeaderMap, HeaderValue, RETRY_AFTER};
+        let max = Duration::from_secs(30);
+        let now = std::time::SystemTime::now();
+        let mut headers = HeaderMap::new();
+        let in_an_hour = httpdate::fmt_http_date(now + Duration::from_secs(3600));
+        headers.insert(
+            RETRY_AFTER,
+            HeaderValue::from_str(&in_an_hour).unwrap_or_else(|_| HeaderValue::from_static("x")),
+        );
+        let after = client::retry_after(&headers, now);
+        assert!(
+            after.is_some_and(|a| a > Duration::from_secs(3590)),
+            "{after:?}"
+        );
+        assert_eq!(after.map(|a| retry_delay(a, max)), Some(max));
+        let in_ten = httpdate::fmt_http_date(now + Duration::from_secs(10));
+        headers.insert(
+            RETRY_AFTER,
+            HeaderValue::from_str(&in_ten).unwrap_or_else(|_| HeaderValue::from_static("x")),
+        );
+        let after = client::retry_after(&headers, now).map(|a| retry_delay(a, max));
+        // The date has whole seconds: between 9 and 10 s from `now`.
+        assert!(
+            after.is_some_and(|a| a > Duration::from_secs(8) && a <= Duration::from_secs(10)),
+            "{after:?}"
+        );
+        assert_eq!(
+            retry_delay(Duration::from_secs(3), max),
+            Duration::from_secs(3)
+        );
     }
 
     #[test]

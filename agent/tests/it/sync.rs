@@ -394,6 +394,85 @@ async fn auth_failure_quarantines_nothing() {
     cloud.stop().await;
 }
 
+/// Bodies of each compact layout version that reached [`refuse_v2`]'s
+/// inner router.
+static V1_BODIES: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+static V2_BODIES: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+/// Makes the real router answer like a cloud that predates compact layout
+/// version 2: 415 with `Accept-Post` listing v1.
+async fn refuse_v2(
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> axum::response::Response {
+    use axum::response::IntoResponse;
+    use std::sync::atomic::Ordering;
+    let content_type = request
+        .headers()
+        .get("content-type")
+        .map(|v| v.as_bytes().to_vec());
+    match content_type.as_deref() {
+        Some(b"application/vnd.edge-batch.v2") => {
+            V2_BODIES.fetch_add(1, Ordering::Relaxed);
+            (
+                axum::http::StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                [(
+                    "accept-post",
+                    "application/json, application/vnd.edge-batch.v1",
+                )],
+                r#"{"code":"unsupported_media_type","message":"content type not accepted"}"#,
+            )
+                .into_response()
+        }
+        Some(b"application/vnd.edge-batch.v1") => {
+            V1_BODIES.fetch_add(1, Ordering::Relaxed);
+            next.run(request).await
+        }
+        _ => next.run(request).await,
+    }
+}
+
+/// Against a cloud that only knows compact layout version 1 the agent steps
+/// down to it once (the refused batch is resent, nothing is quarantined)
+/// and keeps it for the rest of the run.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_older_cloud_gets_compact_v1() {
+    use std::sync::atomic::Ordering;
+    let dir = tempfile::tempdir().unwrap();
+    let store = cloud_sync::Store::open(dir.path().join("cloud.db"))
+        .await
+        .unwrap();
+    let token = store.add_device(DEVICE).await.unwrap();
+    let settings = cloud_sync::Settings::for_database("unused.db");
+    let app = cloud_sync::app(cloud_sync::AppState::new(store.clone(), &settings))
+        .layer(axum::middleware::from_fn(refuse_v2));
+    let tcp = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = tcp.local_addr().unwrap();
+    let server = tokio::spawn(async move {
+        let _ = axum::serve(tcp, app).await;
+    });
+    let (buffer, thread) = open_buffer(dir.path());
+    append(&buffer, "t", 1200).await;
+    let sync = start_sync(sync_settings(&format!("http://{addr}"), &token), &buffer);
+    let counters = sync.counters.clone();
+    wait_until!(
+        "every row synced",
+        Duration::from_secs(20),
+        Counters::get(&counters.synced_readings) >= 1200
+    );
+    sync.stop().await;
+    let stats = buffer.sync_stats(0).await.unwrap();
+    assert_eq!((stats.readings_unsynced, stats.quarantine_batches), (0, 0));
+    let summary = store.summary(DEVICE).await.unwrap();
+    assert_eq!(summary.readings[0].rows, 1200);
+    assert_eq!(V2_BODIES.load(Ordering::Relaxed), 1);
+    assert!(V1_BODIES.load(Ordering::Relaxed) >= 3);
+    drop(buffer);
+    thread.join();
+    server.abort();
+    store.close().await.unwrap();
+}
+
 /// After a restart with a backlog, rows arriving while it drains reach the
 /// cloud first, and the backlog never drains faster than
 /// `backlog_rows_per_sec` (plus one batch).

@@ -1,5 +1,7 @@
-//! Compact binary encoding of an [`UploadBatch`] (media type [`MEDIA_TYPE`]),
-//! meant to be zstd-compressed on the wire (`Content-Encoding: zstd`).
+//! Compact binary encoding of an [`UploadBatch`] (media type [`MEDIA_TYPE`],
+//! layout version 2; version 1, [`MEDIA_TYPE_V1`], is still decoded and can
+//! still be written for clouds that predate version 2), meant to be
+//! zstd-compressed on the wire (`Content-Encoding: zstd`).
 //!
 //! Owns the byte layout only: no I/O, no compression. Invariants:
 //! - `decode_batch(&encode_batch(b)) == b` for every batch, bit-exact for
@@ -49,16 +51,62 @@
 //! union of its readings' names. Decimal scaling is used for a column only
 //! when every value in it round-trips exactly through `integer / 10^scale`;
 //! otherwise the XOR form keeps the raw bits.
+//!
+//! # Layout (version 2)
+//!
+//! As version 1 (version byte 2), except inside a reading group, where the
+//! device timestamps come before the receive timestamps, the receive
+//! timestamps may be stored as lags behind the device timestamps, and value
+//! columns have two more forms:
+//!
+//! ```text
+//! group        = source:str stream:str n:uvarint(>=1)
+//!                seq:svarint-delta[n]
+//!                device_ts_ms:(flags[n] svarint-dod[present])
+//!                recv_ts_ms:(0 svarint-dod[n]
+//!                          | 1 base:svarint lag:uvarint[n])   (every row has a device_ts_ms;
+//!                                                              recv = device + base + lag)
+//!                clock_ok:flags[n]
+//!                names:uvarint name:str*
+//!                per name: flags[n] floats2[present]
+//! floats2[m]   = 1 xor[m]                        (as version 1)
+//!              | 2 scale:u8 svarint-delta[m] patches
+//!              | 3 scale:u8 k:u8 len:uvarint rice[m]:len bytes patches
+//! patches      = count:uvarint (gap:uvarint correction:svarint)[count]
+//! rice         = per value, z = zigzag(delta): q = z >> k < 32: q one bits,
+//!                a zero bit, the k low bits of z; otherwise 32 one bits and
+//!                the 64 bits of z; most significant bit first, zero padded
+//! ```
+//!
+//! A decimal column (forms 2 and 3) holds integers `I` (delta-coded); value
+//! `i` is `f64::from_bits((I / 10^scale).to_bits() + correction)` (wrapping),
+//! where the correction is 0 unless a patch names index `i` (`gap` is the
+//! number of unpatched values since the previous patch). So every value is
+//! stored exactly, and the few that are not short decimals (`-0.0`, NaN,
+//! `74.93588199999998` next to eight-digit neighbours) cost a patch instead
+//! of forcing the whole column to a larger scale or to raw bits. The
+//! encoder picks the scale with the smallest estimated size, and Rice codes
+//! (form 3) for noise-like columns where the deltas rarely repeat (real
+//! sensor readings with many significant digits), whose bits zstd cannot
+//! shrink; repetitive columns stay byte-aligned varints (form 2), which
+//! zstd compresses further.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use crate::{DeadLetterRecord, Prediction, Reading, UploadBatch};
 
-/// Media type of a compact batch body (`Content-Type`).
-pub const MEDIA_TYPE: &str = "application/vnd.edge-batch.v1";
+/// Media type of a compact batch body of layout version 2 (`Content-Type`).
+pub const MEDIA_TYPE: &str = "application/vnd.edge-batch.v2";
 
-/// Layout version written by [`encode_batch`] and the only one decoded.
-pub const VERSION: u8 = 1;
+/// Media type of a compact batch body of layout version 1, still accepted
+/// (agents in the field send it).
+pub const MEDIA_TYPE_V1: &str = "application/vnd.edge-batch.v1";
+
+/// Layout version written by [`encode_batch`].
+pub const VERSION: u8 = 2;
+
+/// Layout version written by [`encode_batch_v1`].
+pub const VERSION_V1: u8 = 1;
 
 /// Most readings, predictions or dead letters one compact batch may carry
 /// (each list separately): bounds what a small, dense body can make the
@@ -85,6 +133,14 @@ const FLAGS_ALL: u8 = 1;
 const FLAGS_BITMAP: u8 = 2;
 const FLOATS_DECIMAL: u8 = 0;
 const FLOATS_XOR: u8 = 1;
+const FLOATS_PATCHED_VARINT: u8 = 2;
+const FLOATS_PATCHED_RICE: u8 = 3;
+const RECV_DOD: u8 = 0;
+const RECV_LAG: u8 = 1;
+/// Rice quotients from this value on are escaped (the value follows raw).
+const RICE_ESCAPE: u64 = 32;
+/// Largest Rice parameter.
+const MAX_RICE_K: u8 = 63;
 const ORDER_CONTIGUOUS: u8 = 0;
 const ORDER_INDEXED: u8 = 1;
 
@@ -96,7 +152,7 @@ pub enum CodecError {
     #[error("not a compact batch: missing magic bytes")]
     BadMagic,
     /// The body is a compact batch of another layout version.
-    #[error("unsupported compact batch version {version} (supported: {VERSION})")]
+    #[error("unsupported compact batch version {version} (supported: {VERSION_V1}, {VERSION})")]
     UnsupportedVersion {
         /// The version byte found.
         version: u8,
@@ -174,13 +230,25 @@ pub enum CodecError {
     },
 }
 
-/// Encodes a batch in the compact layout (see the module docs).
+/// Encodes a batch in the compact layout, version 2 ([`MEDIA_TYPE`]; see
+/// the module docs).
 #[must_use]
 pub fn encode_batch(batch: &UploadBatch) -> Vec<u8> {
+    encode_version(batch, VERSION)
+}
+
+/// Encodes a batch in the compact layout, version 1 ([`MEDIA_TYPE_V1`]), for
+/// clouds that do not accept version 2.
+#[must_use]
+pub fn encode_batch_v1(batch: &UploadBatch) -> Vec<u8> {
+    encode_version(batch, VERSION_V1)
+}
+
+fn encode_version(batch: &UploadBatch, version: u8) -> Vec<u8> {
     let mut out = Vec::with_capacity(64 + batch.readings.len() * 8);
     out.extend_from_slice(MAGIC);
-    out.push(VERSION);
-    encode_readings(&mut out, &batch.readings);
+    out.push(version);
+    encode_readings(&mut out, &batch.readings, version);
     put_uvarint(&mut out, len_u64(batch.predictions.len()));
     for p in &batch.predictions {
         put_str(&mut out, &p.model);
@@ -209,7 +277,8 @@ pub fn encode_batch(batch: &UploadBatch) -> Vec<u8> {
     out
 }
 
-/// Decodes a compact batch.
+/// Decodes a compact batch of either layout version (the version byte
+/// decides).
 ///
 /// # Errors
 /// A [`CodecError`] naming what is wrong and where; the input is never
@@ -220,10 +289,10 @@ pub fn decode_batch(bytes: &[u8]) -> Result<UploadBatch, CodecError> {
         return Err(CodecError::BadMagic);
     }
     let version = r.u8("version")?;
-    if version != VERSION {
+    if version != VERSION && version != VERSION_V1 {
         return Err(CodecError::UnsupportedVersion { version });
     }
-    let readings = decode_readings(&mut r)?;
+    let readings = decode_readings(&mut r, version)?;
     let count = r.count("predictions", 1)?;
     let mut predictions = Vec::new();
     for _ in 0..count {
@@ -273,7 +342,7 @@ fn len_u64(len: usize) -> u64 {
 
 // ---------------------------------------------------------------- readings
 
-fn encode_readings(out: &mut Vec<u8>, readings: &[Reading]) {
+fn encode_readings(out: &mut Vec<u8>, readings: &[Reading], version: u8) {
     let mut index: HashMap<(&str, &str), usize> = HashMap::new();
     let mut groups: Vec<Vec<&Reading>> = Vec::new();
     let mut order = Vec::with_capacity(readings.len());
@@ -293,7 +362,7 @@ fn encode_readings(out: &mut Vec<u8>, readings: &[Reading]) {
     put_uvarint(out, len_u64(readings.len()));
     put_uvarint(out, len_u64(groups.len()));
     for group in &groups {
-        encode_group(out, group);
+        encode_group(out, group, version);
     }
     // Groups are numbered by first appearance, so the readings are
     // contiguous per group exactly when the indices never decrease.
@@ -307,7 +376,7 @@ fn encode_readings(out: &mut Vec<u8>, readings: &[Reading]) {
     }
 }
 
-fn encode_group(out: &mut Vec<u8>, rows: &[&Reading]) {
+fn encode_group(out: &mut Vec<u8>, rows: &[&Reading], version: u8) {
     let Some(first) = rows.first() else {
         return;
     };
@@ -317,10 +386,16 @@ fn encode_group(out: &mut Vec<u8>, rows: &[&Reading]) {
     let seqs: Vec<i64> = rows.iter().map(|r| r.seq as i64).collect();
     put_deltas(out, &seqs);
     let recv: Vec<i64> = rows.iter().map(|r| r.recv_ts_ms).collect();
-    put_dod(out, &recv);
-    put_flags(out, rows.iter().map(|r| r.device_ts_ms.is_some()));
     let device_ts: Vec<i64> = rows.iter().filter_map(|r| r.device_ts_ms).collect();
-    put_dod(out, &device_ts);
+    if version == VERSION_V1 {
+        put_dod(out, &recv);
+        put_flags(out, rows.iter().map(|r| r.device_ts_ms.is_some()));
+        put_dod(out, &device_ts);
+    } else {
+        put_flags(out, rows.iter().map(|r| r.device_ts_ms.is_some()));
+        put_dod(out, &device_ts);
+        put_recv(out, &recv, &device_ts);
+    }
     put_flags(out, rows.iter().map(|r| r.clock_ok));
     let names: BTreeSet<&str> = rows
         .iter()
@@ -336,18 +411,22 @@ fn encode_group(out: &mut Vec<u8>, rows: &[&Reading]) {
             .iter()
             .filter_map(|r| r.values.get(*name).copied())
             .collect();
-        put_floats(out, &values);
+        if version == VERSION_V1 {
+            put_floats(out, &values);
+        } else {
+            put_floats_v2(out, &values);
+        }
     }
 }
 
-fn decode_readings(r: &mut Reader<'_>) -> Result<Vec<Reading>, CodecError> {
+fn decode_readings(r: &mut Reader<'_>, version: u8) -> Result<Vec<Reading>, CodecError> {
     let total_at = r.pos;
     let total = r.count("readings", 1)?;
     let group_count = r.count("reading groups", 3)?;
     let mut groups: Vec<std::vec::IntoIter<Reading>> = Vec::new();
     let mut sum = 0usize;
     for _ in 0..group_count {
-        let group = decode_group(r, total - sum)?;
+        let group = decode_group(r, total - sum, version)?;
         sum += group.len();
         groups.push(group.into_iter());
     }
@@ -388,7 +467,11 @@ fn decode_readings(r: &mut Reader<'_>) -> Result<Vec<Reading>, CodecError> {
     }
 }
 
-fn decode_group(r: &mut Reader<'_>, rows_left: usize) -> Result<Vec<Reading>, CodecError> {
+fn decode_group(
+    r: &mut Reader<'_>,
+    rows_left: usize,
+    version: u8,
+) -> Result<Vec<Reading>, CodecError> {
     let source = r.string("reading source")?;
     let stream = r.string("reading stream")?;
     let n_at = r.pos;
@@ -401,10 +484,17 @@ fn decode_group(r: &mut Reader<'_>, rows_left: usize) -> Result<Vec<Reading>, Co
         });
     }
     let seqs = r.deltas(n, "reading seq")?;
-    let recv = r.dod(n, "reading recv_ts_ms")?;
-    let has_device_ts = r.flags(n, "reading device_ts_ms")?;
-    let present = has_device_ts.iter().filter(|p| **p).count();
-    let device_ts = r.dod(present, "reading device_ts_ms")?;
+    let (recv, has_device_ts, device_ts) = if version == VERSION_V1 {
+        let recv = r.dod(n, "reading recv_ts_ms")?;
+        let has_device_ts = r.flags(n, "reading device_ts_ms")?;
+        let present = has_device_ts.iter().filter(|p| **p).count();
+        (recv, has_device_ts, r.dod(present, "reading device_ts_ms")?)
+    } else {
+        let has_device_ts = r.flags(n, "reading device_ts_ms")?;
+        let present = has_device_ts.iter().filter(|p| **p).count();
+        let device_ts = r.dod(present, "reading device_ts_ms")?;
+        (r.recv(n, &device_ts)?, has_device_ts, device_ts)
+    };
     let clock_ok = r.flags(n, "reading clock_ok")?;
     let name_count = r.count("value names", 1)?;
     let mut names: Vec<String> = Vec::new();
@@ -420,7 +510,11 @@ fn decode_group(r: &mut Reader<'_>, rows_left: usize) -> Result<Vec<Reading>, Co
     for name in &names {
         let has = r.flags(n, "value presence")?;
         let present = has.iter().filter(|p| **p).count();
-        let column = r.floats(present, "values")?;
+        let column = if version == VERSION_V1 {
+            r.floats(present, "values")?
+        } else {
+            r.floats_v2(present, "values")?
+        };
         let mut column = column.into_iter();
         for (map, _) in values.iter_mut().zip(&has).filter(|(_, has)| **has) {
             if let Some(value) = column.next() {
@@ -563,6 +657,142 @@ fn put_floats(out: &mut Vec<u8>, values: &[f64]) {
         put_deltas(out, &integers);
         return;
     }
+    put_xor(out, values);
+}
+
+/// Bits of a non-negative integer's binary form (0 for 0): the size
+/// estimate the encoder compares forms with.
+fn bit_len(value: u64) -> u64 {
+    u64::from(u64::BITS - value.leading_zeros())
+}
+
+/// Version 2 receive timestamps: lags behind the device timestamps when
+/// every row has one and that is estimated smaller, else delta-of-delta.
+fn put_recv(out: &mut Vec<u8>, recv: &[i64], device_ts: &[i64]) {
+    if device_ts.len() == recv.len() {
+        let lags: Vec<i64> = recv
+            .iter()
+            .zip(device_ts)
+            .map(|(r, d)| r.wrapping_sub(*d))
+            .collect();
+        let base = lags.iter().copied().min().unwrap_or(0);
+        let lag_cost: u64 = bit_len(zigzag(base))
+            + lags
+                .iter()
+                .map(|l| bit_len(l.wrapping_sub(base) as u64))
+                .sum::<u64>();
+        if lag_cost <= dod_cost(recv) {
+            out.push(RECV_LAG);
+            put_svarint(out, base);
+            for l in lags {
+                put_uvarint(out, l.wrapping_sub(base) as u64);
+            }
+            return;
+        }
+    }
+    out.push(RECV_DOD);
+    put_dod(out, recv);
+}
+
+fn dod_cost(values: &[i64]) -> u64 {
+    let (mut prev, mut prev_delta, mut cost) = (0i64, 0i64, 0u64);
+    for (i, &v) in values.iter().enumerate() {
+        let delta = v.wrapping_sub(prev);
+        let stored = if i < 2 {
+            delta
+        } else {
+            delta.wrapping_sub(prev_delta)
+        };
+        cost += bit_len(zigzag(stored));
+        prev = v;
+        prev_delta = delta;
+    }
+    cost
+}
+
+/// A decimal column: integers at `scale`, and the bit corrections of the
+/// values that are not exactly `integer / 10^scale`.
+struct DecimalPlan {
+    scale: u8,
+    integers: Vec<i64>,
+    patches: Vec<(usize, i64)>,
+    cost: u64,
+}
+
+/// Estimated bits of a patch beyond its correction: its gap and framing.
+const PATCH_OVERHEAD_BITS: u64 = 16;
+
+fn decimal_plan(values: &[f64], scale: u8) -> DecimalPlan {
+    let mut integers = Vec::with_capacity(values.len());
+    let mut patches = Vec::new();
+    let mut prev = 0i64;
+    let mut cost = 0u64;
+    for (i, &v) in values.iter().enumerate() {
+        let scaled = (v * POW10[usize::from(scale)]).round();
+        // Design: a value with no nearby integer (NaN, infinities, huge
+        // magnitudes) repeats the previous integer, so its delta is 0 and
+        // the patch carries all of its bits.
+        let integer = if scaled.is_finite() && scaled.abs() <= MAX_EXACT_INT {
+            scaled as i64
+        } else {
+            prev
+        };
+        let correction = v
+            .to_bits()
+            .wrapping_sub(from_decimal(integer, scale).to_bits()) as i64;
+        if correction != 0 {
+            cost += PATCH_OVERHEAD_BITS + bit_len(zigzag(correction));
+            patches.push((i, correction));
+        }
+        cost += bit_len(zigzag(integer.wrapping_sub(prev)));
+        integers.push(integer);
+        prev = integer;
+    }
+    DecimalPlan {
+        scale,
+        integers,
+        patches,
+        cost,
+    }
+}
+
+/// The scale with the smallest estimated size; stops at the first scale
+/// that needs no patch (larger ones only make the deltas wider).
+fn best_decimal_plan(values: &[f64]) -> DecimalPlan {
+    let mut best = decimal_plan(values, 0);
+    for scale in 1..=MAX_SCALE {
+        if best.patches.is_empty() {
+            break;
+        }
+        let plan = decimal_plan(values, scale);
+        let done = plan.patches.is_empty();
+        if plan.cost < best.cost {
+            best = plan;
+        }
+        if done {
+            break;
+        }
+    }
+    best
+}
+
+fn xor_cost(values: &[f64]) -> u64 {
+    let mut prev = 0u64;
+    let mut cost = 0u64;
+    for v in values {
+        let xor = v.to_bits() ^ prev;
+        prev = v.to_bits();
+        let bytes = if xor == 0 {
+            0
+        } else {
+            8 - xor.leading_zeros() / 8 - xor.trailing_zeros() / 8
+        };
+        cost += 8 + 8 * u64::from(bytes);
+    }
+    cost
+}
+
+fn put_xor(out: &mut Vec<u8>, values: &[f64]) {
     out.push(FLOATS_XOR);
     let mut prev = 0u64;
     for v in values {
@@ -578,6 +808,151 @@ fn put_floats(out: &mut Vec<u8>, values: &[f64]) {
         out.push((leading << 4) | trailing);
         let bytes = xor.to_be_bytes();
         out.extend_from_slice(&bytes[usize::from(leading)..8 - usize::from(trailing)]);
+    }
+}
+
+/// Whether zigzagged deltas look like noise: mostly distinct, so neither
+/// zstd's matches nor its byte statistics can shrink their varints much.
+fn noise_like(zigzags: &[u64]) -> bool {
+    if zigzags.len() < 16 {
+        return false;
+    }
+    let mut sorted = zigzags.to_vec();
+    sorted.sort_unstable();
+    sorted.dedup();
+    sorted.len() * 2 > zigzags.len()
+}
+
+/// Bits of `z` in a Rice code with parameter `k` (escapes included).
+fn rice_bits(z: u64, k: u8) -> u64 {
+    let q = z >> k;
+    if q < RICE_ESCAPE {
+        q + 1 + u64::from(k)
+    } else {
+        RICE_ESCAPE + 64
+    }
+}
+
+/// The Rice parameter with the fewest bits, searched around the one the
+/// mean suggests.
+fn rice_parameter(zigzags: &[u64]) -> u8 {
+    let sum: u128 = zigzags.iter().map(|z| u128::from(*z)).sum();
+    let mean = sum / zigzags.len().max(1) as u128;
+    let guess = (u128::BITS - mean.leading_zeros()) as u8;
+    let low = guess.saturating_sub(3);
+    let high = guess.saturating_add(1).min(MAX_RICE_K);
+    (low..=high)
+        .min_by_key(|k| zigzags.iter().map(|z| rice_bits(*z, *k)).sum::<u64>())
+        .unwrap_or(0)
+}
+
+/// Most significant bit first.
+struct BitWriter {
+    bytes: Vec<u8>,
+    acc: u64,
+    bits: u32,
+}
+
+impl BitWriter {
+    fn put(&mut self, value: u64, bits: u32) {
+        // Feed at most 32 bits at a time so `acc` never overflows.
+        if bits > 32 {
+            self.put(value >> 32, bits - 32);
+            self.put(value & 0xffff_ffff, 32);
+            return;
+        }
+        if bits == 0 {
+            return;
+        }
+        let mask = if bits == 64 {
+            u64::MAX
+        } else {
+            (1 << bits) - 1
+        };
+        self.acc = (self.acc << bits) | (value & mask);
+        self.bits += bits;
+        while self.bits >= 8 {
+            self.bits -= 8;
+            self.bytes.push((self.acc >> self.bits) as u8);
+        }
+        self.acc &= (1 << self.bits) - 1;
+    }
+
+    fn ones(&mut self, mut count: u64) {
+        while count > 0 {
+            let now = count.min(32);
+            self.put((1 << now) - 1, now as u32);
+            count -= now;
+        }
+    }
+
+    fn finish(mut self) -> Vec<u8> {
+        if self.bits > 0 {
+            self.bytes.push((self.acc << (8 - self.bits)) as u8);
+        }
+        self.bytes
+    }
+}
+
+fn put_rice(out: &mut Vec<u8>, zigzags: &[u64], k: u8) {
+    let mut w = BitWriter {
+        bytes: Vec::with_capacity(zigzags.len() * (usize::from(k) + 2) / 8 + 1),
+        acc: 0,
+        bits: 0,
+    };
+    for &z in zigzags {
+        let q = z >> k;
+        if q < RICE_ESCAPE {
+            w.ones(q);
+            w.put(0, 1);
+            w.put(z, u32::from(k));
+        } else {
+            w.ones(RICE_ESCAPE);
+            w.put(z, 64);
+        }
+    }
+    let bytes = w.finish();
+    put_uvarint(out, len_u64(bytes.len()));
+    out.extend_from_slice(&bytes);
+}
+
+/// Version 2 value column: the smaller of the patched decimal form and
+/// the XOR form (estimated), the decimal form Rice-coded when noise-like.
+fn put_floats_v2(out: &mut Vec<u8>, values: &[f64]) {
+    let plan = best_decimal_plan(values);
+    if plan.cost >= xor_cost(values) {
+        put_xor(out, values);
+        return;
+    }
+    let mut prev = 0i64;
+    let zigzags: Vec<u64> = plan
+        .integers
+        .iter()
+        .map(|&i| {
+            let z = zigzag(i.wrapping_sub(prev));
+            prev = i;
+            z
+        })
+        .collect();
+    if noise_like(&zigzags) {
+        let k = rice_parameter(&zigzags);
+        out.push(FLOATS_PATCHED_RICE);
+        out.push(plan.scale);
+        out.push(k);
+        put_rice(out, &zigzags, k);
+    } else {
+        out.push(FLOATS_PATCHED_VARINT);
+        out.push(plan.scale);
+        for z in zigzags {
+            put_uvarint(out, z);
+        }
+    }
+    put_uvarint(out, len_u64(plan.patches.len()));
+    let mut next = 0usize;
+    for (index, correction) in plan.patches {
+        put_uvarint(out, len_u64(index - next));
+        put_svarint(out, correction);
+        next = index + 1;
     }
 }
 
@@ -776,27 +1151,51 @@ impl<'a> Reader<'a> {
                     .map(|i| from_decimal(i, scale))
                     .collect())
             }
-            FLOATS_XOR => {
+            FLOATS_XOR => self.xor(n, what),
+            mode => Err(CodecError::BadMode {
+                what,
+                mode,
+                offset: at,
+            }),
+        }
+    }
+
+    fn xor(&mut self, n: usize, what: &'static str) -> Result<Vec<f64>, CodecError> {
+        self.check_items(n, what)?;
+        let mut out = Vec::with_capacity(n);
+        let mut prev = 0u64;
+        for _ in 0..n {
+            let control_at = self.pos;
+            let control = self.u8(what)?;
+            let (leading, trailing) = (usize::from(control >> 4), usize::from(control & 0xf));
+            if leading + trailing > 8 {
+                return Err(CodecError::OutOfRange {
+                    what: "xor control byte",
+                    value: u64::from(control),
+                    offset: control_at,
+                });
+            }
+            let mut bytes = [0u8; 8];
+            bytes[leading..8 - trailing].copy_from_slice(self.take(8 - leading - trailing, what)?);
+            prev ^= u64::from_be_bytes(bytes);
+            out.push(f64::from_bits(prev));
+        }
+        Ok(out)
+    }
+
+    /// Version 2 receive timestamps of `n` rows (`device_ts` as decoded).
+    fn recv(&mut self, n: usize, device_ts: &[i64]) -> Result<Vec<i64>, CodecError> {
+        let what = "reading recv_ts_ms";
+        let at = self.pos;
+        match self.u8(what)? {
+            RECV_DOD => self.dod(n, what),
+            RECV_LAG if device_ts.len() == n => {
+                let base = self.svarint(what)?;
                 self.check_items(n, what)?;
                 let mut out = Vec::with_capacity(n);
-                let mut prev = 0u64;
-                for _ in 0..n {
-                    let control_at = self.pos;
-                    let control = self.u8(what)?;
-                    let (leading, trailing) =
-                        (usize::from(control >> 4), usize::from(control & 0xf));
-                    if leading + trailing > 8 {
-                        return Err(CodecError::OutOfRange {
-                            what: "xor control byte",
-                            value: u64::from(control),
-                            offset: control_at,
-                        });
-                    }
-                    let mut bytes = [0u8; 8];
-                    bytes[leading..8 - trailing]
-                        .copy_from_slice(self.take(8 - leading - trailing, what)?);
-                    prev ^= u64::from_be_bytes(bytes);
-                    out.push(f64::from_bits(prev));
+                for device in device_ts {
+                    let lag = base.wrapping_add(self.uvarint(what)? as i64);
+                    out.push(device.wrapping_add(lag));
                 }
                 Ok(out)
             }
@@ -806,6 +1205,145 @@ impl<'a> Reader<'a> {
                 offset: at,
             }),
         }
+    }
+
+    /// A version 2 value column of `n` values.
+    fn floats_v2(&mut self, n: usize, what: &'static str) -> Result<Vec<f64>, CodecError> {
+        let at = self.pos;
+        let mode = self.u8(what)?;
+        if mode == FLOATS_XOR {
+            return self.xor(n, what);
+        }
+        if mode != FLOATS_PATCHED_VARINT && mode != FLOATS_PATCHED_RICE {
+            return Err(CodecError::BadMode {
+                what,
+                mode,
+                offset: at,
+            });
+        }
+        let scale_at = self.pos;
+        let scale = self.u8(what)?;
+        if scale > MAX_SCALE {
+            return Err(CodecError::OutOfRange {
+                what: "decimal scale",
+                value: u64::from(scale),
+                offset: scale_at,
+            });
+        }
+        let zigzags = if mode == FLOATS_PATCHED_RICE {
+            self.rice(n, what)?
+        } else {
+            self.check_items(n, what)?;
+            (0..n)
+                .map(|_| self.uvarint(what))
+                .collect::<Result<Vec<u64>, _>>()?
+        };
+        let mut prev = 0i64;
+        let mut out: Vec<f64> = zigzags
+            .into_iter()
+            .map(|z| {
+                prev = prev.wrapping_add(unzigzag(z));
+                from_decimal(prev, scale)
+            })
+            .collect();
+        let count = self.count("value patches", 2)?;
+        let mut next = 0usize;
+        for _ in 0..count {
+            let gap_at = self.pos;
+            let gap = self.uvarint("value patch gap")?;
+            let index = usize::try_from(gap)
+                .ok()
+                .and_then(|gap| next.checked_add(gap))
+                .filter(|index| *index < out.len())
+                .ok_or(CodecError::OutOfRange {
+                    what: "value patch gap",
+                    value: gap,
+                    offset: gap_at,
+                })?;
+            let correction = self.svarint("value patch correction")?;
+            if let Some(value) = out.get_mut(index) {
+                *value = f64::from_bits(value.to_bits().wrapping_add(correction as u64));
+            }
+            next = index + 1;
+        }
+        Ok(out)
+    }
+
+    /// `n` Rice-coded zigzagged deltas (`k`, byte length, bits).
+    fn rice(&mut self, n: usize, what: &'static str) -> Result<Vec<u64>, CodecError> {
+        let k_at = self.pos;
+        let k = self.u8(what)?;
+        if k > MAX_RICE_K {
+            return Err(CodecError::OutOfRange {
+                what: "rice parameter",
+                value: u64::from(k),
+                offset: k_at,
+            });
+        }
+        let len_at = self.pos;
+        let len = self.uvarint(what)?;
+        let len = usize::try_from(len)
+            .ok()
+            .filter(|len| *len <= self.remaining())
+            .ok_or(CodecError::Truncated {
+                what,
+                offset: self.bytes.len(),
+            })?;
+        // Each value takes at least one bit.
+        if n > len.saturating_mul(8) {
+            return Err(CodecError::TooMany {
+                what,
+                count: len_u64(n),
+                limit: len_u64(len.saturating_mul(8)),
+                offset: len_at,
+            });
+        }
+        let mut bits = BitReader {
+            bytes: self.take(len, what)?,
+            pos: 0,
+        };
+        let truncated = CodecError::Truncated {
+            what,
+            offset: self.bytes.len(),
+        };
+        let mut out = Vec::with_capacity(n);
+        for _ in 0..n {
+            let mut q = 0u64;
+            while q < RICE_ESCAPE && bits.bit().ok_or_else(|| truncated.clone())? {
+                q += 1;
+            }
+            let z = if q == RICE_ESCAPE {
+                bits.read(64).ok_or_else(|| truncated.clone())?
+            } else {
+                let low = bits.read(u32::from(k)).ok_or_else(|| truncated.clone())?;
+                (q << k) | low
+            };
+            out.push(z);
+        }
+        Ok(out)
+    }
+}
+
+/// Most significant bit first.
+struct BitReader<'a> {
+    bytes: &'a [u8],
+    pos: usize,
+}
+
+impl BitReader<'_> {
+    fn bit(&mut self) -> Option<bool> {
+        let byte = self.bytes.get(self.pos / 8)?;
+        let bit = byte >> (7 - self.pos % 8) & 1 == 1;
+        self.pos += 1;
+        Some(bit)
+    }
+
+    fn read(&mut self, bits: u32) -> Option<u64> {
+        let mut value = 0u64;
+        for _ in 0..bits {
+            value = (value << 1) | u64::from(self.bit()?);
+        }
+        Some(value)
     }
 }
 
@@ -886,6 +1424,83 @@ mod tests {
         );
     }
 
+    /// A column in the style of NAB's machine temperature: eight decimals,
+    /// with a few binary near-misses printed with 14 digits.
+    fn nab_like(n: usize) -> UploadBatch {
+        let mut state = 0x2545_f491_4f6c_dd1d_u64;
+        let mut level = 7_396_732_207i64;
+        let readings = (0..n)
+            .map(|i| {
+                state ^= state << 13;
+                state ^= state >> 7;
+                state ^= state << 17;
+                level += (state % 200_000_001) as i64 - 100_000_000;
+                let mut value = level as f64 / 1e8;
+                if i % 20 == 7 {
+                    value = f64::from_bits(value.to_bits() + 1);
+                }
+                let ts = 1_386_018_900_000 + i as i64 * 300_000;
+                let mut r = reading("m", "temp", i as u64 + 1, ts, &[("value", value)]);
+                r.device_ts_ms = Some(ts);
+                r.recv_ts_ms = ts + 1 + (state % 3) as i64;
+                r
+            })
+            .collect();
+        UploadBatch {
+            readings,
+            ..UploadBatch::default()
+        }
+    }
+
+    #[test]
+    fn noisy_decimals_use_rice_and_patches_and_recv_lags() {
+        let batch = nab_like(1000);
+        let v2 = encode_batch(&batch);
+        assert_eq!(decode_batch(&v2).unwrap(), batch);
+        let v1 = encode_batch_v1(&batch);
+        assert_eq!(decode_batch(&v1).unwrap(), batch);
+        // v1 falls back to 14 digits or raw bits; v2 keeps 8 digits, about
+        // 29 bits per value plus a patch per near-miss (before zstd, which
+        // removes most of the other columns' bytes).
+        assert!(v2.len() * 4 < v1.len() * 3, "{} vs {}", v2.len(), v1.len());
+        let plan = best_decimal_plan(
+            &batch
+                .readings
+                .iter()
+                .map(|r| r.values["value"])
+                .collect::<Vec<_>>(),
+        );
+        assert_eq!((plan.scale, plan.patches.len()), (8, 50));
+    }
+
+    #[test]
+    fn repetitive_columns_stay_varints() {
+        let batch = sample();
+        let bytes = encode_batch(&batch);
+        assert_eq!(decode_batch(&bytes).unwrap(), batch);
+        assert!(!bytes.contains(&FLOATS_PATCHED_RICE) || bytes.len() < 2000);
+        assert!(!noise_like(&[2; 100]));
+        assert!(noise_like(&(0..100).collect::<Vec<u64>>()));
+    }
+
+    #[test]
+    fn rice_codes_every_width() {
+        for k in [0u8, 1, 7, 31, 62, 63] {
+            let zigzags: Vec<u64> = [0, 1, 2, 31, 32, 1 << 40, u64::MAX, u64::MAX - 1, 12345]
+                .into_iter()
+                .collect();
+            let mut out = Vec::new();
+            out.push(k);
+            put_rice(&mut out, &zigzags, k);
+            let mut r = Reader {
+                bytes: &out,
+                pos: 0,
+            };
+            assert_eq!(r.rice(zigzags.len(), "test").unwrap(), zigzags, "k={k}");
+            assert_eq!(r.remaining(), 0);
+        }
+    }
+
     #[test]
     fn decimals_are_chosen_only_when_exact() {
         assert_eq!(decimal_scale(&[20.37, 1.5, -3.0]).map(|d| d.0), Some(2));
@@ -916,9 +1531,13 @@ mod tests {
             Err(CodecError::BadMagic)
         );
         assert_eq!(
-            decode_batch(b"EDGB\x02"),
-            Err(CodecError::UnsupportedVersion { version: 2 })
+            decode_batch(b"EDGB\x03"),
+            Err(CodecError::UnsupportedVersion { version: 3 })
         );
+        let bytes = encode_batch_v1(&sample());
+        for len in 0..bytes.len() {
+            assert!(decode_batch(&bytes[..len]).is_err(), "v1 prefix of {len}");
+        }
     }
 
     #[test]
@@ -950,6 +1569,11 @@ mod tests {
 
     fn edge_f64() -> impl Strategy<Value = f64> {
         prop_oneof![
+            (-10_000_000_000i64..10_000_000_000, 0u32..9)
+                .prop_map(|(i, e)| i as f64 / 10f64.powi(e as i32)),
+            (-10_000_000_000i64..10_000_000_000, -3i64..4).prop_map(|(i, ulps)| f64::from_bits(
+                (i as f64 / 1e8).to_bits().wrapping_add(ulps as u64)
+            )),
             any::<f64>().prop_filter("NaN-free", |v| !v.is_nan()),
             (-1_000_000i64..1_000_000, 0u32..6).prop_map(|(i, e)| i as f64 / 10f64.powi(e as i32)),
             Just(0.0),
@@ -1097,6 +1721,52 @@ mod tests {
         }
 
         #[test]
+        fn round_trips_bit_exact_v1(batch in batch_strategy()) {
+            let decoded = decode_batch(&encode_batch_v1(&batch));
+            prop_assert_eq!(decoded.as_ref().map(bits), Ok(bits(&batch)));
+            prop_assert_eq!(decoded, Ok(batch));
+        }
+
+        /// Long columns (where the Rice form and patches are chosen) of
+        /// decimals with a few values off by some ulps or not decimal at all.
+        #[test]
+        fn noisy_decimal_columns_round_trip(
+            scale in 0u32..9,
+            start in -1_000_000_000i64..1_000_000_000,
+            steps in proptest::collection::vec(-100_000_000i64..100_000_000, 16..400),
+            odd in proptest::collection::vec((any::<usize>(), edge_f64()), 0..6),
+            jitter in proptest::collection::vec(0i64..4, 16..400),
+        ) {
+            let mut level = start;
+            let mut values: Vec<f64> = steps
+                .iter()
+                .map(|s| {
+                    level = level.wrapping_add(*s);
+                    level as f64 / 10f64.powi(scale as i32)
+                })
+                .collect();
+            for (at, v) in odd {
+                let len = values.len();
+                values[at % len] = v;
+            }
+            let readings: Vec<Reading> = values
+                .iter()
+                .enumerate()
+                .map(|(i, v)| {
+                    let ts = 1_386_018_900_000 + i as i64 * 300_000;
+                    let mut r = reading("d", "s", i as u64 + 1, ts, &[("value", *v)]);
+                    r.device_ts_ms = Some(ts);
+                    r.recv_ts_ms = ts + jitter[i % jitter.len()];
+                    r
+                })
+                .collect();
+            let batch = UploadBatch { readings, ..UploadBatch::default() };
+            let decoded = decode_batch(&encode_batch(&batch));
+            prop_assert_eq!(decoded.as_ref().map(bits), Ok(bits(&batch)));
+            prop_assert_eq!(decoded, Ok(batch));
+        }
+
+        #[test]
         fn sorted_regular_series_round_trip(
             start in any::<i64>(), step in 0i64..100_000, n in 1usize..300, seq0 in any::<u64>()
         ) {
@@ -1127,8 +1797,12 @@ mod tests {
         }
 
         #[test]
-        fn random_bytes_never_panic(tail in proptest::collection::vec(any::<u8>(), 0..200)) {
-            let mut bytes = b"EDGB\x01".to_vec();
+        fn random_bytes_never_panic(
+            version in 1u8..3,
+            tail in proptest::collection::vec(any::<u8>(), 0..200),
+        ) {
+            let mut bytes = b"EDGB".to_vec();
+            bytes.push(version);
             bytes.extend(tail);
             let _ = decode_batch(&bytes);
         }

@@ -459,14 +459,18 @@ pub struct FleetDevice {
     pub heartbeats: u64,
 }
 
-/// Body of `GET /v1/fleet`: every registered device, in id order.
+/// Body of `GET /v1/fleet`: one page of the registered devices, in id
+/// order (query parameters `limit` and `cursor` as for the other reads).
 #[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct FleetSummary {
-    /// Cloud clock when the summary was taken (Unix ms).
+    /// Cloud clock when the page was taken (Unix ms).
     pub server_ms: i64,
     /// Devices, in id order (byte order).
     pub devices: Vec<FleetDevice>,
+    /// Cursor for the next page; `None` when this page is the last.
+    #[serde(default)]
+    pub next_cursor: Option<String>,
 }
 
 /// JSON body of every error response.

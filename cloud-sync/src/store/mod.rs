@@ -56,7 +56,7 @@ use sync_protocol::{
 };
 
 pub use query::QueryError;
-use query::{CursorKey, PredictionsQuery, ReadingsQuery, SeriesQuery, page};
+use query::{CursorKey, FleetQuery, PredictionsQuery, ReadingsQuery, SeriesQuery, page};
 
 use postgres::PgStore;
 pub use sqlite::COMMAND_QUEUE_CAPACITY;
@@ -357,20 +357,26 @@ impl Store {
         })
     }
 
-    /// Every registered device with its activity, rows stored and last
-    /// heartbeat, in id order.
+    /// One page of the registered devices with their activity, rows
+    /// stored and last heartbeat, in id order (byte order), keyset-paged on
+    /// the id (`limit` and `cursor` of `query`; any other parameter is
+    /// refused).
     ///
     /// # Errors
-    /// A storage failure.
-    pub async fn fleet(&self) -> Result<FleetSummary> {
-        let mut devices = match &self.backend {
-            Backend::Sqlite(store) => store.fleet().await?,
-            Backend::Postgres(store) => store.fleet().await?,
+    /// [`StoreError::InvalidQuery`] or a storage failure.
+    pub async fn fleet(&self, query: &ReadQuery) -> Result<FleetSummary> {
+        let q = FleetQuery::new(query)?;
+        let rows = match &self.backend {
+            Backend::Sqlite(store) => store.fleet(q.after.clone(), q.window.fetch()).await?,
+            Backend::Postgres(store) => store.fleet(&q.after, q.window.fetch()).await?,
         };
-        devices.sort_by(|a, b| a.device.cmp(&b.device));
+        let (devices, next_cursor) = page(rows, &q.window, |d| CursorKey::Device {
+            id: d.device.clone(),
+        });
         Ok(FleetSummary {
             server_ms: now_ms(),
             devices,
+            next_cursor,
         })
     }
 
@@ -796,8 +802,11 @@ struct FleetRow {
     last_heartbeat_json: Option<String>,
 }
 
-/// The columns of a [`FleetRow`], in order, for either backend.
-const FLEET_SQL: &str = "SELECT d.id, d.revoked, d.created_ms,
+/// The columns of a [`FleetRow`], in order, for either backend, over `d`:
+/// the page's devices (so the aggregates run for them only).
+macro_rules! fleet_select {
+    () => {
+        "SELECT d.id, d.revoked, d.created_ms,
        (SELECT COUNT(*) FROM readings WHERE device = d.id),
        (SELECT MAX(stored_ms) FROM readings WHERE device = d.id),
        (SELECT COUNT(*) FROM predictions WHERE device = d.id),
@@ -809,7 +818,24 @@ const FLEET_SQL: &str = "SELECT d.id, d.revoked, d.created_ms,
         ORDER BY received_ms DESC, id DESC LIMIT 1),
        (SELECT CAST(body_json AS TEXT) FROM heartbeats WHERE device = d.id
         ORDER BY received_ms DESC, id DESC LIMIT 1)
-     FROM devices d";
+     FROM "
+    };
+}
+
+/// One fleet page on SQLite (ids compare in byte order): after `?1`, at most `?2` rows.
+const FLEET_SQL_SQLITE: &str = concat!(
+    fleet_select!(),
+    "(SELECT id, revoked, created_ms FROM devices WHERE id > ?1 ORDER BY id LIMIT ?2) d
+     ORDER BY d.id"
+);
+
+/// One fleet page on PostgreSQL, in byte order whatever the database's collation.
+const FLEET_SQL_POSTGRES: &str = concat!(
+    fleet_select!(),
+    "(SELECT id, revoked, created_ms FROM devices WHERE id COLLATE \"C\" > $1
+      ORDER BY id COLLATE \"C\" LIMIT $2) d
+     ORDER BY d.id COLLATE \"C\""
+);
 
 impl FleetRow {
     fn into_device(self) -> Result<sync_protocol::FleetDevice> {

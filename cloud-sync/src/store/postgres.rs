@@ -28,7 +28,7 @@ use tokio_postgres::{Client, IsolationLevel, NoTls, Row, Statement};
 
 use super::query::{PredictionsQuery, ReadingsQuery, SeriesQuery};
 use super::{
-    BatchError, FLEET_SQL, FleetRow, InsertCounts, Principal, Result, StoreError, now_ms,
+    BatchError, FLEET_SQL_POSTGRES, FleetRow, InsertCounts, Principal, Result, StoreError, now_ms,
     parse_heartbeat, parse_values, reading_key, time_bounds,
 };
 use crate::config::PostgresSettings;
@@ -452,9 +452,9 @@ impl PgStore {
         result
     }
 
-    pub(super) async fn fleet(&self) -> Result<Vec<FleetDevice>> {
+    pub(super) async fn fleet(&self, after: &str, fetch: i64) -> Result<Vec<FleetDevice>> {
         let mut leased = self.pool.get().await?;
-        let result = fleet(&mut leased.conn).await;
+        let result = fleet(&mut leased.conn, after, fetch).await;
         self.pool.put(leased, &result);
         result
     }
@@ -845,8 +845,8 @@ async fn heartbeats(
         .collect()
 }
 
-async fn fleet(conn: &mut Conn) -> Result<Vec<FleetDevice>> {
-    let select = conn.prepare(FLEET_SQL).await?;
+async fn fleet(conn: &mut Conn, after: &str, fetch: i64) -> Result<Vec<FleetDevice>> {
+    let select = conn.prepare(FLEET_SQL_POSTGRES).await?;
     let tx = conn
         .client
         .build_transaction()
@@ -854,7 +854,7 @@ async fn fleet(conn: &mut Conn) -> Result<Vec<FleetDevice>> {
         .read_only(true)
         .start()
         .await?;
-    let rows = tx.query(&select, &[]).await?;
+    let rows = tx.query(&select, &[&after, &fetch]).await?;
     tx.commit().await?;
     rows.iter()
         .map(|row| {

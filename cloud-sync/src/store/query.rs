@@ -66,6 +66,9 @@ pub(super) enum CursorKey {
     /// Heartbeats: `(received_ms, id)`.
     #[serde(rename = "h")]
     Heartbeat { t: i64, id: i64 },
+    /// Fleet summary: the device id.
+    #[serde(rename = "f")]
+    Device { id: String },
 }
 
 impl CursorKey {
@@ -230,6 +233,45 @@ impl SeriesQuery {
             Some(cursor) => Some(key(cursor).ok_or(QueryError::BadCursor { endpoint })?),
         };
         Ok(SeriesQuery {
+            window: window(query)?,
+            after,
+        })
+    }
+}
+
+/// The fleet summary: a page size and the device id to continue after
+/// (`""` sorts before every id).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(super) struct FleetQuery {
+    pub window: Window,
+    pub after: String,
+}
+
+impl FleetQuery {
+    pub(super) fn new(query: &ReadQuery) -> Result<Self, QueryError> {
+        const ENDPOINT: &str = "fleet";
+        refuse(
+            ENDPOINT,
+            &[
+                ("source", &query.source),
+                ("stream", &query.stream),
+                ("model", &query.model),
+            ],
+        )?;
+        for (filter, value) in [("from_ms", query.from_ms), ("to_ms", query.to_ms)] {
+            if value.is_some() {
+                return Err(QueryError::FilterNotApplicable {
+                    filter,
+                    endpoint: ENDPOINT,
+                });
+            }
+        }
+        let after = match cursor(query, ENDPOINT)? {
+            None => String::new(),
+            Some(CursorKey::Device { id }) => id,
+            Some(_) => return Err(QueryError::BadCursor { endpoint: ENDPOINT }),
+        };
+        Ok(FleetQuery {
             window: window(query)?,
             after,
         })

@@ -17,8 +17,8 @@ use tokio::sync::{mpsc, oneshot};
 
 use super::query::{PredictionsQuery, ReadingsQuery, SeriesQuery};
 use super::{
-    FLEET_SQL, FleetRow, InsertCounts, Principal, Result, StoreError, now_ms, parse_heartbeat,
-    parse_values, stored_u64, time_bounds, validate_batch,
+    FLEET_SQL_SQLITE, FleetRow, InsertCounts, Principal, Result, StoreError, now_ms,
+    parse_heartbeat, parse_values, stored_u64, time_bounds, validate_batch,
 };
 
 /// Capacity of the command queue in front of the worker thread.
@@ -287,8 +287,8 @@ impl SqliteStore {
         self.run(move |w| w.heartbeats(&device, &query)).await
     }
 
-    pub(super) async fn fleet(&self) -> Result<Vec<FleetDevice>> {
-        self.run(Worker::fleet).await
+    pub(super) async fn fleet(&self, after: String, fetch: i64) -> Result<Vec<FleetDevice>> {
+        self.run(move |w| w.fleet(&after, fetch)).await
     }
 
     pub(super) async fn authenticate(&self, token_sha256: String) -> Result<Option<Principal>> {
@@ -734,11 +734,11 @@ impl Worker {
             .collect()
     }
 
-    fn fleet(&mut self) -> Result<Vec<FleetDevice>> {
+    fn fleet(&mut self, after: &str, fetch: i64) -> Result<Vec<FleetDevice>> {
         let tx = self.conn.transaction()?;
         let rows: Vec<FleetRow> = tx
-            .prepare_cached(FLEET_SQL)?
-            .query_map([], |row| {
+            .prepare_cached(FLEET_SQL_SQLITE)?
+            .query_map(rusqlite::params![after, fetch], |row| {
                 Ok(FleetRow {
                     device: row.get(0)?,
                     revoked: row.get(1)?,

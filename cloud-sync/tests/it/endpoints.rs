@@ -126,6 +126,20 @@ async fn compact_batches_plain_and_zstd_are_stored_like_json() -> Result<()> {
     let ack: UploadAck = reply.json()?;
     assert_eq!((ack.readings_inserted, ack.dead_letters_duplicate), (0, 3));
 
+    // Agents in the field send layout version 1: still accepted, with more
+    // rows stored from it.
+    let older = sample_batch(41..=60, 5..=5);
+    let v1 = zstd::bulk::compress(&codec::encode_batch_v1(&older), 3)?;
+    let reply = send(
+        &router,
+        post(&path, Some(&token), codec::MEDIA_TYPE_V1, Some("zstd"), v1)?,
+    )
+    .await?;
+    assert_eq!(reply.status, StatusCode::OK, "{:?}", reply.body);
+    let ack: UploadAck = reply.json()?;
+    assert_eq!((ack.readings_inserted, ack.predictions_inserted), (20, 1));
+    batch.readings.extend(older.readings);
+
     // What was stored reads back equal to what was sent.
     let reply = send(
         &router,
@@ -152,7 +166,7 @@ async fn compact_batches_plain_and_zstd_are_stored_like_json() -> Result<()> {
     for content_type in [
         "text/plain",
         "application/cbor",
-        "application/vnd.edge-batch.v2",
+        "application/vnd.edge-batch.v3",
     ] {
         let reply = send(
             &router,
@@ -167,7 +181,7 @@ async fn compact_batches_plain_and_zstd_are_stored_like_json() -> Result<()> {
         assert_eq!(reply.error_code()?, "unsupported_media_type");
         assert_eq!(
             reply.headers["accept-post"],
-            "application/json, application/vnd.edge-batch.v1"
+            "application/json, application/vnd.edge-batch.v2, application/vnd.edge-batch.v1"
         );
     }
     // JSON sent as the compact type is a codec error, not a JSON one.
@@ -177,7 +191,7 @@ async fn compact_batches_plain_and_zstd_are_stored_like_json() -> Result<()> {
     )
     .await?;
     assert_eq!(reply.error_code()?, "malformed_batch");
-    assert_eq!(env.store.summary("dev-1").await?.readings[0].rows, 40);
+    assert_eq!(env.store.summary("dev-1").await?.readings[0].rows, 60);
     Ok(())
 }
 
@@ -216,6 +230,52 @@ async fn operators_read_everything_and_upload_nothing() -> Result<()> {
         fleet.devices[1].backlog.as_ref().map(|b| b.readings),
         Some(3)
     );
+    assert_eq!(fleet.next_cursor, None);
+
+    // The fleet pages like the other reads: limit, cursor, 400 for the rest.
+    let reply = send(
+        &router,
+        get(&format!("{FLEET_PATH}?limit=1"), Some(&operator))?,
+    )
+    .await?;
+    let first: FleetSummary = reply.json()?;
+    assert_eq!(first.devices.len(), 1);
+    let cursor = first.next_cursor.clone().unwrap_or_default();
+    let reply = send(
+        &router,
+        get(
+            &format!("{FLEET_PATH}?limit=1&cursor={cursor}"),
+            Some(&operator),
+        )?,
+    )
+    .await?;
+    let second: FleetSummary = reply.json()?;
+    assert_eq!(second.next_cursor, None);
+    assert_eq!(
+        [
+            first.devices[0].device.as_str(),
+            second.devices[0].device.as_str()
+        ],
+        [
+            fleet.devices[0].device.as_str(),
+            fleet.devices[1].device.as_str()
+        ]
+    );
+    for bad in [
+        "limit=0",
+        "from_ms=1",
+        "source=x",
+        "cursor=zz",
+        "colour=red",
+    ] {
+        let reply = send(
+            &router,
+            get(&format!("{FLEET_PATH}?{bad}"), Some(&operator))?,
+        )
+        .await?;
+        assert_eq!(reply.status, StatusCode::BAD_REQUEST, "{bad}");
+        assert_eq!(reply.error_code()?, "bad_query", "{bad}");
+    }
 
     // An unregistered device is 404 for an operator.
     let reply = send(&router, get(&readings_path("ghost"), Some(&operator))?).await?;

@@ -391,7 +391,8 @@ async fn fleet_lists_every_device_with_its_activity() -> Result<()> {
         store.store_heartbeat("b-dev", &heartbeat(1, 7)).await?;
         let last = store.store_heartbeat("b-dev", &heartbeat(2, 9)).await?;
 
-        let fleet = store.fleet().await?;
+        let fleet = store.fleet(&ReadQuery::default()).await?;
+        assert_eq!(fleet.next_cursor, None, "{name}");
         let ids: Vec<&str> = fleet.devices.iter().map(|d| d.device.as_str()).collect();
         assert_eq!(ids, ["Z-old", "a-dev", "b-dev"], "{name}");
         let (old, idle, busy) = (&fleet.devices[0], &fleet.devices[1], &fleet.devices[2]);
@@ -415,6 +416,84 @@ async fn fleet_lists_every_device_with_its_activity() -> Result<()> {
         assert_eq!(busy.agent_version.as_deref(), Some("0.1.0"), "{name}");
         assert_eq!(busy.models, heartbeat(0, 0).models, "{name}");
         assert!(fleet.server_ms >= last, "{name}");
+    }
+    Ok(())
+}
+
+#[tokio::test]
+async fn fleet_pages_by_device_id() -> Result<()> {
+    for t in each_backend("fleet_pages_by_device_id").await? {
+        let (store, name) = (&t.store, t.name());
+        // Byte order: upper case before lower case, '-' before '.' before digits.
+        for id in ["b", "a-1", "a.1", "A", "a1", "c"] {
+            store.add_device(id).await?;
+        }
+        let mut seen = Vec::new();
+        let mut query = ReadQuery {
+            limit: Some(2),
+            ..ReadQuery::default()
+        };
+        let mut pages = 0;
+        loop {
+            let page = store.fleet(&query).await?;
+            assert!(page.devices.len() <= 2, "{name}");
+            seen.extend(page.devices.into_iter().map(|d| d.device));
+            pages += 1;
+            if pages == 2 {
+                // Added meanwhile: after the cursor, so it shows up; before
+                // it, so it does not.
+                store.add_device("bb").await?;
+                store.add_device("0").await?;
+            }
+            match page.next_cursor {
+                Some(cursor) => query.cursor = Some(cursor),
+                None => break,
+            }
+        }
+        assert_eq!(seen, ["A", "a-1", "a.1", "a1", "b", "bb", "c"], "{name}");
+        assert_eq!(pages, 4, "{name}");
+        for bad in [
+            ReadQuery {
+                limit: Some(0),
+                ..ReadQuery::default()
+            },
+            ReadQuery {
+                from_ms: Some(1),
+                ..ReadQuery::default()
+            },
+            ReadQuery {
+                source: Some("x".into()),
+                ..ReadQuery::default()
+            },
+            ReadQuery {
+                cursor: Some("00".into()),
+                ..ReadQuery::default()
+            },
+        ] {
+            assert!(
+                matches!(store.fleet(&bad).await, Err(StoreError::InvalidQuery(_))),
+                "{name}: {bad:?}"
+            );
+        }
+        // A cursor of another endpoint is refused too.
+        store.store_batch("b", sample_batch(1..=3, [])).await?;
+        let readings = store
+            .readings(
+                "b",
+                &ReadQuery {
+                    limit: Some(1),
+                    ..ReadQuery::default()
+                },
+            )
+            .await?;
+        let wrong = ReadQuery {
+            cursor: readings.next_cursor,
+            ..ReadQuery::default()
+        };
+        assert!(
+            matches!(store.fleet(&wrong).await, Err(StoreError::InvalidQuery(_))),
+            "{name}"
+        );
     }
     Ok(())
 }
