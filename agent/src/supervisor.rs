@@ -43,6 +43,9 @@ pub enum AgentError {
     /// Sync failed.
     #[error("sync failed")]
     Sync(#[from] SyncError),
+    /// The metrics endpoint failed.
+    #[error("metrics endpoint failed")]
+    Metrics(#[from] crate::metrics::MetricsError),
     /// A stage panicked.
     #[error("stage {0} panicked or was aborted")]
     Join(&'static str),
@@ -167,6 +170,7 @@ pub async fn run(
         counters.clone(),
     )
     .with_batch_max_wait(settings.inference.batch_max_wait);
+    let (inference_metrics, model_registry) = (inference.metrics(), inference.model_registry());
     let inference = match settings.inference.watch_interval {
         Some(interval) => {
             let (swap_tx, swap_rx) = mpsc::channel(4);
@@ -230,6 +234,31 @@ pub async fn run(
             token,
             handle,
         });
+    }
+    // Design: last in the stop order, so it answers while the others drain;
+    // a port that cannot be bound costs the endpoint, not the data path.
+    if let Some(metrics) = &settings.metrics {
+        let sources = crate::metrics::Sources {
+            counters: counters.clone(),
+            inference: inference_metrics,
+            models: model_registry,
+            buffer: Some(buffer.clone()),
+            started_ms: crate::now_ms(),
+        };
+        match crate::metrics::MetricsServer::bind(metrics, sources).await {
+            Ok(server) => {
+                let token = CancellationToken::new();
+                let (handle, name) = spawn_stage("metrics", &fatal, server.run(token.clone()));
+                stages.push(Stage {
+                    name,
+                    token,
+                    handle,
+                });
+            }
+            Err(e) => {
+                tracing::error!(error = %anyhow_chain(&e), "metrics endpoint not started; the agent runs without it");
+            }
+        }
     }
     drop(buffer);
     tracing::info!(device = %settings.device_id, "agent running");

@@ -26,6 +26,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::buffer::{Buffer, BufferError, NewPrediction, Pending};
 use crate::ingest::CommittedReading;
+use crate::metrics::ModelRegistry;
 use crate::telemetry::Counters;
 use features::{InputPlan, SourceState};
 use output::{OutputPlan, Scored};
@@ -173,6 +174,7 @@ pub struct InferenceStage {
     output: mpsc::Sender<publish::PredictionEvent>,
     counters: Arc<Counters>,
     metrics: Arc<InferenceMetrics>,
+    models: Arc<ModelRegistry>,
 }
 
 impl InferenceStage {
@@ -185,6 +187,10 @@ impl InferenceStage {
         output: mpsc::Sender<publish::PredictionEvent>,
         counters: Arc<Counters>,
     ) -> Self {
+        let registry = Arc::new(ModelRegistry::default());
+        for m in &models {
+            registry.set_active(&m.name, &m.version, &m.sha256);
+        }
         Self {
             slots: models.into_iter().map(Slot::new).collect(),
             input,
@@ -194,6 +200,7 @@ impl InferenceStage {
             output,
             counters,
             metrics: Arc::new(InferenceMetrics::default()),
+            models: registry,
         }
     }
 
@@ -225,6 +232,12 @@ impl InferenceStage {
     #[must_use]
     pub fn metrics(&self) -> Arc<InferenceMetrics> {
         self.metrics.clone()
+    }
+
+    /// Latency per model and the versions serving, kept current across swaps.
+    #[must_use]
+    pub fn model_registry(&self) -> Arc<ModelRegistry> {
+        self.models.clone()
     }
 
     /// Runs until the input channel closes or `shutdown`; on shutdown it
@@ -301,6 +314,8 @@ impl InferenceStage {
 
     async fn swap(&mut self, stored: &mpsc::Sender<Stored>, model: LoadedModel) -> Result<()> {
         Counters::add(&self.metrics.swaps, 1);
+        self.models
+            .set_active(&model.name, &model.version, &model.sha256);
         if let Some(ix) = self.slots.iter().position(|s| s.model.name == model.name) {
             self.flush(stored, ix).await?;
             let slot = &mut self.slots[ix];
@@ -401,10 +416,12 @@ impl InferenceStage {
         let n = rows.len() as u64;
         Counters::add(&self.metrics.runs, 1);
         Counters::add(&self.metrics.rows, n);
-        let outputs = match model
+        let started = std::time::Instant::now();
+        let ran = model
             .run(rows.iter().map(|r| r.values.clone()).collect())
-            .await
-        {
+            .await;
+        self.models.observe(&model.name, started.elapsed());
+        let outputs = match ran {
             Ok(o) => o,
             Err(e) => {
                 Counters::add(&self.counters.inference_errors, n);
