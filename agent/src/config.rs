@@ -1314,7 +1314,9 @@ mod tests {
         let listen: SocketAddr = "127.0.0.1:9464".parse().unwrap();
         assert_eq!(s.metrics, Some(MetricsSettings { listen }));
 
-        let start = text.find("[metrics]").expect("default config has [metrics]");
+        let start = text
+            .find("[metrics]")
+            .expect("default config has [metrics]");
         let end = text[start..]
             .find("\n[")
             .map_or(text.len(), |i| start + i + 1);

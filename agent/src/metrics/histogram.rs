@@ -120,13 +120,11 @@ impl ModelRegistry {
     /// Records that `name` now serves `version` with ONNX digest `sha256`.
     pub fn set_active(&self, name: &str, version: &str, sha256: &str) {
         let mut models = self.models.write().unwrap_or_else(PoisonError::into_inner);
-        let entry = models
-            .entry(name.to_owned())
-            .or_insert_with(|| ModelEntry {
-                version: String::new(),
-                sha256: String::new(),
-                latency: Arc::default(),
-            });
+        let entry = models.entry(name.to_owned()).or_insert_with(|| ModelEntry {
+            version: String::new(),
+            sha256: String::new(),
+            latency: Arc::default(),
+        });
         version.clone_into(&mut entry.version);
         sha256.clone_into(&mut entry.sha256);
     }
@@ -192,7 +190,11 @@ mod tests {
         let expected = 0.0001 + 0.000_101 + 0.003 + 60.0;
         assert!((s.sum_seconds - expected).abs() < 1e-9, "{}", s.sum_seconds);
         // Cumulative: never decreasing.
-        assert!(s.buckets.windows(2).all(|w| w[0].1 <= w[1].1 && w[0].0 < w[1].0));
+        assert!(
+            s.buckets
+                .windows(2)
+                .all(|w| w[0].1 <= w[1].1 && w[0].0 < w[1].0)
+        );
     }
 
     #[test]

@@ -101,11 +101,8 @@ pub struct Sources {
 pub async fn scrape(sources: &Sources) -> String {
     let stats = match &sources.buffer {
         Some(buffer) => {
-            match tokio::time::timeout(
-                BUFFER_STATS_TIMEOUT,
-                buffer.sync_stats(sources.started_ms),
-            )
-            .await
+            match tokio::time::timeout(BUFFER_STATS_TIMEOUT, buffer.sync_stats(sources.started_ms))
+                .await
             {
                 Ok(Ok(stats)) => Some(stats),
                 Ok(Err(e)) => {
@@ -162,7 +159,12 @@ pub fn render(sources: &Sources, stats: Option<&SyncStats>, now_ms: i64) -> Stri
     );
 
     for (name, help, field) in COUNTERS {
-        w.single(&prefixed(name), help, Kind::Counter, f(Counters::get(field(c))));
+        w.single(
+            &prefixed(name),
+            help,
+            Kind::Counter,
+            f(Counters::get(field(c))),
+        );
     }
     let name = "edge_agent_dead_letters_total";
     w.header(
@@ -232,7 +234,10 @@ pub fn render(sources: &Sources, stats: Option<&SyncStats>, now_ms: i64) -> Stri
 fn render_buffer(w: &mut TextWriter, s: &SyncStats, now_ms: i64) {
     let kinds = |w: &mut TextWriter, name: &str, help: &str, values: [u64; 3]| {
         w.header(name, help, Kind::Gauge);
-        for (kind, v) in ["readings", "predictions", "dead_letters"].iter().zip(values) {
+        for (kind, v) in ["readings", "predictions", "dead_letters"]
+            .iter()
+            .zip(values)
+        {
             w.sample(name, &[("kind", kind)], f(v));
         }
     };
@@ -326,8 +331,15 @@ mod tests {
             let (name, kind) = (parts.next().unwrap(), parts.next().unwrap());
             assert!(families.insert(name.to_owned()), "{name} declared twice");
             assert!(name.starts_with("edge_agent_"), "{name}");
-            assert_eq!(name.ends_with("_total"), kind == "counter", "{name} is a {kind}");
-            assert!(body.contains(&format!("# HELP {name} ")), "{name} has no HELP");
+            assert_eq!(
+                name.ends_with("_total"),
+                kind == "counter",
+                "{name} is a {kind}"
+            );
+            assert!(
+                body.contains(&format!("# HELP {name} ")),
+                "{name} has no HELP"
+            );
         }
         assert_eq!(
             families.len(),

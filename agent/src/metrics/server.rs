@@ -148,7 +148,10 @@ mod tests {
         assert_eq!(status, StatusCode::OK);
         assert!(ct.unwrap().starts_with("text/plain; version=0.0.4"));
         assert_eq!(status_of("GET", "/").await.0, StatusCode::NOT_FOUND);
-        assert_eq!(status_of("GET", "/metrics/x").await.0, StatusCode::NOT_FOUND);
+        assert_eq!(
+            status_of("GET", "/metrics/x").await.0,
+            StatusCode::NOT_FOUND
+        );
         assert_eq!(
             status_of("POST", "/metrics").await.0,
             StatusCode::METHOD_NOT_ALLOWED

@@ -202,7 +202,10 @@ async fn scrape_reports_what_went_through() {
         "sync is off: every reading is backlog"
     );
     assert_eq!(
-        get("edge_agent_buffer_backlog_rows", &[("kind", "dead_letters")]),
+        get(
+            "edge_agent_buffer_backlog_rows",
+            &[("kind", "dead_letters")]
+        ),
         3.0
     );
     assert!(get("edge_agent_buffer_oldest_unsynced_age_seconds", &[]) >= 0.0);
@@ -248,7 +251,10 @@ async fn scrape_reports_what_went_through() {
     let exported = exported_names(&body);
     let referenced = referenced_metrics(dashboard, "edge_agent_");
     let missing: Vec<_> = referenced.difference(&exported).collect();
-    assert!(missing.is_empty(), "dashboard queries unexported {missing:?}");
+    assert!(
+        missing.is_empty(),
+        "dashboard queries unexported {missing:?}"
+    );
 
     let (status, _, _) = http_get(addr, "/").await;
     assert_eq!(status, 404);
@@ -256,7 +262,10 @@ async fn scrape_reports_what_went_through() {
     let stopped = agent.stop(Duration::from_secs(10));
     assert_eq!(stopped.code, Some(0), "{}", stopped.lines.join("\n"));
     assert!(
-        stopped.lines.iter().any(|l| l.contains("metrics endpoint stopped")),
+        stopped
+            .lines
+            .iter()
+            .any(|l| l.contains("metrics endpoint stopped")),
         "{}",
         stopped.lines.join("\n")
     );
