@@ -443,6 +443,23 @@ mod tests {
     }
 
     #[test]
+    fn every_family_is_documented() {
+        let doc = include_str!("../../docs/metrics.md");
+        let fleet = FleetSummary {
+            server_ms: 0,
+            devices: Vec::new(),
+        };
+        let body = render(&Metrics::default(), Some(&fleet));
+        for line in body.lines().filter(|l| l.starts_with("# TYPE ")) {
+            let name = line.split(' ').nth(2).unwrap();
+            assert!(
+                doc.contains(&format!("| `{name}` |")),
+                "{name} missing from docs/metrics.md"
+            );
+        }
+    }
+
+    #[test]
     fn fleet_gauges_leave_out_revoked_and_never_seen_devices() {
         let device = |id: &str, revoked, last_seen_ms| FleetDevice {
             device: id.into(),

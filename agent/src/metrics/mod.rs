@@ -349,6 +349,19 @@ mod tests {
     }
 
     #[test]
+    fn every_family_is_documented() {
+        let doc = include_str!("../../../docs/metrics.md");
+        let body = render(&sources(), Some(&SyncStats::default()), 0);
+        for line in body.lines().filter(|l| l.starts_with("# TYPE ")) {
+            let name = line.split(' ').nth(2).unwrap();
+            assert!(
+                doc.contains(&format!("| `{name}` |")),
+                "{name} missing from docs/metrics.md"
+            );
+        }
+    }
+
+    #[test]
     fn values_come_from_the_counters_the_registry_and_the_buffer() {
         let s = sources();
         Counters::add(&s.counters.received, 7);
