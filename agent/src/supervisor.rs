@@ -43,9 +43,6 @@ pub enum AgentError {
     /// Sync failed.
     #[error("sync failed")]
     Sync(#[from] SyncError),
-    /// The metrics endpoint failed.
-    #[error("metrics endpoint failed")]
-    Metrics(#[from] crate::metrics::MetricsError),
     /// A stage panicked.
     #[error("stage {0} panicked or was aborted")]
     Join(&'static str),
@@ -235,9 +232,8 @@ pub async fn run(
             handle,
         });
     }
-    // Design: last in the stop order, so it answers while the others drain;
-    // a port that cannot be bound costs the endpoint, not the data path.
-    if let Some(metrics) = &settings.metrics {
+    // Design: last in the stop order, so it answers while the others drain.
+    if let Some(metrics) = settings.metrics.clone() {
         let sources = crate::metrics::Sources {
             counters: counters.clone(),
             inference: inference_metrics,
@@ -245,20 +241,17 @@ pub async fn run(
             buffer: Some(buffer.clone()),
             started_ms: crate::now_ms(),
         };
-        match crate::metrics::MetricsServer::bind(metrics, sources).await {
-            Ok(server) => {
-                let token = CancellationToken::new();
-                let (handle, name) = spawn_stage("metrics", &fatal, server.run(token.clone()));
-                stages.push(Stage {
-                    name,
-                    token,
-                    handle,
-                });
-            }
-            Err(e) => {
-                tracing::error!(error = %anyhow_chain(&e), "metrics endpoint not started; the agent runs without it");
-            }
-        }
+        let token = CancellationToken::new();
+        let serve = crate::metrics::serve(metrics, sources, token.clone());
+        let handle = tokio::spawn(async move {
+            serve.await;
+            Ok(())
+        });
+        stages.push(Stage {
+            name: "metrics",
+            token,
+            handle,
+        });
     }
     drop(buffer);
     tracing::info!(device = %settings.device_id, "agent running");

@@ -23,7 +23,7 @@ use crate::buffer::{Buffer, SyncStats};
 use crate::inference::InferenceMetrics;
 use crate::telemetry::Counters;
 pub use histogram::{Histogram, ModelRegistry};
-pub use server::{MetricsError, MetricsServer};
+pub use server::{MetricsError, MetricsServer, serve};
 use text::{Kind, TextWriter};
 
 /// Longest a scrape waits for the buffer's backlog figures; past it the

@@ -92,6 +92,26 @@ impl MetricsServer {
     }
 }
 
+/// Binds `settings.listen` and serves until `shutdown`. Never fails: a
+/// port that cannot be bound, or a listener that fails, is logged at ERROR
+/// and costs the endpoint, never the data path.
+pub async fn serve(settings: MetricsSettings, sources: Sources, shutdown: CancellationToken) {
+    let result = match MetricsServer::bind(&settings, sources).await {
+        Ok(server) => server.run(shutdown).await,
+        Err(e) => Err(e),
+    };
+    if let Err(e) = result {
+        let mut msg = e.to_string();
+        let mut cause = std::error::Error::source(&e);
+        while let Some(c) = cause {
+            msg.push_str(": ");
+            msg.push_str(&c.to_string());
+            cause = c.source();
+        }
+        tracing::error!(error = %msg, "metrics endpoint not available; the agent runs without it");
+    }
+}
+
 /// The endpoint's routes (exposed for `oneshot` tests).
 pub fn router(sources: Arc<Sources>) -> Router {
     Router::new()

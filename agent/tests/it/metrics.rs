@@ -271,3 +271,44 @@ async fn scrape_reports_what_went_through() {
     );
     assert!(tokio::net::TcpStream::connect(addr).await.is_err());
 }
+
+/// A metrics port already taken costs the endpoint, not the agent: it logs
+/// an ERROR naming `metrics.listen`, still subscribes, and exits 0 on SIGTERM.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_taken_port_costs_the_endpoint_not_the_agent() {
+    let broker = start_embedded_broker().unwrap();
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = taken.local_addr().unwrap().port();
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("agent.toml");
+    let text = util::config(dir.path(), &format!("mqtt://{broker}"), "it-metrics-taken").replace(
+        "enabled = false\nlisten = \"127.0.0.1:0\"",
+        &format!("enabled = true\nlisten = \"127.0.0.1:{port}\""),
+    );
+    std::fs::write(&cfg, text).unwrap();
+
+    let agent = util::Agent::start(&cfg);
+    let mut lines = Vec::new();
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while !lines
+        .iter()
+        .any(|l: &String| l.contains("ingest subscribed"))
+    {
+        let left = deadline
+            .checked_duration_since(std::time::Instant::now())
+            .expect("agent never subscribed");
+        lines.push(agent.lines.recv_timeout(left).unwrap());
+    }
+    let stopped = agent.stop(Duration::from_secs(10));
+    lines.extend(stopped.lines);
+    let log = lines.join("\n");
+    assert_eq!(stopped.code, Some(0), "{log}");
+    assert!(
+        lines.iter().any(|l| l.contains("ERROR")
+            && l.contains("metrics endpoint not available")
+            && l.contains(&format!("metrics.listen 127.0.0.1:{port}"))),
+        "{log}"
+    );
+    assert!(!log.contains("metrics endpoint listening"), "{log}");
+    drop(taken);
+}
