@@ -2,8 +2,9 @@
 //! 0.0.4) on its own listener (`metrics_listen_addr`), and the counters the
 //! API bumps.
 //!
-//! Owns [`Metrics`] (request counts by route and status, rejections by error
-//! code, batches, rows and duplicates stored, heartbeats), the request
+//! Owns [`Metrics`] (request counts by route and status, request durations
+//! by route, rejections by error code, batches, rows and duplicates stored,
+//! heartbeats), the request
 //! middleware [`track`], and the rendering, which adds per-device gauges read
 //! from [`Store::fleet`] at scrape time. It never writes to the store.
 //!
@@ -18,7 +19,7 @@ use std::fmt::Write as _;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use axum::Router;
 use axum::extract::{MatchedPath, Request, State};
@@ -41,6 +42,26 @@ pub const FLEET_TIMEOUT: Duration = Duration::from_secs(10);
 /// Route label of requests no route matched (bounded cardinality).
 pub const UNMATCHED_ROUTE: &str = "unmatched";
 
+/// Upper bounds (seconds, inclusive) of the request duration buckets.
+pub const DURATION_BOUNDS_SECONDS: [f64; 12] = [
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0,
+];
+
+/// Non-cumulative bucket counts (the last one above every bound) and the sum.
+#[derive(Debug, Default, Clone)]
+struct Durations {
+    buckets: [u64; DURATION_BOUNDS_SECONDS.len() + 1],
+    sum_seconds: f64,
+}
+
+impl Durations {
+    fn observe(&mut self, seconds: f64) {
+        let ix = DURATION_BOUNDS_SECONDS.partition_point(|&le| le < seconds);
+        self.buckets[ix] += 1;
+        self.sum_seconds += seconds;
+    }
+}
+
 /// Response extension carrying the stable error code of a refusal; set by
 /// [`crate::api::ApiError`]'s response, read by [`track`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -50,6 +71,7 @@ pub struct ErrorCode(pub &'static str);
 #[derive(Debug, Default)]
 pub struct Metrics {
     requests: Mutex<BTreeMap<(&'static str, String, u16), u64>>,
+    durations: Mutex<BTreeMap<String, Durations>>,
     rejections: Mutex<BTreeMap<&'static str, u64>>,
     batches: AtomicU64,
     /// readings, predictions, dead letters.
@@ -61,14 +83,31 @@ pub struct Metrics {
 const KINDS: [&str; 3] = ["readings", "predictions", "dead_letters"];
 
 impl Metrics {
-    /// Counts one answered request.
-    pub fn request(&self, method: &Method, route: &str, status: u16, code: Option<&'static str>) {
+    /// Counts one answered request that took `elapsed`.
+    pub fn request(
+        &self,
+        method: &Method,
+        route: &str,
+        status: u16,
+        code: Option<&'static str>,
+        elapsed: Duration,
+    ) {
         let method = method_label(method);
         {
             let mut requests = self.requests.lock().unwrap_or_else(PoisonError::into_inner);
             *requests
                 .entry((method, route.to_owned(), status))
                 .or_default() += 1;
+        }
+        {
+            let mut durations = self
+                .durations
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner);
+            durations
+                .entry(route.to_owned())
+                .or_default()
+                .observe(elapsed.as_secs_f64());
         }
         if let Some(code) = code {
             let mut rejections = self
@@ -129,9 +168,11 @@ pub async fn track(State(metrics): State<Arc<Metrics>>, request: Request, next: 
         .extensions()
         .get::<MatchedPath>()
         .map_or_else(|| UNMATCHED_ROUTE.to_owned(), |p| p.as_str().to_owned());
+    let started = Instant::now();
     let response = next.run(request).await;
     let code = response.extensions().get::<ErrorCode>().map(|c| c.0);
-    metrics.request(&method, &route, response.status().as_u16(), code);
+    let status = response.status().as_u16();
+    metrics.request(&method, &route, status, code, started.elapsed());
     response
 }
 
@@ -218,6 +259,35 @@ pub fn render(metrics: &Metrics, fleet: Option<&FleetSummary>) -> String {
                 &[("method", method), ("route", route), ("status", &status)],
                 *n,
             );
+        }
+    }
+    let name = "cloud_sync_http_request_duration_seconds";
+    w.header(
+        name,
+        "Time from the request reaching the router to its response, by route template.",
+        "histogram",
+    );
+    {
+        let durations = metrics
+            .durations
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone();
+        for (route, d) in &durations {
+            let mut total = 0;
+            for (i, n) in d.buckets.iter().enumerate() {
+                total += n;
+                let le = DURATION_BOUNDS_SECONDS
+                    .get(i)
+                    .map_or_else(|| "+Inf".to_owned(), ToString::to_string);
+                w.sample(
+                    &format!("{name}_bucket"),
+                    &[("route", route), ("le", &le)],
+                    total,
+                );
+            }
+            w.sample_f(&format!("{name}_sum"), &[("route", route)], d.sum_seconds);
+            w.sample(&format!("{name}_count"), &[("route", route)], total);
         }
     }
     let name = "cloud_sync_rejections_total";
@@ -426,18 +496,35 @@ mod tests {
     fn label_values_are_escaped() {
         assert_eq!(escape_label_value("a\"b\\c\nd"), "a\\\"b\\\\c\\nd");
         let m = Metrics::default();
-        m.request(&Method::GET, "/v1/x/{device}", 200, None);
+        m.request(
+            &Method::GET,
+            "/v1/x/{device}",
+            200,
+            None,
+            Duration::from_millis(3),
+        );
         m.request(
             &Method::from_bytes(b"BREW").unwrap(),
             "un\"usual",
             404,
             Some("not_found"),
+            Duration::from_secs(20),
         );
         let body = render(&m, None);
         assert!(body.contains(
             "cloud_sync_http_requests_total{method=\"other\",route=\"un\\\"usual\",status=\"404\"} 1\n"
         ), "{body}");
         assert!(body.contains("cloud_sync_rejections_total{code=\"not_found\"} 1\n"));
+        for line in [
+            "cloud_sync_http_request_duration_seconds_bucket{route=\"/v1/x/{device}\",le=\"0.0025\"} 0",
+            "cloud_sync_http_request_duration_seconds_bucket{route=\"/v1/x/{device}\",le=\"0.005\"} 1",
+            "cloud_sync_http_request_duration_seconds_bucket{route=\"un\\\"usual\",le=\"10\"} 0",
+            "cloud_sync_http_request_duration_seconds_bucket{route=\"un\\\"usual\",le=\"+Inf\"} 1",
+            "cloud_sync_http_request_duration_seconds_sum{route=\"un\\\"usual\"} 20",
+            "cloud_sync_http_request_duration_seconds_count{route=\"/v1/x/{device}\"} 1",
+        ] {
+            assert!(body.lines().any(|l| l == line), "{line} missing:\n{body}");
+        }
         assert!(body.contains("cloud_sync_fleet_stats_ok 0\n"));
         assert!(!body.contains("cloud_sync_devices"));
     }

@@ -155,6 +155,7 @@ async fn scrape_reports_requests_rows_and_devices() -> Result<()> {
         ),
         "cloud_sync_http_requests_total{method=\"GET\",route=\"unmatched\",status=\"404\"} 1"
             .to_owned(),
+        format!("cloud_sync_http_request_duration_seconds_count{{route=\"{batches}\"}} 3"),
     ] {
         assert!(
             text.lines().any(|l| l == line),
@@ -195,12 +196,17 @@ async fn scrape_reports_requests_rows_and_devices() -> Result<()> {
         "raw paths never become labels"
     );
 
-    let exported: BTreeSet<String> = text
-        .lines()
-        .filter_map(|l| l.strip_prefix("# TYPE "))
-        .filter_map(|l| l.split(' ').next())
-        .map(str::to_owned)
-        .collect();
+    // Every `# TYPE` family, with a histogram's `_bucket`, `_sum`, `_count`.
+    let mut exported = BTreeSet::new();
+    for family in text.lines().filter_map(|l| l.strip_prefix("# TYPE ")) {
+        let (name, kind) = family.split_once(' ').context("TYPE line")?;
+        exported.insert(name.to_owned());
+        if kind == "histogram" {
+            for suffix in ["_bucket", "_sum", "_count"] {
+                exported.insert(format!("{name}{suffix}"));
+            }
+        }
+    }
     let dashboard = include_str!("../../../docs/grafana/fleet.json");
     let missing: Vec<_> = referenced(dashboard)?
         .difference(&exported)
