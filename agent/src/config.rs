@@ -61,6 +61,9 @@ pub struct RawConfig {
     /// `[log]`; optional, the defaults apply when it is absent.
     #[serde(default)]
     pub log: RawLog,
+    /// `[metrics]`; optional, the defaults apply when it is absent.
+    #[serde(default)]
+    pub metrics: RawMetrics,
     /// `[rollout]`; optional, the defaults apply when it is absent.
     #[serde(default)]
     pub rollout: RawRollout,
@@ -427,6 +430,35 @@ fn default_log_filter() -> String {
     "info".into()
 }
 
+/// `[metrics]` as written.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawMetrics {
+    /// Whether to serve the Prometheus endpoint.
+    #[serde(default = "default_metrics_enabled")]
+    pub enabled: bool,
+    /// Socket address (`IP:port`) of the endpoint; port 0 picks a free port.
+    #[serde(default = "default_metrics_listen")]
+    pub listen: String,
+}
+
+impl Default for RawMetrics {
+    fn default() -> Self {
+        Self {
+            enabled: default_metrics_enabled(),
+            listen: default_metrics_listen(),
+        }
+    }
+}
+
+fn default_metrics_enabled() -> bool {
+    true
+}
+
+fn default_metrics_listen() -> String {
+    "127.0.0.1:9464".into()
+}
+
 /// Validated settings for the whole agent.
 #[derive(Debug, Clone)]
 pub struct Settings {
@@ -452,6 +484,15 @@ pub struct Settings {
     pub rollout: Option<crate::rollout::RolloutSettings>,
     /// Trials of swapped-in versions; `None` when disabled.
     pub trial: Option<crate::inference::trial::TrialSettings>,
+    /// The Prometheus endpoint; `None` when disabled.
+    pub metrics: Option<MetricsSettings>,
+}
+
+/// Validated `[metrics]`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MetricsSettings {
+    /// Address the `/metrics` listener binds (port 0 allowed).
+    pub listen: SocketAddr,
 }
 
 /// Validated MQTT settings (shared by ingest and the publisher).
@@ -1059,6 +1100,7 @@ impl RawConfig {
             &a.state_dir,
             &mut errs,
         );
+        let metrics = validate_metrics(&self.metrics, &mut errs);
 
         if !errs.is_empty() {
             return Err(ConfigError::Invalid(errs));
@@ -1112,6 +1154,7 @@ impl RawConfig {
             log,
             rollout,
             trial,
+            metrics,
         })
     }
 }
@@ -1233,6 +1276,19 @@ fn validate_log(l: &RawLog, errs: &mut Vec<String>) -> LogSettings {
     LogSettings {
         format,
         filter: l.filter.clone(),
+    }
+}
+
+fn validate_metrics(m: &RawMetrics, errs: &mut Vec<String>) -> Option<MetricsSettings> {
+    match m.listen.trim().parse::<SocketAddr>() {
+        Ok(listen) => m.enabled.then_some(MetricsSettings { listen }),
+        Err(_) => {
+            errs.push(format!(
+                "metrics.listen: {:?} is not a socket address like \"127.0.0.1:9464\"",
+                m.listen
+            ));
+            None
+        }
     }
 }
 
@@ -1517,6 +1573,44 @@ mod tests {
         let unknown = text.replace("[log]", "[log]\nlevel = \"info\"");
         let err = RawConfig::parse(&unknown).unwrap_err().to_string();
         assert!(err.contains("level"), "{err}");
+    }
+
+    #[test]
+    fn metrics_section_is_optional_and_checked() {
+        let (_dir, text) = with_token(DEFAULT_CONFIG);
+        let s = RawConfig::parse(&text).unwrap().validate().unwrap();
+        let listen: SocketAddr = "127.0.0.1:9464".parse().unwrap();
+        assert_eq!(s.metrics, Some(MetricsSettings { listen }));
+
+        let start = text
+            .find("[metrics]")
+            .expect("default config has [metrics]");
+        let end = text[start..]
+            .find("\n[")
+            .map_or(text.len(), |i| start + i + 1);
+        let without = format!("{}{}", &text[..start], &text[end..]);
+        let s = RawConfig::parse(&without).unwrap().validate().unwrap();
+        assert_eq!(s.metrics, Some(MetricsSettings { listen }));
+
+        let section = &text[start..end];
+        let off = section.replace("enabled = true", "enabled = false");
+        let s = RawConfig::parse(&text.replace(section, &off))
+            .unwrap()
+            .validate()
+            .unwrap();
+        assert_eq!(s.metrics, None);
+
+        let bad = section.replace("127.0.0.1:9464", "localhost:http");
+        let err = RawConfig::parse(&text.replace(section, &bad))
+            .unwrap()
+            .validate()
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("metrics.listen"), "{err}");
+
+        let unknown = text.replace("[metrics]", "[metrics]\nport = 9464");
+        let err = RawConfig::parse(&unknown).unwrap_err().to_string();
+        assert!(err.contains("port"), "{err}");
     }
 
     #[test]

@@ -10,6 +10,7 @@
 //! - [`supervisor`]: builds the stages, owns shutdown order and its deadline.
 //! - [`systemd`]: sd_notify readiness, stopping and watchdog pings gated on ingest health.
 //! - [`telemetry`]: tracing setup and counters.
+//! - [`metrics`]: the Prometheus `/metrics` endpoint, latency histograms per model.
 //! - `demo` (feature `demo`): the self-contained demo on NAB data.
 
 pub mod buffer;
@@ -18,6 +19,7 @@ pub mod config;
 pub mod demo;
 pub mod inference;
 pub mod ingest;
+pub mod metrics;
 pub mod rollout;
 pub mod supervisor;
 pub mod sync;

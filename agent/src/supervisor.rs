@@ -166,6 +166,7 @@ pub async fn run(
     )
     .with_batch_max_wait(settings.inference.batch_max_wait)
     .with_active_models(active_tx);
+    let (inference_metrics, model_registry) = (inference.metrics(), inference.model_registry());
     let inference = match settings.inference.watch_interval {
         Some(interval) => {
             let (swap_tx, swap_rx) = mpsc::channel(4);
@@ -254,6 +255,27 @@ pub async fn run(
         let (handle, name) = spawn_stage("sync", &fatal, stage.run(token.clone()));
         stages.push(Stage {
             name,
+            token,
+            handle,
+        });
+    }
+    // Design: last in the stop order, so it answers while the others drain.
+    if let Some(metrics) = settings.metrics.clone() {
+        let sources = crate::metrics::Sources {
+            counters: counters.clone(),
+            inference: inference_metrics,
+            models: model_registry,
+            buffer: Some(buffer.clone()),
+            started_ms: crate::now_ms(),
+        };
+        let token = CancellationToken::new();
+        let serve = crate::metrics::serve(metrics, sources, token.clone());
+        let handle = tokio::spawn(async move {
+            serve.await;
+            Ok(())
+        });
+        stages.push(Stage {
+            name: "metrics",
             token,
             handle,
         });

@@ -2,8 +2,8 @@
 //!
 //! Owns the process-wide log format and the [`Counters`] every stage bumps.
 //! Counters are monotonic and lock-free; the demo's progress line, the
-//! report, the systemd watchdog and (later) `/metrics` and the cloud metrics
-//! report read them. Logs go to stderr as text or JSON lines, or to the
+//! report, the systemd watchdog, `/metrics` ([`crate::metrics`]) and the
+//! heartbeat read them. Logs go to stderr as text or JSON lines, or to the
 //! journal as structured fields (`[log]` in the config).
 
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -124,6 +124,8 @@ pub struct Counters {
     pub duplicates: AtomicU64,
     /// Messages dead-lettered.
     pub dead_letters: AtomicU64,
+    /// The same messages by reason; the reasons add up to `dead_letters`.
+    pub dead_letter_reasons: DeadLetterReasons,
     /// Acknowledgements handed to the MQTT client (QoS 1 and 2).
     pub acked: AtomicU64,
     /// Acknowledgements not sent because the connection they belonged to
@@ -161,6 +163,8 @@ pub struct Counters {
     pub synced_readings: AtomicU64,
     /// Predictions acknowledged by the cloud.
     pub synced_predictions: AtomicU64,
+    /// Batch uploads attempted (each POST, the halves of a split batch included).
+    pub sync_attempts: AtomicU64,
     /// Failed uploads.
     pub sync_failures: AtomicU64,
     /// Dead letters acknowledged by the cloud.
@@ -199,6 +203,57 @@ impl Counters {
     #[must_use]
     pub fn get(counter: &AtomicU64) -> u64 {
         counter.load(Ordering::Relaxed)
+    }
+}
+
+/// Dead letters by reason: one counter per `reason` ingest writes to the
+/// `dead_letters` table, plus `other` for a reason not listed here.
+#[derive(Debug, Default)]
+pub struct DeadLetterReasons {
+    /// Payload over `mqtt.max_payload_bytes`.
+    pub oversized: AtomicU64,
+    /// Topic matched by no subscription template.
+    pub unmatched_topic: AtomicU64,
+    /// Payload that does not parse.
+    pub malformed: AtomicU64,
+    /// Payload that parses but has the wrong shape or types.
+    pub wrong_type: AtomicU64,
+    /// NaN or infinite values.
+    pub non_finite: AtomicU64,
+    /// Payload with no values.
+    pub empty: AtomicU64,
+    /// Any other reason.
+    pub other: AtomicU64,
+}
+
+impl DeadLetterReasons {
+    /// The counter for `reason` (`other` when the reason is not listed).
+    #[must_use]
+    pub fn counter(&self, reason: &str) -> &AtomicU64 {
+        match reason {
+            "oversized" => &self.oversized,
+            "unmatched_topic" => &self.unmatched_topic,
+            "malformed" => &self.malformed,
+            "wrong_type" => &self.wrong_type,
+            "non_finite" => &self.non_finite,
+            "empty" => &self.empty,
+            _ => &self.other,
+        }
+    }
+
+    /// Every reason with its count, in a fixed order.
+    #[must_use]
+    pub fn all(&self) -> [(&'static str, u64); 7] {
+        let get = Counters::get;
+        [
+            ("oversized", get(&self.oversized)),
+            ("unmatched_topic", get(&self.unmatched_topic)),
+            ("malformed", get(&self.malformed)),
+            ("wrong_type", get(&self.wrong_type)),
+            ("non_finite", get(&self.non_finite)),
+            ("empty", get(&self.empty)),
+            ("other", get(&self.other)),
+        ]
     }
 }
 

@@ -11,6 +11,7 @@
 //! test compares with the document.
 
 use std::io::Read;
+use std::sync::Arc;
 use std::time::Duration;
 
 use axum::Json;
@@ -32,6 +33,7 @@ use sync_protocol::{
 
 use crate::auth::{AuthError, DeviceAuth, OperatorAuth, ReadAuth};
 use crate::config::Settings;
+use crate::metrics::{ErrorCode, Metrics};
 use crate::registry::Registry;
 use crate::store::{BatchError, QueryError, Store, StoreError};
 
@@ -46,6 +48,7 @@ pub struct AppState {
     max_body_bytes: usize,
     request_timeout: Duration,
     registry: Option<Registry>,
+    metrics: Arc<Metrics>,
 }
 
 impl AppState {
@@ -57,7 +60,14 @@ impl AppState {
             max_body_bytes: settings.max_body_bytes,
             request_timeout: settings.request_timeout,
             registry: None,
+            metrics: Arc::default(),
         }
+    }
+
+    /// The counters [`app`] bumps (served by [`crate::metrics`]).
+    #[must_use]
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.metrics
     }
 
     /// The same state serving the model registry's routes from `registry`
@@ -274,6 +284,7 @@ impl IntoResponse for ApiError {
             _ => None,
         };
         let mut response = (status, Json(body)).into_response();
+        response.extensions_mut().insert(ErrorCode(code));
         let headers = response.headers_mut();
         match status {
             StatusCode::UNAUTHORIZED => {
@@ -354,11 +365,12 @@ pub fn routes() -> Vec<(Method, String)> {
         .collect()
 }
 
-/// The API router with its state, body limit, timeout and JSON fallbacks;
-/// it serves exactly [`routes`].
+/// The API router with its state, body limit, timeout, JSON fallbacks and
+/// request counting ([`AppState::metrics`]); it serves exactly [`routes`].
 pub fn app(state: AppState) -> Router {
     let max_body_bytes = state.max_body_bytes;
     let timeout = state.request_timeout;
+    let metrics = state.metrics.clone();
     let mut router = Router::new();
     for (_, path, handler) in route_table() {
         router = router.route(&path, handler);
@@ -368,6 +380,10 @@ pub fn app(state: AppState) -> Router {
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(max_body_bytes))
         .layer(middleware::from_fn_with_state(timeout, request_timeout))
+        .layer(middleware::from_fn_with_state(
+            metrics,
+            crate::metrics::track,
+        ))
         .with_state(state)
 }
 
@@ -640,6 +656,7 @@ async fn upload_batch(
         batch.dead_letters.len(),
     );
     let ack = state.store.store_batch(&auth.device, batch).await?;
+    state.metrics.batch_stored(&ack);
     tracing::debug!(
         device = %auth.device,
         readings,
@@ -666,6 +683,7 @@ async fn upload_heartbeat(
         .store
         .store_heartbeat(&auth.device, &heartbeat)
         .await?;
+    state.metrics.heartbeat_stored();
     tracing::debug!(device = %auth.device, agent_version = %heartbeat.agent_version, "stored heartbeat");
     Ok(Json(HeartbeatAck { server_ms }))
 }

@@ -103,6 +103,10 @@ pub struct Config {
     /// Socket address the HTTP API listens on (`IP:port`; port 0 picks a free port).
     #[serde(default = "default_listen_addr")]
     pub listen_addr: String,
+    /// Socket address of the Prometheus `/metrics` listener (plain HTTP,
+    /// unauthenticated); unset, there is none.
+    #[serde(default)]
+    pub metrics_listen_addr: Option<String>,
     /// SQLite database file; created on first start. Ignored when
     /// `database_url` is set.
     #[serde(default = "default_database_path")]
@@ -255,6 +259,7 @@ impl Default for Config {
     fn default() -> Self {
         Self {
             listen_addr: default_listen_addr(),
+            metrics_listen_addr: None,
             database_path: default_database_path(),
             database_url: None,
             database_max_connections: default_database_max_connections(),
@@ -317,6 +322,17 @@ impl Config {
                 None
             }
         };
+
+        let metrics_listen_addr = self.metrics_listen_addr.as_deref().and_then(|text| {
+            let parsed = text.trim().parse::<SocketAddr>().ok();
+            if parsed.is_none() {
+                problem(
+                    "metrics_listen_addr",
+                    format!("{text:?} is not a socket address like \"127.0.0.1:9465\""),
+                );
+            }
+            parsed
+        });
 
         if self.database_path.as_os_str().is_empty() {
             problem("database_path", "must not be empty".to_owned());
@@ -431,6 +447,7 @@ impl Config {
                 };
                 Ok(Settings {
                     listen_addr,
+                    metrics_listen_addr,
                     storage,
                     max_body_bytes,
                     request_timeout: Duration::from_secs(self.request_timeout_secs),
@@ -481,6 +498,8 @@ fn key_at(text: &str, span: Option<std::ops::Range<usize>>) -> Option<String> {
 pub struct Settings {
     /// Address to bind (port 0 allowed).
     pub listen_addr: SocketAddr,
+    /// Address of the `/metrics` listener (port 0 allowed); `None`: no listener.
+    pub metrics_listen_addr: Option<SocketAddr>,
     /// The database to store into.
     pub storage: StorageSettings,
     /// Cap on the raw and the decompressed request body, in bytes.
@@ -607,6 +626,7 @@ impl Settings {
             .unwrap_or(Path::new("."));
         Settings {
             listen_addr: SocketAddr::from(([127, 0, 0, 1], 0)),
+            metrics_listen_addr: None,
             registry: RegistrySettings::in_dir(dir),
             storage: StorageSettings::Sqlite { path },
             max_body_bytes: usize::try_from(DEFAULT_MAX_BODY_BYTES).unwrap_or(usize::MAX),
@@ -722,6 +742,7 @@ mod tests {
     fn validate_reports_every_problem() {
         let config = Config {
             listen_addr: "localhost".into(),
+            metrics_listen_addr: Some("9465".into()),
             database_path: PathBuf::new(),
             database_url: Some("postgres://u@h:notaport/db".into()),
             database_max_connections: 0,
@@ -740,6 +761,7 @@ mod tests {
             keys,
             [
                 "listen_addr",
+                "metrics_listen_addr",
                 "database_path",
                 "database_url",
                 "database_max_connections",

@@ -20,6 +20,8 @@
 //! - [`registry`]: the model registry: signed, content-addressed model
 //!   versions with stages per device group, and its API handlers.
 //! - [`tls`]: HTTPS with rustls, client certificates, the TLS accept loop.
+//! - [`metrics`]: API counters and the Prometheus `/metrics` listener
+//!   (`metrics_listen_addr`, separate from the API).
 //! - this file: [`start`] / [`Server`] for in-process use (tests, demos) and
 //!   [`serve`] for the binary.
 //!
@@ -28,6 +30,7 @@
 pub mod api;
 pub mod auth;
 pub mod config;
+pub mod metrics;
 pub mod openapi;
 pub mod registry;
 pub mod store;
@@ -66,6 +69,15 @@ pub enum ServeError {
         #[source]
         source: std::io::Error,
     },
+    /// `metrics_listen_addr` could not be bound.
+    #[error("cannot bind metrics_listen_addr {addr}")]
+    MetricsBind {
+        /// Address from `metrics_listen_addr`.
+        addr: SocketAddr,
+        /// Underlying OS error.
+        #[source]
+        source: std::io::Error,
+    },
     /// The bound socket has no local address.
     #[error("cannot read the bound address")]
     LocalAddr(#[source] std::io::Error),
@@ -82,8 +94,11 @@ pub enum ServeError {
 pub struct Server {
     /// The address actually bound (resolves port 0).
     pub addr: SocketAddr,
+    /// The `/metrics` listener's address, when `metrics_listen_addr` is set.
+    pub metrics_addr: Option<SocketAddr>,
     store: Store,
     task: JoinHandle<std::io::Result<()>>,
+    metrics: Option<(CancellationToken, JoinHandle<std::io::Result<()>>)>,
     shutdown: CancellationToken,
     drain_timeout: Duration,
 }
@@ -107,7 +122,25 @@ pub async fn start(settings: Settings, shutdown: CancellationToken) -> Result<Se
         })?;
     let addr = listener.local_addr().map_err(ServeError::LocalAddr)?;
     let registry = Registry::open(&settings.registry, &settings.storage).await?;
-    let router = app(AppState::new(store.clone(), &settings).with_registry(registry));
+    let state = AppState::new(store.clone(), &settings).with_registry(registry);
+    let (metrics_addr, metrics_listener) = match settings.metrics_listen_addr {
+        Some(addr) => {
+            let bind_err = |source| ServeError::MetricsBind { addr, source };
+            let listener = tokio::net::TcpListener::bind(addr)
+                .await
+                .map_err(bind_err)?;
+            let bound = listener.local_addr().map_err(bind_err)?;
+            let metrics_state = metrics::MetricsState {
+                metrics: state.metrics().clone(),
+                store: store.clone(),
+            };
+            let stop = shutdown.child_token();
+            let task = tokio::spawn(metrics::serve(listener, metrics_state, stop.clone()));
+            (Some(bound), Some((stop, task)))
+        }
+        None => (None, None),
+    };
+    let router = app(state);
     let task = match &settings.tls {
         None => {
             let signal = shutdown.clone().cancelled_owned();
@@ -136,8 +169,10 @@ pub async fn start(settings: Settings, shutdown: CancellationToken) -> Result<Se
     tracing::info!(%addr, scheme, client_certificates, database = %settings.storage, "cloud-sync listening");
     Ok(Server {
         addr,
+        metrics_addr,
         store,
         task,
+        metrics: metrics_listener,
         shutdown,
         drain_timeout: settings.request_timeout + DRAIN_GRACE,
     })
@@ -163,26 +198,41 @@ impl Server {
         let Server {
             addr,
             mut task,
+            metrics,
             shutdown,
             drain_timeout,
             ..
         } = self;
+
         let deadline = async {
             shutdown.cancelled().await;
             tokio::time::sleep(drain_timeout).await;
         };
-        tokio::select! {
-            joined = &mut task => {
-                joined.map_err(ServeError::Panicked)?.map_err(ServeError::Serve)?;
-                tracing::info!(%addr, "cloud-sync stopped");
-                Ok(())
-            }
+        let result = tokio::select! {
+            joined = &mut task => match joined {
+                Err(e) => Err(ServeError::Panicked(e)),
+                Ok(Err(e)) => Err(ServeError::Serve(e)),
+                Ok(Ok(())) => {
+                    tracing::info!(%addr, "cloud-sync stopped");
+                    Ok(())
+                }
+            },
             () = deadline => {
                 task.abort();
                 tracing::warn!(%addr, ?drain_timeout, "requests still in flight at shutdown deadline; aborted");
                 Ok(())
             }
+        };
+        // The metrics listener goes with the API, whichever way it stopped.
+        if let Some((stop, mut metrics_task)) = metrics {
+            stop.cancel();
+            match tokio::time::timeout(DRAIN_GRACE, &mut metrics_task).await {
+                Ok(Ok(Err(e))) => tracing::warn!(error = %e, "metrics listener failed"),
+                Ok(_) => {}
+                Err(_) => metrics_task.abort(),
+            }
         }
+        result
     }
 }
 

@@ -352,6 +352,8 @@ pub async fn run(args: DemoArgs) -> Result<DemoReport, DemoError> {
     raw.sync.token_file = state_dir.join("token");
     raw.sync.interval_ms = 200;
     raw.shutdown.deadline_ms = 30_000;
+    // A free port: several demos (and a real agent) may run side by side.
+    raw.metrics.listen = "127.0.0.1:0".into();
     let settings = raw.validate()?;
     let agent_db = settings.buffer.path.clone();
     let (window, hop) = {

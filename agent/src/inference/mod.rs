@@ -28,6 +28,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::buffer::{Buffer, BufferError, NewPrediction, Pending};
 use crate::ingest::CommittedReading;
+use crate::metrics::ModelRegistry;
 use crate::telemetry::Counters;
 use features::{InputPlan, SourceState};
 use output::{OutputPlan, Scored};
@@ -205,6 +206,7 @@ pub struct InferenceStage {
     shadows: Option<mpsc::Receiver<ShadowUpdate>>,
     shadow_reports: Option<mpsc::Sender<ShadowReport>>,
     active: Option<tokio::sync::watch::Sender<Vec<sync_protocol::ActiveModel>>>,
+    models: Arc<ModelRegistry>,
 }
 
 impl InferenceStage {
@@ -217,6 +219,10 @@ impl InferenceStage {
         output: mpsc::Sender<publish::PredictionEvent>,
         counters: Arc<Counters>,
     ) -> Self {
+        let registry = Arc::new(ModelRegistry::default());
+        for m in &models {
+            registry.set_active(&m.name, &m.version, &m.sha256);
+        }
         Self {
             slots: models.into_iter().map(Slot::new).collect(),
             input,
@@ -230,6 +236,7 @@ impl InferenceStage {
             shadows: None,
             shadow_reports: None,
             active: None,
+            models: registry,
         }
     }
 
@@ -321,6 +328,12 @@ impl InferenceStage {
         self.metrics.clone()
     }
 
+    /// Latency per model and the versions serving, kept current across swaps.
+    #[must_use]
+    pub fn model_registry(&self) -> Arc<ModelRegistry> {
+        self.models.clone()
+    }
+
     /// Runs until the input channel closes or `shutdown`; on shutdown it
     /// stops accepting readings and scores what is already queued.
     ///
@@ -400,6 +413,8 @@ impl InferenceStage {
 
     async fn swap(&mut self, stored: &mpsc::Sender<Stored>, model: LoadedModel) -> Result<()> {
         Counters::add(&self.metrics.swaps, 1);
+        self.models
+            .set_active(&model.name, &model.version, &model.sha256);
         if let Some(ix) = self.slots.iter().position(|s| s.model.name == model.name) {
             self.flush(stored, ix).await?;
             let slot = &mut self.slots[ix];
@@ -664,6 +679,7 @@ impl InferenceStage {
         let result = model
             .run(rows.iter().map(|r| r.values.clone()).collect())
             .await;
+        self.models.observe(&model.name, started.elapsed());
         let slot = &mut self.slots[ix];
         if let Some((trial, _)) = &mut slot.trial {
             trial.record_run(n, started.elapsed());

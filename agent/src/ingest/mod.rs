@@ -480,7 +480,14 @@ async fn ack_task(
                     }
                 }
                 (Outcome::Duplicate, _) => Counters::add(&counters.duplicates, 1),
-                (Outcome::DeadLettered, _) => Counters::add(&counters.dead_letters, 1),
+                (Outcome::DeadLettered, item) => {
+                    Counters::add(&counters.dead_letters, 1);
+                    let reason = match &item {
+                        Item::DeadLetter(d) => d.reason,
+                        Item::Reading(_) => "other",
+                    };
+                    Counters::add(counters.dead_letter_reasons.counter(reason), 1);
+                }
                 (Outcome::Stored(_), Item::DeadLetter(_)) | (Outcome::Rejected, _) => {}
             }
         }

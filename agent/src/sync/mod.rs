@@ -390,6 +390,7 @@ impl SyncStage {
         let mut todo = vec![batch];
         while let Some(batch) = todo.pop() {
             let format = self.format();
+            Counters::add(&self.counters.sync_attempts, 1);
             match client::post_batch(client, url, self.settings.token.expose(), &batch, format)
                 .await
             {

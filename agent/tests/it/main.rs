@@ -5,6 +5,7 @@
 mod crash;
 mod drain;
 mod inference;
+mod metrics;
 mod mqtt;
 mod rollout;
 mod sync;

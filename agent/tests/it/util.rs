@@ -14,7 +14,8 @@ pub fn bin() -> PathBuf {
     PathBuf::from(env!("CARGO_BIN_EXE_edge-agent"))
 }
 
-/// A config for `dir` against `broker`, sync disabled, the shipped model.
+/// A config for `dir` against `broker`, sync and the metrics endpoint
+/// disabled (re-enabled, it binds a free port), the shipped model.
 pub fn config(dir: &Path, broker: &str, client_id: &str) -> String {
     let models = Path::new(env!("CARGO_MANIFEST_DIR")).join("../models/nab-machine-temp");
     DEFAULT_CONFIG
@@ -32,6 +33,7 @@ pub fn config(dir: &Path, broker: &str, client_id: &str) -> String {
             &format!("models = [{:?}]", models.display().to_string()),
         )
         .replace("enabled = true", "enabled = false")
+        .replace("listen = \"127.0.0.1:9464\"", "listen = \"127.0.0.1:0\"")
 }
 
 /// A running agent whose stderr lines arrive on a channel.

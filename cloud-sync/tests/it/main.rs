@@ -7,6 +7,7 @@ mod api;
 mod backends;
 mod cli;
 mod endpoints;
+mod metrics;
 mod openapi;
 mod reads;
 mod registry;
