@@ -831,6 +831,11 @@ async fn sigkill_while_syncing_leaves_every_row_once_in_the_cloud() {
     let cfg = dir.path().join("agent.toml");
     let text = util::config(dir.path(), &format!("mqtt://{broker}"), "it-sync-kill")
         .replace("enabled = false", "enabled = true")
+        // Sync and metrics on; the registry rollout stays off.
+        .replace(
+            "enabled = true\nmodels = [\"nab-machine-temp\"]",
+            "enabled = false\nmodels = [\"nab-machine-temp\"]",
+        )
         .replace("http://127.0.0.1:8443", &cloud.url())
         .replace(
             "/etc/edge-agent/token",
