@@ -599,3 +599,127 @@ async fn the_agent_boots_offline_and_serves_the_last_good_version_on_disk() {
     );
     assert_eq!(agent.terminate(Duration::from_secs(10)), Some(0));
 }
+
+/// Shadow mode through the registry: the deployment names a candidate, the
+/// agent installs it beside the active version, runs it on the same
+/// windows without publishing it, and reports the comparison, which the
+/// registry counts; clearing the shadow removes the candidate.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_shadow_candidate_from_the_registry_is_compared_and_reported() {
+    let cloud = Cloud::start().await;
+    let root = tempfile::tempdir().unwrap();
+    cloud.push("1.0.0", same).await;
+    cloud
+        .registry
+        .promote(NAME, "1.0.0", "default")
+        .await
+        .unwrap();
+    cloud.push("1.1.0", absurd_threshold).await;
+    let state = root.path().join("shadowed");
+    let token = cloud.store.add_device("shadowed").await.unwrap();
+    let rollout = settings(&state, vec![cloud.trusted()]);
+    let shadow_dir = rollout.shadow_dir.clone();
+    let mut device = Device::new(&cloud, &state, &token, rollout);
+    assert_eq!(
+        device.fetcher.poll(NAME).await.unwrap(),
+        Polled::Installed("1.0.0".into())
+    );
+    let first = device.packages().join("1.0.0");
+    swap::write_marker(&first, swap::ACCEPTED, "{}").unwrap();
+    let initial = LoadedModel::load(&first).unwrap();
+
+    let (swap_tx, swap_rx) = mpsc::channel(4);
+    let (shadow_tx, shadow_rx) = mpsc::channel(4);
+    let (summary_tx, summary_rx) = mpsc::channel(16);
+    let mut run = start(
+        &state,
+        vec![initial.clone()],
+        Duration::ZERO,
+        Some(swap_rx),
+        |s| s.with_shadows(shadow_rx, summary_tx),
+    )
+    .await;
+    let watcher = Watcher::new(
+        state.join("packages"),
+        Duration::from_millis(100),
+        verify_settings(),
+        std::slice::from_ref(&initial),
+        swap_tx,
+        run.metrics.clone(),
+    )
+    .with_reports(device.reports.clone())
+    .with_shadows(shadow_dir.clone(), shadow_tx, summary_rx);
+    let stop = CancellationToken::new();
+    let watching = tokio::spawn(watcher.run(stop.clone()));
+
+    cloud
+        .registry
+        .set_shadow(NAME, "default", Some(("1.1.0", 100)))
+        .await
+        .unwrap();
+    device.fetcher.poll(NAME).await.unwrap();
+    assert!(
+        shadow_dir
+            .join(NAME)
+            .join("1.1.0")
+            .join("model.onnx")
+            .is_file()
+    );
+    assert!(
+        !device.packages().join("1.1.0").exists(),
+        "a shadow candidate is never a serving version"
+    );
+    // Windows until the candidate has run beside the active model and a
+    // comparison was queued.
+    let mut seq = 1;
+    let mut windows = 0;
+    while !device
+        .queued()
+        .iter()
+        .any(|(e, v, _)| *e == RolloutEvent::Shadow && v == "1.1.0")
+    {
+        assert!(windows < 400, "no shadow report after {windows} windows");
+        seq = one_window(&run, seq).await;
+        let e = run.events.recv().await.unwrap();
+        assert_eq!(
+            e.prediction.model_version, "1.0.0",
+            "only the active version publishes"
+        );
+        windows += 1;
+    }
+    let shadow = device
+        .reports
+        .pending()
+        .into_iter()
+        .find_map(|(_, r)| r.shadow)
+        .unwrap();
+    assert_eq!(shadow.windows, 100);
+    assert!(
+        shadow.agreement < 0.01,
+        "the candidate flags every window: {shadow:?}"
+    );
+    let sent = get(&device.counters.rollout_reports_sent);
+    device.fetcher.deliver_reports(&device.reports).await;
+    assert!(device.queued().is_empty());
+    assert!(
+        get(&device.counters.rollout_reports_sent) > sent,
+        "the registry accepted the shadow report"
+    );
+    let overview = cloud.registry.overview(NAME, "default").await.unwrap();
+    assert_eq!(overview.shadow.map(|s| s.version), Some("1.1.0".to_owned()));
+
+    cloud
+        .registry
+        .set_shadow(NAME, "default", None)
+        .await
+        .unwrap();
+    device.fetcher.poll(NAME).await.unwrap();
+    assert!(
+        !shadow_dir.join(NAME).join("1.1.0").exists(),
+        "a cleared shadow is removed"
+    );
+    stop.cancel();
+    watching.await.unwrap();
+    run.finish().await;
+    cloud.stop().await;
+}
