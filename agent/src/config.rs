@@ -64,6 +64,9 @@ pub struct RawConfig {
     /// `[rollout]`; optional, the defaults apply when it is absent.
     #[serde(default)]
     pub rollout: RawRollout,
+    /// `[drift]`; optional, the defaults apply when it is absent.
+    #[serde(default)]
+    pub drift: crate::drift::RawDrift,
 }
 
 /// `[rollout]` as written.
@@ -452,6 +455,8 @@ pub struct Settings {
     pub rollout: Option<crate::rollout::RolloutSettings>,
     /// Trials of swapped-in versions; `None` when disabled.
     pub trial: Option<crate::inference::trial::TrialSettings>,
+    /// Drift monitoring; `None` when disabled.
+    pub drift: Option<crate::drift::DriftSettings>,
 }
 
 /// Validated MQTT settings (shared by ingest and the publisher).
@@ -1059,6 +1064,7 @@ impl RawConfig {
             &a.state_dir,
             &mut errs,
         );
+        let drift = crate::drift::validate(&self.drift, &a.state_dir, &mut errs);
 
         if !errs.is_empty() {
             return Err(ConfigError::Invalid(errs));
@@ -1112,6 +1118,7 @@ impl RawConfig {
             log,
             rollout,
             trial,
+            drift,
         })
     }
 }

@@ -45,6 +45,9 @@ pub enum AgentError {
     /// Sync failed.
     #[error("sync failed")]
     Sync(#[from] SyncError),
+    /// Drift monitoring could not start.
+    #[error("drift monitoring failed to start")]
+    Drift(#[from] crate::drift::DriftError),
     /// The rollout stage could not start.
     #[error("rollout failed to start")]
     Rollout(#[from] RolloutError),
@@ -165,7 +168,8 @@ pub async fn run(
         counters.clone(),
     )
     .with_batch_max_wait(settings.inference.batch_max_wait)
-    .with_active_models(active_tx);
+    .with_active_models(active_tx)
+    .with_drift(crate::drift::spawn(&settings, &token)?);
     let inference = match settings.inference.watch_interval {
         Some(interval) => {
             let (swap_tx, swap_rx) = mpsc::channel(4);
