@@ -45,6 +45,7 @@ pub struct AppState {
     max_body_bytes: usize,
     request_timeout: Duration,
     registry: Option<Registry>,
+    drift: Option<crate::drift::Drift>,
 }
 
 impl AppState {
@@ -56,7 +57,22 @@ impl AppState {
             max_body_bytes: settings.max_body_bytes,
             request_timeout: settings.request_timeout,
             registry: None,
+            drift: None,
         }
+    }
+
+    /// The same state serving the drift routes from `drift` (without it
+    /// they answer 503 `drift_unavailable`).
+    #[must_use]
+    pub fn with_drift(mut self, drift: crate::drift::Drift) -> Self {
+        self.drift = Some(drift);
+        self
+    }
+
+    /// Drift storage, when the state has it.
+    #[must_use]
+    pub fn drift(&self) -> Option<&crate::drift::Drift> {
+        self.drift.as_ref()
     }
 
     /// The same state serving the model registry's routes from `registry`
@@ -341,6 +357,7 @@ fn route_table() -> Vec<(Method, String, MethodRouter<AppState>)> {
     ]
     .into_iter()
     .chain(crate::registry::http::routes())
+    .chain(crate::drift::http::routes())
     .collect()
 }
 
@@ -586,7 +603,7 @@ fn decode_compact_batch(plain: &[u8]) -> Result<UploadBatch, ApiError> {
 }
 
 /// Bodies other than batches have no compact form ([`body_format`] refuses it).
-fn no_compact_form<T>(_plain: &[u8]) -> Result<T, ApiError> {
+pub(crate) fn no_compact_form<T>(_plain: &[u8]) -> Result<T, ApiError> {
     Err(ApiError::UnsupportedMediaType {
         content_type: codec::MEDIA_TYPE.to_owned(),
         accepted: JSON_MEDIA_TYPE,
@@ -594,7 +611,7 @@ fn no_compact_form<T>(_plain: &[u8]) -> Result<T, ApiError> {
 }
 
 /// Reads, decompresses and decodes a request body within the size caps.
-async fn read_body<T: serde::de::DeserializeOwned + Send + 'static>(
+pub(crate) async fn read_body<T: serde::de::DeserializeOwned + Send + 'static>(
     state: &AppState,
     request: Request,
     accepted: &'static str,

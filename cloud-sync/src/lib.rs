@@ -19,6 +19,8 @@
 //! - [`openapi`]: the OpenAPI 3.1 document served at `/openapi.json`.
 //! - [`registry`]: the model registry: signed, content-addressed model
 //!   versions with stages per device group, and its API handlers.
+//! - [`drift`]: devices' drift summaries (stored once per device, model
+//!   and window), the fleet view per model and fleet alerts.
 //! - [`tls`]: HTTPS with rustls, client certificates, the TLS accept loop.
 //! - this file: [`start`] / [`Server`] for in-process use (tests, demos) and
 //!   [`serve`] for the binary.
@@ -28,6 +30,7 @@
 pub mod api;
 pub mod auth;
 pub mod config;
+pub mod drift;
 pub mod openapi;
 pub mod registry;
 pub mod store;
@@ -57,6 +60,9 @@ pub enum ServeError {
     /// The model registry (its tables or artifact directory) could not be opened.
     #[error("cannot open model registry")]
     Registry(#[from] RegistryError),
+    /// The drift tables could not be opened.
+    #[error("cannot open drift storage")]
+    Drift(#[from] drift::DriftError),
     /// The listen address could not be bound.
     #[error("cannot bind listen_addr {addr}")]
     Bind {
@@ -107,7 +113,10 @@ pub async fn start(settings: Settings, shutdown: CancellationToken) -> Result<Se
         })?;
     let addr = listener.local_addr().map_err(ServeError::LocalAddr)?;
     let registry = Registry::open(&settings.registry, &settings.storage).await?;
-    let router = app(AppState::new(store.clone(), &settings).with_registry(registry));
+    let drift = drift::Drift::open(&settings.storage, settings.drift.clone()).await?;
+    let router = app(AppState::new(store.clone(), &settings)
+        .with_registry(registry)
+        .with_drift(drift));
     let task = match &settings.tls {
         None => {
             let signal = shutdown.clone().cancelled_owned();

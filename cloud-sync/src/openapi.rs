@@ -494,5 +494,6 @@ pub fn document() -> Value {
         }
     });
     crate::registry::openapi::extend(&mut document);
+    crate::drift::openapi::extend(&mut document);
     document
 }

@@ -632,7 +632,7 @@ impl InferenceStage {
                 tracing::debug!(model = %slot.model.name, source = %reading.source, seq = reading.seq, "late reading dropped");
             }
             Counters::add(&self.metrics.gap_resets, pushed.gap_resets);
-            (self.drift).reading(&slot.model, &reading, pushed.gap_resets);
+            self.drift.reading(&slot.model, &reading, pushed.gap_resets);
             for w in pushed.windows {
                 Counters::add(&self.metrics.windows, 1);
                 let slot = &mut self.slots[ix];
@@ -737,7 +737,7 @@ impl InferenceStage {
                 .await;
         }
         self.judge(ix);
-        (self.drift).scores(
+        self.drift.scores(
             &model,
             predictions.iter().map(|(p, _)| (p.score, p.is_anomaly)),
         );

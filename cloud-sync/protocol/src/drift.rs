@@ -149,7 +149,7 @@ pub struct FleetFeature {
 
 /// Raised when more than the configured share of a model's reporting
 /// devices alert within one window. This is the hook retraining uses.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct FleetAlert {
     /// Model name.
     pub model: String,
