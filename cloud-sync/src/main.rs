@@ -336,7 +336,10 @@ async fn drift_alerts(settings: Settings, since_ms: i64, json: bool) -> anyhow::
     let drift = cloud_sync::drift::Drift::open(&settings.storage, settings.drift.clone())
         .await
         .with_context(|| format!("database {}", settings.storage))?;
-    let alerts = drift.alerts(since_ms).await.context("cannot list drift alerts")?;
+    let alerts = drift
+        .alerts(since_ms)
+        .await
+        .context("cannot list drift alerts")?;
     if json {
         println!("{}", serde_json::to_string_pretty(&alerts)?);
     } else {

@@ -231,3 +231,98 @@ fn bad_drift_keys_are_named() {
     assert!(validate(&off, Path::new("/tmp"), &mut errs).is_none());
     assert!(errs.is_empty());
 }
+
+/// Delivery to a real in-process cloud-sync on a port-0 socket.
+#[cfg(feature = "demo")]
+#[tokio::test]
+async fn summaries_are_delivered_once_refused_ones_set_aside_and_bad_tokens_retried() {
+    use crate::config::{Secret, SyncSettings};
+    use sync_protocol::drift::ScoreStats;
+
+    let dir = tempfile::tempdir().unwrap();
+    let stop = CancellationToken::new();
+    let cloud = cloud_sync::start(
+        cloud_sync::Settings::for_database(dir.path().join("cloud.db")),
+        stop.clone(),
+    )
+    .await
+    .unwrap();
+    let token = cloud.store().add_device("dev-1").await.unwrap();
+    let operator = cloud.store().add_operator("ops").await.unwrap();
+    let sync = |token: &str| SyncSettings {
+        url: format!("http://{}", cloud.addr),
+        token: Secret::new(token.to_owned()),
+        batch_max_rows: 500,
+        interval: Duration::from_millis(50),
+        request_timeout: Duration::from_secs(5),
+        backoff_min: Duration::from_millis(20),
+        backoff_max: Duration::from_millis(200),
+        batch_max_bytes: 1 << 20,
+        batch_max_delay: Duration::from_millis(50),
+        backlog_rows_per_sec: None,
+        heartbeat_interval: None,
+        tls: None,
+    };
+    let summary = |start: i64| DriftSummary {
+        model: "nab-machine-temp".into(),
+        version: "1.0.0".into(),
+        window_start_ms: start,
+        window_end_ms: start + 1000,
+        features: vec![],
+        scores: ScoreStats::default(),
+        stale: vec![],
+        nan_skipped: 0,
+        gap_resets: 0,
+        alert: true,
+        reasons: vec!["test".into()],
+    };
+    let queue = DriftQueue::open(&dir.path().join("q")).unwrap();
+    let metrics = Arc::new(DriftMetrics::default());
+
+    queue.push(summary(1000)).await;
+    let wrong = deliver::Deliverer::new(
+        &sync("0".repeat(64).as_str()),
+        "dev-1",
+        queue.clone(),
+        metrics.clone(),
+    )
+    .unwrap();
+    assert_eq!(wrong.pass().await, deliver::Pass::Retry, "401 is retried");
+    assert_eq!(queue.pending().len(), 1, "nothing leaves the queue on 401");
+
+    let right =
+        deliver::Deliverer::new(&sync(&token), "dev-1", queue.clone(), metrics.clone()).unwrap();
+    queue.push(summary(1000)).await; // the same window again (a replay)
+    let mut bad = summary(5000);
+    bad.window_end_ms = bad.window_start_ms;
+    queue.push(bad).await;
+    queue.push(summary(9000)).await;
+    assert_eq!(right.pass().await, deliver::Pass::Drained);
+    assert!(queue.pending().is_empty());
+    assert_eq!(metrics.sent.load(Ordering::Relaxed), 3);
+    assert_eq!(
+        std::fs::read_dir(dir.path().join("q/refused"))
+            .unwrap()
+            .count(),
+        1,
+        "the 422 is set aside"
+    );
+
+    let reply = reqwest::Client::new()
+        .get(format!(
+            "http://{}{}",
+            cloud.addr,
+            sync_protocol::drift::model_drift_path("nab-machine-temp")
+        ))
+        .bearer_auth(&operator)
+        .send()
+        .await
+        .unwrap();
+    let fleet: sync_protocol::drift::FleetDrift = reply.json().await.unwrap();
+    assert_eq!(
+        (fleet.summaries, fleet.devices_alerting),
+        (2, 1),
+        "the replay is stored once"
+    );
+    stop.cancel();
+}

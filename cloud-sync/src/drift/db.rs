@@ -256,7 +256,12 @@ impl Db {
     ///
     /// # Errors
     /// A database failure.
-    pub async fn summaries(&self, model: &str, from_ms: i64, to_ms: i64) -> Result<Vec<SummaryRow>> {
+    pub async fn summaries(
+        &self,
+        model: &str,
+        from_ms: i64,
+        to_ms: i64,
+    ) -> Result<Vec<SummaryRow>> {
         let model = model.to_owned();
         match self {
             Db::Sqlite(tx) => {
@@ -284,11 +289,11 @@ impl Db {
                     let guard = pg.lock().await?;
                     let c = guard.as_ref().ok_or(DbError::Closed)?;
                     c.query(
-                            "SELECT device, window_start_ms, alert, body FROM drift_summaries
+                        "SELECT device, window_start_ms, alert, body FROM drift_summaries
                              WHERE model = $1 AND window_start_ms >= $2 AND window_start_ms < $3",
-                            &[&model, &from_ms, &to_ms],
-                        )
-                        .await?
+                        &[&model, &from_ms, &to_ms],
+                    )
+                    .await?
                 };
                 rows.iter()
                     .map(|r| {
@@ -329,12 +334,18 @@ impl Db {
                     let guard = pg.lock().await?;
                     let c = guard.as_ref().ok_or(DbError::Closed)?;
                     c.execute(
-                            "INSERT INTO fleet_alerts (model, window_start_ms, devices_reporting,
+                        "INSERT INTO fleet_alerts (model, window_start_ms, devices_reporting,
                                 devices_alerting, raised_ms)
                              VALUES ($1, $2, $3, $4, $5) ON CONFLICT DO NOTHING",
-                            &[&a.model, &a.window_start_ms, &reporting, &alerting, &a.raised_ms],
-                        )
-                        .await?
+                        &[
+                            &a.model,
+                            &a.window_start_ms,
+                            &reporting,
+                            &alerting,
+                            &a.raised_ms,
+                        ],
+                    )
+                    .await?
                 };
                 Ok(n == 1)
             }
@@ -508,7 +519,10 @@ async fn pg_open(settings: &PostgresSettings) -> Result<Db> {
         )
         .await?;
         tx.commit().await?;
-        tracing::info!(version = found + 1, "applied drift postgresql schema migration");
+        tracing::info!(
+            version = found + 1,
+            "applied drift postgresql schema migration"
+        );
     }
     Ok(Db::Postgres(Arc::new(PgDb {
         config: settings.config.clone(),

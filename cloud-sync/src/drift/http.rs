@@ -95,9 +95,13 @@ async fn post_summary(
     request: Request,
 ) -> Result<Json<DriftAck>, HttpError> {
     let drift = drift(&state)?.clone();
-    let summary: DriftSummary =
-        crate::api::read_body(&state, request, JSON_MEDIA_TYPE, crate::api::no_compact_form)
-            .await?;
+    let summary: DriftSummary = crate::api::read_body(
+        &state,
+        request,
+        JSON_MEDIA_TYPE,
+        crate::api::no_compact_form,
+    )
+    .await?;
     let stored = drift.store(&auth.device, &summary).await?;
     tracing::debug!(device = %auth.device, model = %summary.model, stored = stored.stored, "drift summary");
     Ok(Json(DriftAck {
@@ -113,7 +117,11 @@ async fn model_drift(
 ) -> Result<Json<FleetDrift>, HttpError> {
     let Path(model) = model.map_err(ApiError::BadPath)?;
     let Query(q) = query.map_err(ApiError::BadQuery)?;
-    Ok(Json(drift(&state)?.fleet(&model, q.since_ms.unwrap_or(0)).await?))
+    Ok(Json(
+        drift(&state)?
+            .fleet(&model, q.since_ms.unwrap_or(0))
+            .await?,
+    ))
 }
 
 async fn list_alerts(

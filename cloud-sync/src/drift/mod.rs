@@ -107,7 +107,10 @@ impl DriftConfig {
         if self.fleet_window_secs == 0 || self.fleet_window_secs > 30 * 86_400 {
             problem(
                 "drift.fleet_window_secs",
-                format!("must be between 1 and 2592000, got {}", self.fleet_window_secs),
+                format!(
+                    "must be between 1 and 2592000, got {}",
+                    self.fleet_window_secs
+                ),
             );
         }
         if self.fleet_alert_percent > 99 {
@@ -313,28 +316,39 @@ fn name_ok(s: &str) -> bool {
 
 fn validate(s: &DriftSummary) -> Result<()> {
     if !name_ok(&s.model) {
-        return Err(DriftError::Invalid("model must be 1-128 bytes without control characters"));
+        return Err(DriftError::Invalid(
+            "model must be 1-128 bytes without control characters",
+        ));
     }
     if !name_ok(&s.version) {
-        return Err(DriftError::Invalid("version must be 1-128 bytes without control characters"));
+        return Err(DriftError::Invalid(
+            "version must be 1-128 bytes without control characters",
+        ));
     }
     if s.window_end_ms <= s.window_start_ms {
-        return Err(DriftError::Invalid("window_end_ms must be after window_start_ms"));
+        return Err(DriftError::Invalid(
+            "window_end_ms must be after window_start_ms",
+        ));
     }
     if s.features.len() > MAX_ITEMS || s.stale.len() > MAX_ITEMS || s.reasons.len() > MAX_ITEMS {
-        return Err(DriftError::Invalid("at most 1024 features, stale sensors and reasons"));
+        return Err(DriftError::Invalid(
+            "at most 1024 features, stale sensors and reasons",
+        ));
     }
-    if s
-        .features
+    if s.features
         .iter()
         .any(|f| !name_ok(&f.stream) || !name_ok(&f.field))
     {
-        return Err(DriftError::Invalid("feature stream and field must be 1-128 bytes"));
+        return Err(DriftError::Invalid(
+            "feature stream and field must be 1-128 bytes",
+        ));
     }
     let finite = |v: Option<f64>| v.is_none_or(f64::is_finite);
-    if !s.features.iter().all(|f| {
-        finite(f.psi) && finite(f.mean_shift) && finite(f.mean) && finite(f.std)
-    }) {
+    if !s
+        .features
+        .iter()
+        .all(|f| finite(f.psi) && finite(f.mean_shift) && finite(f.mean) && finite(f.std))
+    {
         return Err(DriftError::Invalid("statistics must be finite"));
     }
     Ok(())

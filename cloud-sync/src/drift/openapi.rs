@@ -92,10 +92,12 @@ fn paths() -> serde_json::Map<String, Value> {
 
 fn schemas() -> serde_json::Map<String, Value> {
     let int = |d: &str| json!({ "type": "integer", "format": "int64", "description": d });
-    let count = |d: &str| json!({ "type": "integer", "minimum": 0, "format": "uint64", "description": d });
+    let count =
+        |d: &str| json!({ "type": "integer", "minimum": 0, "format": "uint64", "description": d });
     let num = |d: &str| json!({ "type": ["number", "null"], "description": d });
     let s = |d: &str| json!({ "type": "string", "description": d });
-    let strings = |d: &str| json!({ "type": "array", "items": { "type": "string" }, "description": d });
+    let strings =
+        |d: &str| json!({ "type": "array", "items": { "type": "string" }, "description": d });
     let mut map = serde_json::Map::new();
     map.insert("FeatureDrift".into(), json!({
         "type": "object",
@@ -112,18 +114,21 @@ fn schemas() -> serde_json::Map<String, Value> {
         "required": ["stream", "field", "count", "mean", "std", "min", "max", "horizon_count", "psi", "mean_shift"],
         "additionalProperties": false
     }));
-    map.insert("ScoreStats".into(), json!({
-        "type": "object",
-        "properties": {
-            "count": count("Windows scored."),
-            "over_p99_share": num("Share of scores over the baseline score_p99."),
-            "anomaly_share": num("Share of scores flagged anomalous."),
-            "median": num("Approximate median score."),
-            "baseline_p50": num("The baseline's score_p50.")
-        },
-        "required": ["count", "over_p99_share", "anomaly_share", "median", "baseline_p50"],
-        "additionalProperties": false
-    }));
+    map.insert(
+        "ScoreStats".into(),
+        json!({
+            "type": "object",
+            "properties": {
+                "count": count("Windows scored."),
+                "over_p99_share": num("Share of scores over the baseline score_p99."),
+                "anomaly_share": num("Share of scores flagged anomalous."),
+                "median": num("Approximate median score."),
+                "baseline_p50": num("The baseline's score_p50.")
+            },
+            "required": ["count", "over_p99_share", "anomaly_share", "median", "baseline_p50"],
+            "additionalProperties": false
+        }),
+    );
     map.insert("DriftSummary".into(), json!({
         "type": "object",
         "description": "One model's inputs and scores on one device over one window.",
@@ -142,22 +147,28 @@ fn schemas() -> serde_json::Map<String, Value> {
         "required": ["model", "version", "window_start_ms", "window_end_ms", "features", "scores", "alert"],
         "additionalProperties": false
     }));
-    map.insert("DriftAck".into(), json!({
-        "type": "object",
-        "properties": { "stored": { "type": "boolean", "description": "False for a replay." } },
-        "required": ["stored"],
-        "additionalProperties": false
-    }));
-    map.insert("FleetFeature".into(), json!({
-        "type": "object",
-        "properties": {
-            "stream": s("Stream."), "field": s("Field."),
-            "mean_psi": num("Mean PSI."), "mean_shift": num("Mean of the mean shifts."),
-            "summaries": count("Summaries that judged it.")
-        },
-        "required": ["stream", "field", "mean_psi", "mean_shift", "summaries"],
-        "additionalProperties": false
-    }));
+    map.insert(
+        "DriftAck".into(),
+        json!({
+            "type": "object",
+            "properties": { "stored": { "type": "boolean", "description": "False for a replay." } },
+            "required": ["stored"],
+            "additionalProperties": false
+        }),
+    );
+    map.insert(
+        "FleetFeature".into(),
+        json!({
+            "type": "object",
+            "properties": {
+                "stream": s("Stream."), "field": s("Field."),
+                "mean_psi": num("Mean PSI."), "mean_shift": num("Mean of the mean shifts."),
+                "summaries": count("Summaries that judged it.")
+            },
+            "required": ["stream", "field", "mean_psi", "mean_shift", "summaries"],
+            "additionalProperties": false
+        }),
+    );
     map.insert("FleetDrift".into(), json!({
         "type": "object",
         "properties": {

@@ -137,11 +137,17 @@ async fn scenario(f: &Fixture) -> Result<()> {
     // Idempotent per (device, model, window_start_ms).
     let first = summary(w0 + 1000, false, 0.5, 0.2);
     let (status, ack) = post_summary(f, "d1", Some(&tokens[0]), &first).await?;
-    assert_eq!((status, ack), (StatusCode::OK, Some(DriftAck { stored: true })));
+    assert_eq!(
+        (status, ack),
+        (StatusCode::OK, Some(DriftAck { stored: true }))
+    );
     let mut replay = first.clone();
     replay.alert = true;
     let (status, ack) = post_summary(f, "d1", Some(&tokens[0]), &replay).await?;
-    assert_eq!((status, ack), (StatusCode::OK, Some(DriftAck { stored: false })));
+    assert_eq!(
+        (status, ack),
+        (StatusCode::OK, Some(DriftAck { stored: false }))
+    );
 
     // Device A cannot post as B; operators never post; no token is 401.
     let (status, _) = post_summary(f, "d2", Some(&tokens[0]), &first).await?;
@@ -157,7 +163,13 @@ async fn scenario(f: &Fixture) -> Result<()> {
 
     // Previous fleet window: every device reports, none alerts.
     for (i, d) in ["d2", "d3", "d4"].iter().enumerate() {
-        post_summary(f, d, Some(&tokens[i + 1]), &summary(w0 + 1000, false, 0.5, 0.2)).await?;
+        post_summary(
+            f,
+            d,
+            Some(&tokens[i + 1]),
+            &summary(w0 + 1000, false, 0.5, 0.2),
+        )
+        .await?;
     }
     assert!(alerts(f, &op).await?.is_empty());
 
@@ -165,7 +177,10 @@ async fn scenario(f: &Fixture) -> Result<()> {
     post_summary(f, "d1", Some(&tokens[0]), &summary(w1 + 5, true, 4.0, 2.5)).await?;
     post_summary(f, "d2", Some(&tokens[1]), &summary(w1 + 7, true, 6.0, 3.5)).await?;
     post_summary(f, "d3", Some(&tokens[2]), &summary(w1 + 9, false, 1.0, 0.5)).await?;
-    assert!(alerts(f, &op).await?.is_empty(), "at the threshold: no fleet alert");
+    assert!(
+        alerts(f, &op).await?.is_empty(),
+        "at the threshold: no fleet alert"
+    );
 
     // The third alerting device crosses it.
     let (status, _) =
@@ -185,7 +200,11 @@ async fn scenario(f: &Fixture) -> Result<()> {
     // Another alerting window in the same fleet window raises nothing new.
     post_summary(f, "d4", Some(&tokens[3]), &summary(w1 + 99, true, 5.0, 3.0)).await?;
     assert_eq!(alerts(f, &op).await?.len(), 1);
-    let reply = send(&f.router, get(&format!("{}?since_ms={}", alerts_path(), w1 + 1), Some(&op))?).await?;
+    let reply = send(
+        &f.router,
+        get(&format!("{}?since_ms={}", alerts_path(), w1 + 1), Some(&op))?,
+    )
+    .await?;
     assert_eq!(reply.json::<Vec<FleetAlert>>()?.len(), 0);
 
     // Aggregation over the fleet window.
@@ -193,12 +212,25 @@ async fn scenario(f: &Fixture) -> Result<()> {
     let reply = send(&f.router, get(&path, Some(&op))?).await?;
     assert_eq!(reply.status, StatusCode::OK);
     let fleet: FleetDrift = reply.json()?;
-    assert_eq!((fleet.summaries, fleet.devices_reporting, fleet.devices_alerting), (5, 4, 3));
+    assert_eq!(
+        (
+            fleet.summaries,
+            fleet.devices_reporting,
+            fleet.devices_alerting
+        ),
+        (5, 4, 3)
+    );
     assert_eq!(fleet.features.len(), 1);
     let psi = fleet.features[0].mean_psi.unwrap_or(f64::NAN);
-    assert!((psi - (4.0 + 6.0 + 1.0 + 5.0 + 5.0) / 5.0).abs() < 1e-9, "{psi}");
+    assert!(
+        (psi - (4.0 + 6.0 + 1.0 + 5.0 + 5.0) / 5.0).abs() < 1e-9,
+        "{psi}"
+    );
     let shift = fleet.features[0].mean_shift.unwrap_or(f64::NAN);
-    assert!((shift - (2.5 + 3.5 + 0.5 + 3.0 + 3.0) / 5.0).abs() < 1e-9, "{shift}");
+    assert!(
+        (shift - (2.5 + 3.5 + 0.5 + 3.0 + 3.0) / 5.0).abs() < 1e-9,
+        "{shift}"
+    );
     // Reads are for operators.
     let reply = send(&f.router, get(&path, Some(&tokens[0]))?).await?;
     assert_eq!(reply.status, StatusCode::FORBIDDEN);
@@ -232,13 +264,20 @@ async fn drift_alerts_cli_lists_the_fleet_alert() -> Result<()> {
     };
     std::fs::write(
         &config,
-        format!("database_path = {:?}\n[drift]\nfleet_alert_percent = 50\n", path.display().to_string()),
+        format!(
+            "database_path = {:?}\n[drift]\nfleet_alert_percent = 50\n",
+            path.display().to_string()
+        ),
     )?;
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_cloud-sync"))
         .args(["drift", "alerts", "--json", "--config"])
         .arg(&config)
         .output()?;
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let listed: Vec<FleetAlert> = serde_json::from_slice(&out.stdout)?;
     assert_eq!(listed.len(), 1);
     assert_eq!(listed[0].devices_alerting, 3);
