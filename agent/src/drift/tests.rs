@@ -326,3 +326,106 @@ async fn summaries_are_delivered_once_refused_ones_set_aside_and_bad_tokens_retr
     );
     stop.cancel();
 }
+
+/// The real inference stage feeds the monitor: readings, a skipped window
+/// and the scores of the shipped NAB model.
+#[tokio::test(start_paused = true)]
+async fn the_inference_stage_feeds_readings_skips_and_scores() {
+    use crate::buffer::Buffer;
+    use crate::config::BufferSettings;
+    use crate::inference::InferenceStage;
+
+    let dir = tempfile::tempdir().unwrap();
+    let s = DriftSettings {
+        horizon_windows: 1,
+        ..settings(dir.path())
+    };
+    let window = s.window;
+    let (monitor, tap) = monitor(s).unwrap();
+    let queue = monitor.queue();
+    let metrics = monitor.metrics();
+    let stop_monitor = CancellationToken::new();
+    let monitor_task = tokio::spawn(monitor.run(stop_monitor.clone()));
+    tokio::task::yield_now().await;
+
+    let (buffer, thread) =
+        Buffer::open(&BufferSettings::for_path(dir.path().join("buffer.db"))).unwrap();
+    let (tx, rx) = mpsc::channel(4096);
+    let (out_tx, mut out_rx) = mpsc::channel(4096);
+    let stage = InferenceStage::new(
+        vec![nab_model()],
+        rx,
+        buffer,
+        out_tx,
+        Arc::new(Counters::default()),
+    )
+    .with_drift(tap.clone());
+    let stage_task = tokio::spawn(stage.run(CancellationToken::new()));
+    let values = nab_before_failure();
+    for (i, &v) in values.iter().take(300).enumerate() {
+        let mut r = reading("machine-1", v);
+        r.seq = i as u64 + 1;
+        r.device_ts_ms = Some(1_000_000 + i as i64 * 300_000);
+        if i == 100 {
+            r.values.insert("value".into(), f64::NAN);
+        }
+        tx.send(r).await.unwrap();
+    }
+    drop(tx);
+    stage_task.await.unwrap().unwrap();
+    let mut published = 0;
+    while out_rx.recv().await.is_some() {
+        published += 1;
+    }
+    drop(thread);
+
+    // Design: the paused clock auto-advances while the buffer thread
+    // commits, so the series may span several windows; totals must match.
+    let started = std::time::Instant::now();
+    let summaries: Vec<DriftSummary> = loop {
+        tokio::time::advance(window).await;
+        for _ in 0..100 {
+            tokio::task::yield_now().await;
+        }
+        let queued: Vec<DriftSummary> = queue.pending().into_iter().map(|(_, s)| s).collect();
+        let seen: u64 = queued
+            .iter()
+            .map(|s| s.features[0].count + s.features[0].missing)
+            .sum();
+        if seen >= 300 {
+            break queued;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(20),
+            "only {seen} values summarised"
+        );
+    };
+    stop_monitor.cancel();
+    monitor_task.await.unwrap();
+    assert_eq!(metrics.events_dropped.load(Ordering::Relaxed), 0);
+    let total = |f: &dyn Fn(&DriftSummary) -> u64| summaries.iter().map(f).sum::<u64>();
+    for s in &summaries {
+        assert_eq!(
+            (s.model.as_str(), s.version.as_str()),
+            ("nab-machine-temp", "1.0.0")
+        );
+        assert_eq!(s.scores.baseline_p50, Some(9.495_649));
+    }
+    assert_eq!(total(&|s| s.features[0].count), 299);
+    assert_eq!(total(&|s| s.features[0].missing), 1);
+    assert!(
+        total(&|s| s.nan_skipped) >= 1,
+        "windows over the NaN are skipped"
+    );
+    assert_eq!(
+        total(&|s| s.scores.count),
+        published,
+        "every published score is seen"
+    );
+    assert!(published > 40);
+    assert!(summaries.iter().any(|s| s.scores.median.is_some()));
+    assert!(
+        summaries.iter().any(|s| s.features[0].psi.is_some()),
+        "a one-window horizon with min_samples values is judged"
+    );
+}
