@@ -4,6 +4,7 @@
 
 mod crash;
 mod drain;
+mod drift;
 mod inference;
 mod mqtt;
 mod sync;
