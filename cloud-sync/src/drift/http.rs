@@ -45,27 +45,32 @@ pub enum HttpError {
     Drift(#[from] DriftError),
 }
 
-impl IntoResponse for HttpError {
-    fn into_response(self) -> Response {
-        let (status, code) = match &self {
-            HttpError::Api(_) => {
-                if let HttpError::Api(err) = self {
-                    return err.into_response();
-                }
-                (StatusCode::INTERNAL_SERVER_ERROR, "internal_error")
-            }
+impl HttpError {
+    fn status_and_code(&self) -> (StatusCode, &'static str) {
+        match self {
+            HttpError::Api(err) => err.status_and_code(),
             HttpError::Unavailable => (StatusCode::SERVICE_UNAVAILABLE, "drift_unavailable"),
             HttpError::Drift(DriftError::Invalid(_)) => {
                 (StatusCode::UNPROCESSABLE_ENTITY, "invalid_summary")
             }
             HttpError::Drift(_) => (StatusCode::INTERNAL_SERVER_ERROR, "storage_error"),
-        };
-        let message = if status.is_server_error() {
-            tracing::error!(code, error = ?self, "drift request failed");
-            self.to_string()
+        }
+    }
+}
+
+impl IntoResponse for HttpError {
+    fn into_response(self) -> Response {
+        if let HttpError::Api(err) = self {
+            return err.into_response();
+        }
+        let (status, code) = self.status_and_code();
+        if status.is_server_error() {
+            tracing::error!(code, error = %error_chain(&self), "drift request failed");
         } else {
-            self.to_string()
-        };
+            tracing::debug!(code, error = %error_chain(&self), "drift request refused");
+        }
+        // Server-side details stay in the log.
+        let message = self.to_string();
         (
             status,
             Json(ErrorBody {
@@ -75,6 +80,17 @@ impl IntoResponse for HttpError {
         )
             .into_response()
     }
+}
+
+fn error_chain(err: &dyn std::error::Error) -> String {
+    let mut text = err.to_string();
+    let mut source = err.source();
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
 }
 
 fn drift(state: &AppState) -> Result<&Drift, HttpError> {
