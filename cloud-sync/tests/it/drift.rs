@@ -242,7 +242,70 @@ async fn scenario(f: &Fixture) -> Result<()> {
 
 #[tokio::test]
 async fn drift_on_sqlite() -> Result<()> {
-    scenario(&Fixture::sqlite().await?).await
+    let f = Fixture::sqlite().await?;
+    scenario(&f).await?;
+    documented_bodies(&f).await
+}
+
+/// The OpenAPI schemas accept the real bodies of the drift routes.
+async fn documented_bodies(f: &Fixture) -> Result<()> {
+    use crate::openapi::{request_schema, response_schema, validate};
+    let reply = send(
+        &f.router,
+        get(cloud_sync::sync_protocol::OPENAPI_PATH, None)?,
+    )
+    .await?;
+    let doc: serde_json::Value = reply.json()?;
+    let device_path = "/v1/devices/{device}/drift";
+    let body = serde_json::to_value(summary(DAY_MS, true, 4.0, 2.5))?;
+    validate(
+        &doc,
+        &request_schema(&doc, "post", device_path, "application/json")?,
+        &body,
+        "summary",
+    )?;
+    let ack = serde_json::to_value(DriftAck { stored: true })?;
+    validate(
+        &doc,
+        &response_schema(&doc, "post", device_path, 200)?,
+        &ack,
+        "ack",
+    )?;
+    let op = f.store.add_operator("ops-openapi").await?;
+    let fleet = send(
+        &f.router,
+        get(&model_drift_path("nab-machine-temp"), Some(&op))?,
+    )
+    .await?;
+    let fleet: serde_json::Value = fleet.json()?;
+    validate(
+        &doc,
+        &response_schema(&doc, "get", "/v1/models/{model}/drift", 200)?,
+        &fleet,
+        "fleet",
+    )?;
+    let alerts = send(&f.router, get(&alerts_path(), Some(&op))?).await?;
+    let alerts: serde_json::Value = alerts.json()?;
+    assert!(alerts.as_array().is_some_and(|a| !a.is_empty()));
+    validate(
+        &doc,
+        &response_schema(&doc, "get", "/v1/alerts", 200)?,
+        &alerts,
+        "alerts",
+    )?;
+    let mut broken = body.clone();
+    broken["surprise"] = serde_json::json!(1);
+    assert!(
+        validate(
+            &doc,
+            &request_schema(&doc, "post", device_path, "application/json")?,
+            &broken,
+            "broken"
+        )
+        .is_err(),
+        "the schema must refuse unknown fields"
+    );
+    Ok(())
 }
 
 #[tokio::test]
