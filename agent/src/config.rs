@@ -67,6 +67,9 @@ pub struct RawConfig {
     /// `[rollout]`; optional, the defaults apply when it is absent.
     #[serde(default)]
     pub rollout: RawRollout,
+    /// `[drift]`; optional, the defaults apply when it is absent.
+    #[serde(default)]
+    pub drift: crate::drift::RawDrift,
 }
 
 /// `[rollout]` as written.
@@ -484,6 +487,8 @@ pub struct Settings {
     pub rollout: Option<crate::rollout::RolloutSettings>,
     /// Trials of swapped-in versions; `None` when disabled.
     pub trial: Option<crate::inference::trial::TrialSettings>,
+    /// Drift monitoring; `None` when disabled.
+    pub drift: Option<crate::drift::DriftSettings>,
     /// The Prometheus endpoint; `None` when disabled.
     pub metrics: Option<MetricsSettings>,
 }
@@ -1101,6 +1106,7 @@ impl RawConfig {
             &mut errs,
         );
         let metrics = validate_metrics(&self.metrics, &mut errs);
+        let drift = crate::drift::validate(&self.drift, &a.state_dir, &mut errs);
 
         if !errs.is_empty() {
             return Err(ConfigError::Invalid(errs));
@@ -1155,6 +1161,7 @@ impl RawConfig {
             rollout,
             trial,
             metrics,
+            drift,
         })
     }
 }

@@ -6,6 +6,7 @@
 //! - [`ingest`]: MQTT subscription, payload decoding, ack-after-commit.
 //! - [`buffer`]: the SQLite buffer; the only module that touches rusqlite.
 //! - [`inference`]: model packages, feature windows, tract, prediction publishing.
+//! - [`drift`]: drift and data-quality summaries against the package baseline, queued and sent to `cloud-sync`.
 //! - [`sync`]: uploads to `cloud-sync` (live rows first, paced backlog, quarantine of refused rows), heartbeats.
 //! - [`supervisor`]: builds the stages, owns shutdown order and its deadline.
 //! - [`systemd`]: sd_notify readiness, stopping and watchdog pings gated on ingest health.
@@ -17,6 +18,7 @@ pub mod buffer;
 pub mod config;
 #[cfg(feature = "demo")]
 pub mod demo;
+pub mod drift;
 pub mod inference;
 pub mod ingest;
 pub mod metrics;

@@ -45,6 +45,9 @@ pub enum AgentError {
     /// Sync failed.
     #[error("sync failed")]
     Sync(#[from] SyncError),
+    /// Drift monitoring could not start.
+    #[error("drift monitoring failed to start")]
+    Drift(#[from] crate::drift::DriftError),
     /// The rollout stage could not start.
     #[error("rollout failed to start")]
     Rollout(#[from] RolloutError),
@@ -157,6 +160,8 @@ pub async fn run(
     });
 
     let token = CancellationToken::new();
+    let drift_tap = crate::drift::spawn(&settings, &token)?;
+    let drift_metrics = drift_tap.metrics();
     let inference = InferenceStage::new(
         models.clone(),
         ingest_rx,
@@ -165,7 +170,8 @@ pub async fn run(
         counters.clone(),
     )
     .with_batch_max_wait(settings.inference.batch_max_wait)
-    .with_active_models(active_tx);
+    .with_active_models(active_tx)
+    .with_drift(drift_tap);
     let (inference_metrics, model_registry) = (inference.metrics(), inference.model_registry());
     let inference = match settings.inference.watch_interval {
         Some(interval) => {
@@ -266,6 +272,7 @@ pub async fn run(
             inference: inference_metrics,
             models: model_registry,
             buffer: Some(buffer.clone()),
+            drift: drift_metrics,
             started_ms: crate::now_ms(),
         };
         let token = CancellationToken::new();

@@ -49,6 +49,7 @@ pub struct AppState {
     request_timeout: Duration,
     registry: Option<Registry>,
     metrics: Arc<Metrics>,
+    drift: Option<crate::drift::Drift>,
 }
 
 impl AppState {
@@ -61,6 +62,7 @@ impl AppState {
             request_timeout: settings.request_timeout,
             registry: None,
             metrics: Arc::default(),
+            drift: None,
         }
     }
 
@@ -68,6 +70,20 @@ impl AppState {
     #[must_use]
     pub fn metrics(&self) -> &Arc<Metrics> {
         &self.metrics
+    }
+
+    /// The same state serving the drift routes from `drift` (without it
+    /// they answer 503 `drift_unavailable`).
+    #[must_use]
+    pub fn with_drift(mut self, drift: crate::drift::Drift) -> Self {
+        self.drift = Some(drift);
+        self
+    }
+
+    /// Drift storage, when the state has it.
+    #[must_use]
+    pub fn drift(&self) -> Option<&crate::drift::Drift> {
+        self.drift.as_ref()
     }
 
     /// The same state serving the model registry's routes from `registry`
@@ -353,6 +369,7 @@ fn route_table() -> Vec<(Method, String, MethodRouter<AppState>)> {
     ]
     .into_iter()
     .chain(crate::registry::http::routes())
+    .chain(crate::drift::http::routes())
     .collect()
 }
 

@@ -139,6 +139,9 @@ pub struct Config {
     /// The model registry (`docs/model-registry.md`).
     #[serde(default)]
     pub registry: RegistryConfig,
+    /// Fleet drift alerts (`docs/drift.md`).
+    #[serde(default)]
+    pub drift: crate::drift::DriftConfig,
 }
 
 /// `[registry]`: where artifacts and signing keys live.
@@ -269,6 +272,7 @@ impl Default for Config {
             tls_key_file: None,
             tls_client_ca_file: None,
             registry: RegistryConfig::default(),
+            drift: crate::drift::DriftConfig::default(),
         }
     }
 }
@@ -431,6 +435,7 @@ impl Config {
         };
 
         let registry = self.registry.validate(&mut problem);
+        let drift = self.drift.validate(&mut problem);
 
         match (listen_addr, max_connections, max_body_bytes) {
             (Some(listen_addr), Some(max_connections), Some(max_body_bytes))
@@ -453,6 +458,7 @@ impl Config {
                     request_timeout: Duration::from_secs(self.request_timeout_secs),
                     tls,
                     registry,
+                    drift,
                 })
             }
             _ => Err(ConfigError::Invalid { problems }),
@@ -510,6 +516,8 @@ pub struct Settings {
     pub tls: Option<TlsSettings>,
     /// The model registry's files.
     pub registry: RegistrySettings,
+    /// Fleet drift alerts.
+    pub drift: crate::drift::DriftSettings,
 }
 
 /// HTTPS settings, loaded and checked by [`Config::validate`].
@@ -628,6 +636,7 @@ impl Settings {
             listen_addr: SocketAddr::from(([127, 0, 0, 1], 0)),
             metrics_listen_addr: None,
             registry: RegistrySettings::in_dir(dir),
+            drift: crate::drift::DriftSettings::default(),
             storage: StorageSettings::Sqlite { path },
             max_body_bytes: usize::try_from(DEFAULT_MAX_BODY_BYTES).unwrap_or(usize::MAX),
             request_timeout: Duration::from_secs(DEFAULT_REQUEST_TIMEOUT_SECS),
@@ -752,6 +761,7 @@ mod tests {
             tls_key_file: None,
             tls_client_ca_file: None,
             registry: RegistryConfig::default(),
+            drift: crate::drift::DriftConfig::default(),
         };
         let Err(ConfigError::Invalid { problems }) = config.validate() else {
             panic!("expected invalid config");

@@ -19,6 +19,8 @@
 //! - [`openapi`]: the OpenAPI 3.1 document served at `/openapi.json`.
 //! - [`registry`]: the model registry: signed, content-addressed model
 //!   versions with stages per device group, and its API handlers.
+//! - [`drift`]: devices' drift summaries (stored once per device, model
+//!   and window), the fleet view per model and fleet alerts.
 //! - [`tls`]: HTTPS with rustls, client certificates, the TLS accept loop.
 //! - [`metrics`]: API counters and the Prometheus `/metrics` listener
 //!   (`metrics_listen_addr`, separate from the API).
@@ -30,6 +32,7 @@
 pub mod api;
 pub mod auth;
 pub mod config;
+pub mod drift;
 pub mod metrics;
 pub mod openapi;
 pub mod registry;
@@ -60,6 +63,9 @@ pub enum ServeError {
     /// The model registry (its tables or artifact directory) could not be opened.
     #[error("cannot open model registry")]
     Registry(#[from] RegistryError),
+    /// The drift tables could not be opened.
+    #[error("cannot open drift storage")]
+    Drift(#[from] drift::DriftError),
     /// The listen address could not be bound.
     #[error("cannot bind listen_addr {addr}")]
     Bind {
@@ -122,7 +128,10 @@ pub async fn start(settings: Settings, shutdown: CancellationToken) -> Result<Se
         })?;
     let addr = listener.local_addr().map_err(ServeError::LocalAddr)?;
     let registry = Registry::open(&settings.registry, &settings.storage).await?;
-    let state = AppState::new(store.clone(), &settings).with_registry(registry);
+    let drift = drift::Drift::open(&settings.storage, settings.drift.clone()).await?;
+    let state = AppState::new(store.clone(), &settings)
+        .with_registry(registry)
+        .with_drift(drift);
     let (metrics_addr, metrics_listener) = match settings.metrics_listen_addr {
         Some(addr) => {
             let bind_err = |source| ServeError::MetricsBind { addr, source };

@@ -61,6 +61,27 @@ enum Command {
         #[command(subcommand)]
         command: ModelsCommand,
     },
+    /// Fleet drift monitoring (docs/drift.md).
+    Drift {
+        #[command(subcommand)]
+        command: DriftCommand,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum DriftCommand {
+    /// List fleet drift alerts (the retraining hook), oldest first.
+    Alerts {
+        /// Only fleet windows starting at or after this time (Unix ms).
+        #[arg(long, default_value_t = 0)]
+        since_ms: i64,
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+        /// Config file (TOML).
+        #[arg(long, value_name = "FILE")]
+        config: PathBuf,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -296,6 +317,16 @@ fn main() -> ExitCode {
         } => with_settings(&config, |settings| run(revoke_operator(settings, name))),
         Command::Keys { command } => registry_cli::keys(command),
         Command::Models { command } => registry_cli::models(command),
+        Command::Drift {
+            command:
+                DriftCommand::Alerts {
+                    since_ms,
+                    json,
+                    config,
+                },
+        } => with_settings(&config, |settings| {
+            run(drift_alerts(settings, since_ms, json))
+        }),
     }
 }
 
@@ -386,6 +417,22 @@ fn shutdown_signal()
             Ok("ctrl-c")
         })
     }
+}
+
+async fn drift_alerts(settings: Settings, since_ms: i64, json: bool) -> anyhow::Result<()> {
+    let drift = cloud_sync::drift::Drift::open(&settings.storage, settings.drift.clone())
+        .await
+        .with_context(|| format!("database {}", settings.storage))?;
+    let alerts = drift
+        .alerts(since_ms)
+        .await
+        .context("cannot list drift alerts")?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&alerts)?);
+    } else {
+        print!("{}", cloud_sync::drift::alerts_table(&alerts));
+    }
+    Ok(())
 }
 
 async fn add_device(settings: Settings, id: String) -> anyhow::Result<()> {

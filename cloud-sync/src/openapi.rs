@@ -512,5 +512,6 @@ pub fn document() -> Value {
         }
     });
     crate::registry::openapi::extend(&mut document);
+    crate::drift::openapi::extend(&mut document);
     document
 }

@@ -207,6 +207,7 @@ pub struct InferenceStage {
     shadow_reports: Option<mpsc::Sender<ShadowReport>>,
     active: Option<tokio::sync::watch::Sender<Vec<sync_protocol::ActiveModel>>>,
     models: Arc<ModelRegistry>,
+    drift: crate::drift::DriftTap,
 }
 
 impl InferenceStage {
@@ -237,7 +238,15 @@ impl InferenceStage {
             shadow_reports: None,
             active: None,
             models: registry,
+            drift: crate::drift::DriftTap::default(),
         }
+    }
+
+    /// Reports readings, skipped windows and scores to drift monitoring.
+    #[must_use]
+    pub fn with_drift(mut self, drift: crate::drift::DriftTap) -> Self {
+        self.drift = drift;
+        self
     }
 
     /// Longest a closed window waits for others to share its tract run
@@ -638,6 +647,7 @@ impl InferenceStage {
                 tracing::debug!(model = %slot.model.name, source = %reading.source, seq = reading.seq, "late reading dropped");
             }
             Counters::add(&self.metrics.gap_resets, pushed.gap_resets);
+            self.drift.reading(&slot.model, &reading, pushed.gap_resets);
             for w in pushed.windows {
                 Counters::add(&self.metrics.windows, 1);
                 let slot = &mut self.slots[ix];
@@ -653,6 +663,7 @@ impl InferenceStage {
                     }
                     Err(e) => {
                         Counters::add(&self.metrics.nan_skipped, 1);
+                        self.drift.nan_skipped(&slot.model);
                         tracing::debug!(model = %slot.model.name, source = %reading.source, end_seq = w.end_seq, error = %e, "window not scored");
                     }
                 }
@@ -742,6 +753,10 @@ impl InferenceStage {
                 .await;
         }
         self.judge(ix);
+        self.drift.scores(
+            &model,
+            predictions.iter().map(|(p, _)| (p.score, p.is_anomaly)),
+        );
         if predictions.is_empty() {
             return Ok(());
         }

@@ -98,6 +98,8 @@ pub struct Sources {
     pub models: Arc<ModelRegistry>,
     /// The buffer, for backlog figures; `None` leaves them out.
     pub buffer: Option<Buffer>,
+    /// Drift monitoring's counters and latest figures.
+    pub drift: Arc<crate::drift::DriftMetrics>,
     /// Process start, Unix ms (`edge_agent_start_time_seconds`; clock-suspect
     /// readings are counted from here).
     pub started_ms: i64,
@@ -226,6 +228,8 @@ pub fn render(sources: &Sources, stats: Option<&SyncStats>, now_ms: i64) -> Stri
         &series,
     );
 
+    render_drift(&mut w, &sources.drift);
+
     w.single(
         "edge_agent_buffer_stats_ok",
         "1 when this scrape read the buffer's backlog figures, 0 when the buffer did not answer.",
@@ -236,6 +240,67 @@ pub fn render(sources: &Sources, stats: Option<&SyncStats>, now_ms: i64) -> Stri
         render_buffer(&mut w, s, now_ms);
     }
     w.finish()
+}
+
+fn render_drift(w: &mut TextWriter, d: &crate::drift::DriftMetrics) {
+    for (name, help, n) in [
+        (
+            "edge_agent_drift_summaries_total",
+            "Drift summaries emitted (one per model and window).",
+            &d.summaries,
+        ),
+        (
+            "edge_agent_drift_alerts_total",
+            "Drift summaries that crossed a threshold.",
+            &d.alerts,
+        ),
+        (
+            "edge_agent_drift_events_dropped_total",
+            "Drift events dropped because the monitor was behind.",
+            &d.events_dropped,
+        ),
+        (
+            "edge_agent_drift_summaries_sent_total",
+            "Drift summaries delivered to the cloud.",
+            &d.sent,
+        ),
+        (
+            "edge_agent_drift_send_failures_total",
+            "Drift summary deliveries that failed (retried).",
+            &d.send_failures,
+        ),
+    ] {
+        w.single(name, help, Kind::Counter, f(Counters::get(n)));
+    }
+    let latest = d
+        .latest
+        .lock()
+        .map(|l| l.clone())
+        .unwrap_or_else(|p| p.into_inner().clone());
+    for (name, help, pick) in [
+        (
+            "edge_agent_drift_psi",
+            "Population stability index of a feature against the package baseline over the drift horizon (latest judged summary).",
+            (|l: &crate::drift::LatestDrift| l.psi)
+                as fn(&crate::drift::LatestDrift) -> Option<f64>,
+        ),
+        (
+            "edge_agent_drift_mean_shift_sigmas",
+            "Mean shift of a feature against the package baseline, in baseline standard deviations (latest judged summary).",
+            |l: &crate::drift::LatestDrift| l.mean_shift,
+        ),
+    ] {
+        w.header(name, help, Kind::Gauge);
+        for ((model, stream, field), l) in &latest {
+            if let Some(v) = pick(l) {
+                w.sample(
+                    name,
+                    &[("model", model), ("stream", stream), ("field", field)],
+                    v,
+                );
+            }
+        }
+    }
 }
 
 fn render_buffer(w: &mut TextWriter, s: &SyncStats, now_ms: i64) {
@@ -317,6 +382,7 @@ mod tests {
             inference: Arc::default(),
             models: Arc::default(),
             buffer: None,
+            drift: Arc::default(),
             started_ms: 1_700_000_000_000,
         }
     }
@@ -350,7 +416,7 @@ mod tests {
         }
         assert_eq!(
             families.len(),
-            COUNTERS.len() + INFERENCE_COUNTERS.len() + 14,
+            COUNTERS.len() + INFERENCE_COUNTERS.len() + 21,
             "{families:?}"
         );
     }

@@ -144,6 +144,7 @@ mod tests {
             inference: Arc::default(),
             models: Arc::default(),
             buffer: None,
+            drift: Arc::default(),
             started_ms: 0,
         }))
     }

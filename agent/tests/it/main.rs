@@ -4,6 +4,7 @@
 
 mod crash;
 mod drain;
+mod drift;
 mod inference;
 mod metrics;
 mod mqtt;

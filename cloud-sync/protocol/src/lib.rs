@@ -14,6 +14,7 @@
 
 pub mod archive;
 pub mod codec;
+pub mod drift;
 pub mod registry;
 
 use std::collections::BTreeMap;

@@ -6,6 +6,7 @@
 mod api;
 mod backends;
 mod cli;
+mod drift;
 mod endpoints;
 mod metrics;
 mod openapi;

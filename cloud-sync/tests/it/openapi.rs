@@ -86,7 +86,7 @@ async fn documents_exactly_the_routes_served() -> Result<()> {
 }
 
 /// The JSON schema of `path`'s `method` response with `status`.
-fn response_schema(doc: &Value, method: &str, path: &str, status: u16) -> Result<Value> {
+pub(crate) fn response_schema(doc: &Value, method: &str, path: &str, status: u16) -> Result<Value> {
     let mut response = doc["paths"][path][method]["responses"][status.to_string()].clone();
     if let Some(reference) = response.get("$ref").and_then(Value::as_str) {
         response = resolve(doc, reference)?;
@@ -98,7 +98,7 @@ fn response_schema(doc: &Value, method: &str, path: &str, status: u16) -> Result
     Ok(schema)
 }
 
-fn request_schema(doc: &Value, method: &str, path: &str, media: &str) -> Result<Value> {
+pub(crate) fn request_schema(doc: &Value, method: &str, path: &str, media: &str) -> Result<Value> {
     let schema = doc["paths"][path][method]["requestBody"]["content"][media]["schema"].clone();
     if schema.is_null() {
         bail!("{method} {path} documents no {media} request body");
@@ -129,7 +129,7 @@ fn type_matches(name: &str, value: &Value) -> bool {
 /// Validates `value` against `schema` (keywords: $ref, oneOf, const, enum,
 /// type, minimum, maximum, minLength, properties, required,
 /// additionalProperties, items).
-fn validate(doc: &Value, schema: &Value, value: &Value, at: &str) -> Result<()> {
+pub(crate) fn validate(doc: &Value, schema: &Value, value: &Value, at: &str) -> Result<()> {
     if let Some(reference) = schema.get("$ref").and_then(Value::as_str) {
         return validate(doc, &resolve(doc, reference)?, value, at);
     }
