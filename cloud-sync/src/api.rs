@@ -45,6 +45,7 @@ pub struct AppState {
     max_body_bytes: usize,
     request_timeout: Duration,
     registry: Option<Registry>,
+    retrainer: Option<crate::retrain::Retrainer>,
 }
 
 impl AppState {
@@ -56,7 +57,22 @@ impl AppState {
             max_body_bytes: settings.max_body_bytes,
             request_timeout: settings.request_timeout,
             registry: None,
+            retrainer: None,
         }
+    }
+
+    /// The same state serving the retrain routes from `retrainer` (without
+    /// it they answer 503 `retrain_unavailable`).
+    #[must_use]
+    pub fn with_retrainer(mut self, retrainer: crate::retrain::Retrainer) -> Self {
+        self.retrainer = Some(retrainer);
+        self
+    }
+
+    /// The retrainer, when the state has one.
+    #[must_use]
+    pub fn retrainer(&self) -> Option<&crate::retrain::Retrainer> {
+        self.retrainer.as_ref()
     }
 
     /// The same state serving the model registry's routes from `registry`
@@ -341,6 +357,7 @@ fn route_table() -> Vec<(Method, String, MethodRouter<AppState>)> {
     ]
     .into_iter()
     .chain(crate::registry::http::routes())
+    .chain(crate::retrain::http::routes())
     .collect()
 }
 

@@ -135,6 +135,127 @@ pub struct Config {
     /// The model registry (`docs/model-registry.md`).
     #[serde(default)]
     pub registry: RegistryConfig,
+    /// Retraining: packages, worker, schedule (`docs/retraining.md`).
+    #[serde(default)]
+    pub retrain: RetrainConfig,
+}
+
+/// `[retrain]`: where retrained packages go, the worker and the schedule.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RetrainConfig {
+    /// Directory retrained packages are written to, as `<name>/<version>/`.
+    #[serde(default = "default_retrain_output_dir")]
+    pub output_dir: PathBuf,
+    /// Run the job worker in `serve` (enable it on one instance only when
+    /// several share a PostgreSQL database).
+    #[serde(default = "default_true")]
+    pub worker: bool,
+    /// Seconds between scheduled retrain jobs; 0 disables the schedule.
+    #[serde(default)]
+    pub schedule_secs: u64,
+    /// The job the schedule enqueues (required when `schedule_secs > 0`).
+    #[serde(default)]
+    pub scheduled: Option<ScheduledJob>,
+}
+
+/// `[retrain.scheduled]`: one job the schedule enqueues.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ScheduledJob {
+    /// Model name.
+    pub model: String,
+    /// NAB-format CSV (`timestamp,value`) to train on.
+    pub csv: PathBuf,
+    /// Training config TOML (keys of the retrainer's training config).
+    #[serde(default)]
+    pub train_config: Option<PathBuf>,
+    /// Device group to register for.
+    #[serde(default = "default_group")]
+    pub group: String,
+    /// Register the verified package as staging.
+    #[serde(default = "default_true")]
+    pub register: bool,
+}
+
+/// Default for `retrain.output_dir`.
+pub const DEFAULT_RETRAIN_OUTPUT_DIR: &str = "retrained";
+
+fn default_retrain_output_dir() -> PathBuf {
+    PathBuf::from(DEFAULT_RETRAIN_OUTPUT_DIR)
+}
+
+fn default_true() -> bool {
+    true
+}
+
+fn default_group() -> String {
+    sync_protocol::registry::DEFAULT_GROUP.to_owned()
+}
+
+impl Default for RetrainConfig {
+    fn default() -> Self {
+        Self {
+            output_dir: default_retrain_output_dir(),
+            worker: true,
+            schedule_secs: 0,
+            scheduled: None,
+        }
+    }
+}
+
+impl RetrainConfig {
+    fn validate(&self, mut problem: impl FnMut(&'static str, String)) -> RetrainSettings {
+        if self.output_dir.as_os_str().is_empty() {
+            problem("retrain.output_dir", "must not be empty".to_owned());
+        }
+        if self.schedule_secs > 0 && self.scheduled.is_none() {
+            problem(
+                "retrain.scheduled",
+                "is required when retrain.schedule_secs is above 0".to_owned(),
+            );
+        }
+        if let Some(job) = &self.scheduled
+            && !crate::store::is_valid_device_id(&job.model)
+        {
+            problem(
+                "retrain.scheduled.model",
+                "must be 1-128 characters from [A-Za-z0-9._-]".to_owned(),
+            );
+        }
+        RetrainSettings {
+            output_dir: self.output_dir.clone(),
+            worker: self.worker,
+            schedule_secs: self.schedule_secs,
+            scheduled: self.scheduled.clone(),
+        }
+    }
+}
+
+/// Validated `[retrain]` settings.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RetrainSettings {
+    /// `retrain.output_dir`.
+    pub output_dir: PathBuf,
+    /// `retrain.worker`.
+    pub worker: bool,
+    /// `retrain.schedule_secs` (0: off).
+    pub schedule_secs: u64,
+    /// `retrain.scheduled`.
+    pub scheduled: Option<ScheduledJob>,
+}
+
+impl RetrainSettings {
+    /// Defaults with packages under `dir` (tests, demos).
+    #[must_use]
+    pub fn in_dir(dir: &Path) -> RetrainSettings {
+        RetrainSettings {
+            output_dir: dir.join(DEFAULT_RETRAIN_OUTPUT_DIR),
+            worker: true,
+            schedule_secs: 0,
+            scheduled: None,
+        }
+    }
 }
 
 /// `[registry]`: where artifacts and signing keys live.
@@ -264,6 +385,7 @@ impl Default for Config {
             tls_key_file: None,
             tls_client_ca_file: None,
             registry: RegistryConfig::default(),
+            retrain: RetrainConfig::default(),
         }
     }
 }
@@ -415,6 +537,7 @@ impl Config {
         };
 
         let registry = self.registry.validate(&mut problem);
+        let retrain = self.retrain.validate(&mut problem);
 
         match (listen_addr, max_connections, max_body_bytes) {
             (Some(listen_addr), Some(max_connections), Some(max_body_bytes))
@@ -436,6 +559,7 @@ impl Config {
                     request_timeout: Duration::from_secs(self.request_timeout_secs),
                     tls,
                     registry,
+                    retrain,
                 })
             }
             _ => Err(ConfigError::Invalid { problems }),
@@ -491,6 +615,8 @@ pub struct Settings {
     pub tls: Option<TlsSettings>,
     /// The model registry's files.
     pub registry: RegistrySettings,
+    /// Retraining.
+    pub retrain: RetrainSettings,
 }
 
 /// HTTPS settings, loaded and checked by [`Config::validate`].
@@ -608,6 +734,7 @@ impl Settings {
         Settings {
             listen_addr: SocketAddr::from(([127, 0, 0, 1], 0)),
             registry: RegistrySettings::in_dir(dir),
+            retrain: RetrainSettings::in_dir(dir),
             storage: StorageSettings::Sqlite { path },
             max_body_bytes: usize::try_from(DEFAULT_MAX_BODY_BYTES).unwrap_or(usize::MAX),
             request_timeout: Duration::from_secs(DEFAULT_REQUEST_TIMEOUT_SECS),
@@ -731,6 +858,7 @@ mod tests {
             tls_key_file: None,
             tls_client_ca_file: None,
             registry: RegistryConfig::default(),
+            retrain: RetrainConfig::default(),
         };
         let Err(ConfigError::Invalid { problems }) = config.validate() else {
             panic!("expected invalid config");

@@ -19,6 +19,8 @@
 //! - [`openapi`]: the OpenAPI 3.1 document served at `/openapi.json`.
 //! - [`registry`]: the model registry: signed, content-addressed model
 //!   versions with stages per device group, and its API handlers.
+//! - [`retrain`]: training runs, the retrain job queue and its worker,
+//!   registration of retrained packages (`edge_retrain` trains).
 //! - [`tls`]: HTTPS with rustls, client certificates, the TLS accept loop.
 //! - this file: [`start`] / [`Server`] for in-process use (tests, demos) and
 //!   [`serve`] for the binary.
@@ -30,6 +32,7 @@ pub mod auth;
 pub mod config;
 pub mod openapi;
 pub mod registry;
+pub mod retrain;
 pub mod store;
 pub mod tls;
 
@@ -57,6 +60,9 @@ pub enum ServeError {
     /// The model registry (its tables or artifact directory) could not be opened.
     #[error("cannot open model registry")]
     Registry(#[from] RegistryError),
+    /// The retrainer's tables could not be opened.
+    #[error("cannot open the retrainer")]
+    Retrain(#[source] Box<retrain::RetrainError>),
     /// The listen address could not be bound.
     #[error("cannot bind listen_addr {addr}")]
     Bind {
@@ -107,7 +113,17 @@ pub async fn start(settings: Settings, shutdown: CancellationToken) -> Result<Se
         })?;
     let addr = listener.local_addr().map_err(ServeError::LocalAddr)?;
     let registry = Registry::open(&settings.registry, &settings.storage).await?;
-    let router = app(AppState::new(store.clone(), &settings).with_registry(registry));
+    let retrainer = retrain::Retrainer::open(&settings, registry.clone())
+        .await
+        .map_err(|err| ServeError::Retrain(Box::new(err)))?;
+    if settings.retrain.worker {
+        // Design: the worker is not drained at shutdown; a job it was
+        // running is marked failed at the next start (docs/retraining.md).
+        tokio::spawn(retrainer.clone().work(shutdown.clone()));
+    }
+    let router = app(AppState::new(store.clone(), &settings)
+        .with_registry(registry)
+        .with_retrainer(retrainer));
     let task = match &settings.tls {
         None => {
             let signal = shutdown.clone().cancelled_owned();

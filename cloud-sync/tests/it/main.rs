@@ -10,6 +10,7 @@ mod endpoints;
 mod openapi;
 mod reads;
 mod registry;
+mod retrain;
 mod rollout;
 mod server;
 mod shared_postgres;
