@@ -546,3 +546,62 @@ fn cli_retrain_runs_list_show_compare() -> Result<()> {
     assert!(String::from_utf8_lossy(&out.stderr).contains("not wired"));
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn worker_runs_enqueued_jobs_and_stops_on_shutdown() -> Result<()> {
+    let f = Fixture::sqlite().await?;
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    let worker = tokio::spawn(f.retrainer.clone().work(shutdown.clone()));
+    let csv = small_csv(&f.dir, 300)?;
+    let job = f
+        .retrainer
+        .enqueue(spec("worked", &csv, None, true))
+        .await?;
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(60);
+    let done = loop {
+        let current = f.retrainer.job(&job.id).await?.context("job gone")?;
+        if matches!(current.status, JobStatus::Succeeded | JobStatus::Failed) {
+            break current;
+        }
+        ensure!(
+            tokio::time::Instant::now() < deadline,
+            "job still {:?}",
+            current.status
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    };
+    assert_eq!(done.status, JobStatus::Succeeded, "{done:?}");
+    let run = f
+        .retrainer
+        .run(done.run_id.as_deref().unwrap_or_default())
+        .await?
+        .context("no run")?;
+    assert_eq!(run.version.as_deref(), Some("1.0.0"));
+    shutdown.cancel();
+    tokio::time::timeout(std::time::Duration::from_secs(10), worker).await??;
+    Ok(())
+}
+
+#[test]
+fn retrain_config_is_validated_with_key_names() -> Result<()> {
+    use cloud_sync::config::{Config, ConfigError};
+    let Err(ConfigError::Invalid { problems }) =
+        Config::from_toml_str("[retrain]\nschedule_secs = 60\n")?.validate()
+    else {
+        anyhow::bail!("a schedule without a job must be refused");
+    };
+    assert!(
+        problems.iter().any(|p| p.key == "retrain.scheduled"),
+        "{problems:?}"
+    );
+    assert!(Config::from_toml_str("[retrain]\nschedul_secs = 60\n").is_err());
+    let settings = Config::from_toml_str(
+        "[retrain]\nschedule_secs = 60\n[retrain.scheduled]\nmodel = \"m\"\ncsv = \"data.csv\"\n",
+    )?
+    .validate()?;
+    assert_eq!(settings.retrain.schedule_secs, 60);
+    let job = settings.retrain.scheduled.context("no scheduled job")?;
+    let spec = JobSpec::from_scheduled(&job)?;
+    assert_eq!((spec.model.as_str(), spec.register), ("m", true));
+    Ok(())
+}
