@@ -6,7 +6,7 @@
 //! schema version so that it evolves independently of the store and the
 //! registry. Traffic is tiny (a few rows per training run), so SQLite runs
 //! on one connection behind a mutex inside `spawn_blocking`, and PostgreSQL
-//! on one connection behind an async mutex.
+//! on one connection behind an async mutex (reopened when it closed).
 //!
 //! Invariants:
 //! - A job is claimed by one worker: the claim is one `UPDATE … WHERE
@@ -154,8 +154,8 @@ const PG_MIGRATION_LOCK: &str = "SELECT pg_advisory_xact_lock(
 pub enum RetrainDb {
     /// SQLite: one connection, used from blocking tasks.
     Sqlite(Arc<Mutex<Connection>>),
-    /// PostgreSQL: one connection.
-    Postgres(Arc<tokio::sync::Mutex<Client>>),
+    /// PostgreSQL: one connection, reopened when it broke.
+    Postgres(Arc<PgConn>),
 }
 
 impl std::fmt::Debug for RetrainDb {
@@ -164,6 +164,33 @@ impl std::fmt::Debug for RetrainDb {
             RetrainDb::Sqlite(_) => "RetrainDb::Sqlite",
             RetrainDb::Postgres(_) => "RetrainDb::Postgres",
         })
+    }
+}
+
+/// One PostgreSQL connection, reopened on the next use after it closed.
+pub struct PgConn {
+    config: tokio_postgres::Config,
+    client: tokio::sync::Mutex<Client>,
+}
+
+async fn pg_connect(config: &tokio_postgres::Config) -> Result<Client> {
+    let (client, connection) = config.connect(NoTls).await?;
+    tokio::spawn(async move {
+        if let Err(err) = connection.await {
+            tracing::warn!(error = %err, "retrain postgresql connection failed");
+        }
+    });
+    Ok(client)
+}
+
+impl PgConn {
+    /// The connection, reconnecting first when it closed.
+    async fn lock(&self) -> Result<tokio::sync::MutexGuard<'_, Client>> {
+        let mut client = self.client.lock().await;
+        if client.is_closed() {
+            *client = pg_connect(&self.config).await?;
+        }
+        Ok(client)
     }
 }
 
@@ -398,7 +425,7 @@ impl RetrainDb {
                 .await
             }
             RetrainDb::Postgres(client) => {
-                let client = client.lock().await;
+                let client = client.lock().await?;
                 client
                     .execute(
                         &format!(
@@ -460,7 +487,7 @@ impl RetrainDb {
             RetrainDb::Postgres(client) => {
                 client
                     .lock()
-                    .await
+                    .await?
                     .execute(
                         "UPDATE training_runs SET progress = $2 WHERE id = $1",
                         &[&id, &progress],
@@ -491,7 +518,7 @@ impl RetrainDb {
             }
             RetrainDb::Postgres(client) => client
                 .lock()
-                .await
+                .await?
                 .query_opt(
                     &format!("SELECT {RUN_COLUMNS} FROM training_runs WHERE id = $1"),
                     &[&id],
@@ -526,7 +553,7 @@ impl RetrainDb {
             }
             RetrainDb::Postgres(client) => client
                 .lock()
-                .await
+                .await?
                 .query(
                     &format!(
                         "SELECT {RUN_COLUMNS} FROM training_runs WHERE ($1::text IS NULL OR model = $1) \
@@ -572,7 +599,7 @@ impl RetrainDb {
             RetrainDb::Postgres(client) => {
                 client
                     .lock()
-                    .await
+                    .await?
                     .execute(
                         &format!("INSERT INTO retrain_jobs ({JOB_COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8)"),
                         &[
@@ -612,7 +639,7 @@ impl RetrainDb {
             }
             RetrainDb::Postgres(client) => client
                 .lock()
-                .await
+                .await?
                 .query_opt(
                     &format!("SELECT {JOB_COLUMNS} FROM retrain_jobs WHERE id = $1"),
                     &[&id],
@@ -653,7 +680,7 @@ impl RetrainDb {
             }
             RetrainDb::Postgres(client) => client
                 .lock()
-                .await
+                .await?
                 .query_opt(
                     &format!(
                         "UPDATE retrain_jobs SET status = 'running', started_ms = $1 \
@@ -701,7 +728,7 @@ impl RetrainDb {
             RetrainDb::Postgres(client) => {
                 client
                     .lock()
-                    .await
+                    .await?
                     .execute(
                         "UPDATE retrain_jobs SET status = $2, run_id = $3, error = $4, finished_ms = $5 WHERE id = $1",
                         &[&id, &status.as_str(), &run_id, &error, &now_ms],
@@ -736,7 +763,7 @@ impl RetrainDb {
                 .await
             }
             RetrainDb::Postgres(client) => {
-                let mut client = client.lock().await;
+                let mut client = client.lock().await?;
                 let tx = client.transaction().await?;
                 let jobs = tx
                     .execute(
@@ -803,12 +830,7 @@ fn sqlite_open(path: &Path) -> Result<Connection> {
 }
 
 async fn pg_open(settings: &PostgresSettings) -> Result<RetrainDb> {
-    let (mut client, connection) = settings.config.connect(NoTls).await?;
-    tokio::spawn(async move {
-        if let Err(err) = connection.await {
-            tracing::warn!(error = %err, "retrain postgresql connection failed");
-        }
-    });
+    let mut client = pg_connect(&settings.config).await?;
     loop {
         let tx = client.transaction().await?;
         tx.batch_execute(PG_MIGRATION_LOCK).await?;
@@ -846,7 +868,8 @@ async fn pg_open(settings: &PostgresSettings) -> Result<RetrainDb> {
         tx.commit().await?;
         tracing::info!(version = found + 1, "applied retrain schema migration");
     }
-    Ok(RetrainDb::Postgres(Arc::new(tokio::sync::Mutex::new(
-        client,
-    ))))
+    Ok(RetrainDb::Postgres(Arc::new(PgConn {
+        config: settings.config.clone(),
+        client: tokio::sync::Mutex::new(client),
+    })))
 }
