@@ -9,6 +9,8 @@
 //! on one connection behind an async mutex (reopened when it closed).
 //!
 //! Invariants:
+//! - Jobs run in the order they were enqueued (`created_ms`, then the
+//!   insertion order: SQLite's `rowid`, PostgreSQL's `seq`).
 //! - A job is claimed by one worker: the claim is one `UPDATE … WHERE
 //!   status = 'queued' … RETURNING`, so two workers never run the same job.
 //! - [`RetrainDb::recover`] marks every `running` job and run `failed`
@@ -136,6 +138,7 @@ const PG_MIGRATIONS: &[&str] = &["CREATE TABLE training_runs (
     CREATE INDEX training_runs_started ON training_runs (started_ms);
     CREATE TABLE retrain_jobs (
         id          TEXT PRIMARY KEY,
+        seq         BIGSERIAL NOT NULL,
         spec        TEXT NOT NULL,
         status      TEXT NOT NULL,
         run_id      TEXT,
@@ -667,7 +670,7 @@ impl RetrainDb {
                             &format!(
                                 "UPDATE retrain_jobs SET status = 'running', started_ms = ?1 \
                                  WHERE id = (SELECT id FROM retrain_jobs WHERE status = 'queued' \
-                                 ORDER BY created_ms, id LIMIT 1) RETURNING {JOB_COLUMNS}"
+                                 ORDER BY created_ms, rowid LIMIT 1) RETURNING {JOB_COLUMNS}"
                             ),
                             [now_ms],
                             sqlite_job,
@@ -685,7 +688,7 @@ impl RetrainDb {
                     &format!(
                         "UPDATE retrain_jobs SET status = 'running', started_ms = $1 \
                          WHERE id = (SELECT id FROM retrain_jobs WHERE status = 'queued' \
-                         ORDER BY created_ms, id LIMIT 1 FOR UPDATE SKIP LOCKED) RETURNING {JOB_COLUMNS}"
+                         ORDER BY created_ms, seq LIMIT 1 FOR UPDATE SKIP LOCKED) RETURNING {JOB_COLUMNS}"
                     ),
                     &[&now_ms],
                 )
