@@ -50,6 +50,7 @@ pub struct AppState {
     registry: Option<Registry>,
     metrics: Arc<Metrics>,
     drift: Option<crate::drift::Drift>,
+    retrainer: Option<crate::retrain::Retrainer>,
 }
 
 impl AppState {
@@ -63,6 +64,7 @@ impl AppState {
             registry: None,
             metrics: Arc::default(),
             drift: None,
+            retrainer: None,
         }
     }
 
@@ -84,6 +86,20 @@ impl AppState {
     #[must_use]
     pub fn drift(&self) -> Option<&crate::drift::Drift> {
         self.drift.as_ref()
+    }
+
+    /// The same state serving the retrain routes from `retrainer` (without
+    /// it they answer 503 `retrain_unavailable`).
+    #[must_use]
+    pub fn with_retrainer(mut self, retrainer: crate::retrain::Retrainer) -> Self {
+        self.retrainer = Some(retrainer);
+        self
+    }
+
+    /// The retrainer, when the state has one.
+    #[must_use]
+    pub fn retrainer(&self) -> Option<&crate::retrain::Retrainer> {
+        self.retrainer.as_ref()
     }
 
     /// The same state serving the model registry's routes from `registry`
@@ -370,6 +386,7 @@ fn route_table() -> Vec<(Method, String, MethodRouter<AppState>)> {
     .into_iter()
     .chain(crate::registry::http::routes())
     .chain(crate::drift::http::routes())
+    .chain(crate::retrain::http::routes())
     .collect()
 }
 

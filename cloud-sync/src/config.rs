@@ -142,6 +142,127 @@ pub struct Config {
     /// Fleet drift alerts (`docs/drift.md`).
     #[serde(default)]
     pub drift: crate::drift::DriftConfig,
+    /// Retraining: packages, worker, schedule (`docs/retraining.md`).
+    #[serde(default)]
+    pub retrain: RetrainConfig,
+}
+
+/// `[retrain]`: where retrained packages go, the worker and the schedule.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RetrainConfig {
+    /// Directory retrained packages are written to, as `<name>/<version>/`.
+    #[serde(default = "default_retrain_output_dir")]
+    pub output_dir: PathBuf,
+    /// Run the job worker in `serve` (enable it on one instance only when
+    /// several share a PostgreSQL database).
+    #[serde(default = "default_true")]
+    pub worker: bool,
+    /// Seconds between scheduled retrain jobs; 0 disables the schedule.
+    #[serde(default)]
+    pub schedule_secs: u64,
+    /// The job the schedule enqueues (required when `schedule_secs > 0`).
+    #[serde(default)]
+    pub scheduled: Option<ScheduledJob>,
+}
+
+/// `[retrain.scheduled]`: one job the schedule enqueues.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ScheduledJob {
+    /// Model name.
+    pub model: String,
+    /// NAB-format CSV (`timestamp,value`) to train on.
+    pub csv: PathBuf,
+    /// Training config TOML (keys of the retrainer's training config).
+    #[serde(default)]
+    pub train_config: Option<PathBuf>,
+    /// Device group to register for.
+    #[serde(default = "default_group")]
+    pub group: String,
+    /// Register the verified package as staging.
+    #[serde(default = "default_true")]
+    pub register: bool,
+}
+
+/// Default for `retrain.output_dir`.
+pub const DEFAULT_RETRAIN_OUTPUT_DIR: &str = "retrained";
+
+fn default_retrain_output_dir() -> PathBuf {
+    PathBuf::from(DEFAULT_RETRAIN_OUTPUT_DIR)
+}
+
+fn default_true() -> bool {
+    true
+}
+
+fn default_group() -> String {
+    sync_protocol::registry::DEFAULT_GROUP.to_owned()
+}
+
+impl Default for RetrainConfig {
+    fn default() -> Self {
+        Self {
+            output_dir: default_retrain_output_dir(),
+            worker: true,
+            schedule_secs: 0,
+            scheduled: None,
+        }
+    }
+}
+
+impl RetrainConfig {
+    fn validate(&self, mut problem: impl FnMut(&'static str, String)) -> RetrainSettings {
+        if self.output_dir.as_os_str().is_empty() {
+            problem("retrain.output_dir", "must not be empty".to_owned());
+        }
+        if self.schedule_secs > 0 && self.scheduled.is_none() {
+            problem(
+                "retrain.scheduled",
+                "is required when retrain.schedule_secs is above 0".to_owned(),
+            );
+        }
+        if let Some(job) = &self.scheduled
+            && !crate::store::is_valid_device_id(&job.model)
+        {
+            problem(
+                "retrain.scheduled.model",
+                "must be 1-128 characters from [A-Za-z0-9._-]".to_owned(),
+            );
+        }
+        RetrainSettings {
+            output_dir: self.output_dir.clone(),
+            worker: self.worker,
+            schedule_secs: self.schedule_secs,
+            scheduled: self.scheduled.clone(),
+        }
+    }
+}
+
+/// Validated `[retrain]` settings.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RetrainSettings {
+    /// `retrain.output_dir`.
+    pub output_dir: PathBuf,
+    /// `retrain.worker`.
+    pub worker: bool,
+    /// `retrain.schedule_secs` (0: off).
+    pub schedule_secs: u64,
+    /// `retrain.scheduled`.
+    pub scheduled: Option<ScheduledJob>,
+}
+
+impl RetrainSettings {
+    /// Defaults with packages under `dir` (tests, demos).
+    #[must_use]
+    pub fn in_dir(dir: &Path) -> RetrainSettings {
+        RetrainSettings {
+            output_dir: dir.join(DEFAULT_RETRAIN_OUTPUT_DIR),
+            worker: true,
+            schedule_secs: 0,
+            scheduled: None,
+        }
+    }
 }
 
 /// `[registry]`: where artifacts and signing keys live.
@@ -273,6 +394,7 @@ impl Default for Config {
             tls_client_ca_file: None,
             registry: RegistryConfig::default(),
             drift: crate::drift::DriftConfig::default(),
+            retrain: RetrainConfig::default(),
         }
     }
 }
@@ -436,6 +558,7 @@ impl Config {
 
         let registry = self.registry.validate(&mut problem);
         let drift = self.drift.validate(&mut problem);
+        let retrain = self.retrain.validate(&mut problem);
 
         match (listen_addr, max_connections, max_body_bytes) {
             (Some(listen_addr), Some(max_connections), Some(max_body_bytes))
@@ -459,6 +582,7 @@ impl Config {
                     tls,
                     registry,
                     drift,
+                    retrain,
                 })
             }
             _ => Err(ConfigError::Invalid { problems }),
@@ -518,6 +642,8 @@ pub struct Settings {
     pub registry: RegistrySettings,
     /// Fleet drift alerts.
     pub drift: crate::drift::DriftSettings,
+    /// Retraining.
+    pub retrain: RetrainSettings,
 }
 
 /// HTTPS settings, loaded and checked by [`Config::validate`].
@@ -637,6 +763,7 @@ impl Settings {
             metrics_listen_addr: None,
             registry: RegistrySettings::in_dir(dir),
             drift: crate::drift::DriftSettings::default(),
+            retrain: RetrainSettings::in_dir(dir),
             storage: StorageSettings::Sqlite { path },
             max_body_bytes: usize::try_from(DEFAULT_MAX_BODY_BYTES).unwrap_or(usize::MAX),
             request_timeout: Duration::from_secs(DEFAULT_REQUEST_TIMEOUT_SECS),
@@ -762,6 +889,7 @@ mod tests {
             tls_client_ca_file: None,
             registry: RegistryConfig::default(),
             drift: crate::drift::DriftConfig::default(),
+            retrain: RetrainConfig::default(),
         };
         let Err(ConfigError::Invalid { problems }) = config.validate() else {
             panic!("expected invalid config");

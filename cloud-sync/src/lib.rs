@@ -21,6 +21,8 @@
 //!   versions with stages per device group, and its API handlers.
 //! - [`drift`]: devices' drift summaries (stored once per device, model
 //!   and window), the fleet view per model and fleet alerts.
+//! - [`retrain`]: training runs, the retrain job queue and its worker,
+//!   registration of retrained packages (`edge_retrain` trains).
 //! - [`tls`]: HTTPS with rustls, client certificates, the TLS accept loop.
 //! - [`metrics`]: API counters and the Prometheus `/metrics` listener
 //!   (`metrics_listen_addr`, separate from the API).
@@ -36,6 +38,7 @@ pub mod drift;
 pub mod metrics;
 pub mod openapi;
 pub mod registry;
+pub mod retrain;
 pub mod store;
 pub mod tls;
 
@@ -66,6 +69,9 @@ pub enum ServeError {
     /// The drift tables could not be opened.
     #[error("cannot open drift storage")]
     Drift(#[from] drift::DriftError),
+    /// The retrainer's tables could not be opened.
+    #[error("cannot open the retrainer")]
+    Retrain(#[source] Box<retrain::RetrainError>),
     /// The listen address could not be bound.
     #[error("cannot bind listen_addr {addr}")]
     Bind {
@@ -128,10 +134,19 @@ pub async fn start(settings: Settings, shutdown: CancellationToken) -> Result<Se
         })?;
     let addr = listener.local_addr().map_err(ServeError::LocalAddr)?;
     let registry = Registry::open(&settings.registry, &settings.storage).await?;
+    let retrainer = retrain::Retrainer::open(&settings, registry.clone())
+        .await
+        .map_err(|err| ServeError::Retrain(Box::new(err)))?;
+    if settings.retrain.worker {
+        // Design: the worker is not drained at shutdown; a job it was
+        // running is marked failed at the next start (docs/retraining.md).
+        tokio::spawn(retrainer.clone().work(shutdown.clone()));
+    }
     let drift = drift::Drift::open(&settings.storage, settings.drift.clone()).await?;
     let state = AppState::new(store.clone(), &settings)
         .with_registry(registry)
-        .with_drift(drift);
+        .with_drift(drift)
+        .with_retrainer(retrainer);
     let (metrics_addr, metrics_listener) = match settings.metrics_listen_addr {
         Some(addr) => {
             let bind_err = |source| ServeError::MetricsBind { addr, source };

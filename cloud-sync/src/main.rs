@@ -66,6 +66,54 @@ enum Command {
         #[command(subcommand)]
         command: DriftCommand,
     },
+    /// Train a model now (recorded as a run; registered as staging unless
+    /// --no-register), or with --enqueue queue it for the server's worker.
+    Retrain {
+        /// Model name.
+        #[arg(long)]
+        model: String,
+        /// NAB-format CSV (`timestamp,value`) to train on.
+        #[arg(
+            long,
+            value_name = "FILE",
+            required_unless_present = "dataset",
+            conflicts_with = "dataset"
+        )]
+        csv: Option<PathBuf>,
+        /// Dataset snapshot id (not wired yet; refused).
+        #[arg(long, value_name = "ID")]
+        dataset: Option<String>,
+        /// Training config TOML (window, hop, train_fraction, ridge,
+        /// threshold_quantile, version, [label], ...).
+        #[arg(long, value_name = "FILE")]
+        train_config: Option<PathBuf>,
+        /// Package version (default: next patch after the registered ones).
+        #[arg(long)]
+        version: Option<String>,
+        /// Device group to register for.
+        #[arg(long, default_value = DEFAULT_GROUP)]
+        group: String,
+        /// Do not register the package.
+        #[arg(long)]
+        no_register: bool,
+        /// Queue the job for the server's worker instead of training here;
+        /// prints the job id.
+        #[arg(long)]
+        enqueue: bool,
+        /// Config file (TOML).
+        #[arg(long, value_name = "FILE")]
+        config: PathBuf,
+    },
+    /// List, show and compare training runs.
+    Runs {
+        #[command(subcommand)]
+        command: RunsCommand,
+    },
+    /// Show a retrain job's status.
+    Jobs {
+        #[command(subcommand)]
+        command: JobsCommand,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -78,6 +126,52 @@ enum DriftCommand {
         /// Print JSON instead of a table.
         #[arg(long)]
         json: bool,
+        /// Config file (TOML).
+        #[arg(long, value_name = "FILE")]
+        config: PathBuf,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum RunsCommand {
+    /// List runs, newest first.
+    List {
+        /// Only runs of this model.
+        #[arg(long)]
+        model: Option<String>,
+        /// Most runs listed.
+        #[arg(long, default_value_t = 50)]
+        limit: u32,
+        /// Config file (TOML).
+        #[arg(long, value_name = "FILE")]
+        config: PathBuf,
+    },
+    /// Print one run as JSON.
+    Show {
+        /// Run id.
+        id: String,
+        /// Config file (TOML).
+        #[arg(long, value_name = "FILE")]
+        config: PathBuf,
+    },
+    /// Compare two runs: differing parameters and every metric.
+    Compare {
+        /// First run id.
+        a: String,
+        /// Second run id.
+        b: String,
+        /// Config file (TOML).
+        #[arg(long, value_name = "FILE")]
+        config: PathBuf,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum JobsCommand {
+    /// Print one job as JSON (exit 0 whatever its status).
+    Show {
+        /// Job id.
+        id: String,
         /// Config file (TOML).
         #[arg(long, value_name = "FILE")]
         config: PathBuf,
@@ -327,6 +421,180 @@ fn main() -> ExitCode {
         } => with_settings(&config, |settings| {
             run(drift_alerts(settings, since_ms, json))
         }),
+        Command::Retrain {
+            model,
+            csv,
+            dataset,
+            train_config,
+            version,
+            group,
+            no_register,
+            enqueue,
+            config,
+        } => with_settings(&config, |s| {
+            run(retrain_cli::retrain(
+                s,
+                retrain_cli::Request {
+                    model,
+                    csv,
+                    dataset,
+                    train_config,
+                    version,
+                    group,
+                    register: !no_register,
+                    enqueue,
+                },
+            ))
+        }),
+        Command::Runs { command } => retrain_cli::runs(command),
+        Command::Jobs {
+            command: JobsCommand::Show { id, config },
+        } => with_settings(&config, |s| run(retrain_cli::show_job(s, id))),
+    }
+}
+
+/// `retrain`, `runs` and `jobs` subcommands over [`cloud_sync::retrain`].
+mod retrain_cli {
+    use std::path::PathBuf;
+
+    use anyhow::Context as _;
+    use cloud_sync::Settings;
+    use cloud_sync::registry::Registry;
+    use cloud_sync::retrain::{
+        JobSpec, Retrainer, RunStatus, compare, read_train_config, runs_table,
+    };
+
+    use super::{RunsCommand, run, with_settings};
+
+    /// What `cloud-sync retrain` was asked.
+    pub(super) struct Request {
+        pub model: String,
+        pub csv: Option<PathBuf>,
+        pub dataset: Option<String>,
+        pub train_config: Option<PathBuf>,
+        pub version: Option<String>,
+        pub group: String,
+        pub register: bool,
+        pub enqueue: bool,
+    }
+
+    async fn open(settings: &Settings) -> anyhow::Result<Retrainer> {
+        let registry = Registry::open(&settings.registry, &settings.storage)
+            .await
+            .with_context(|| format!("database {}", settings.storage))?;
+        Retrainer::open(settings, registry)
+            .await
+            .with_context(|| format!("database {}", settings.storage))
+    }
+
+    pub(super) async fn retrain(settings: Settings, request: Request) -> anyhow::Result<()> {
+        let mut train = request
+            .train_config
+            .as_deref()
+            .map(read_train_config)
+            .transpose()?
+            .unwrap_or_default();
+        if let Some(version) = request.version {
+            train.insert("version".to_owned(), serde_json::Value::String(version));
+        }
+        let spec = JobSpec {
+            model: request.model,
+            csv: request.csv,
+            dataset: request.dataset,
+            train: Some(train),
+            group: request.group,
+            register: request.register,
+        };
+        let retrainer = open(&settings).await?;
+        if request.enqueue {
+            let job = retrainer.enqueue(spec).await?;
+            println!("{}", job.id);
+            eprintln!(
+                "cloud-sync: retrain job {} queued for {}",
+                job.id, job.spec.model
+            );
+            return Ok(());
+        }
+        let run = retrainer.execute(&spec, None).await?;
+        println!("{}", run.id);
+        match run.status {
+            RunStatus::Succeeded => {
+                eprintln!(
+                    "cloud-sync: run {} succeeded: {} {} ({}) in {}; {}",
+                    run.id,
+                    run.model,
+                    run.version.as_deref().unwrap_or("?"),
+                    run.family,
+                    run.package_dir.as_deref().unwrap_or("?"),
+                    if run.registered {
+                        "registered as staging"
+                    } else {
+                        "not registered"
+                    }
+                );
+                for (key, value) in &run.metrics {
+                    eprintln!("  {key:<24} {value}");
+                }
+                Ok(())
+            }
+            _ => anyhow::bail!(
+                "run {} failed: {}",
+                run.id,
+                run.error.as_deref().unwrap_or("unknown error")
+            ),
+        }
+    }
+
+    pub(super) fn runs(command: RunsCommand) -> std::process::ExitCode {
+        match command {
+            RunsCommand::List {
+                model,
+                limit,
+                config,
+            } => with_settings(&config, |s| {
+                run(async move {
+                    let runs = open(&s).await?.runs(model.as_deref(), limit).await?;
+                    print!("{}", runs_table(&runs));
+                    Ok(())
+                })
+            }),
+            RunsCommand::Show { id, config } => with_settings(&config, |s| {
+                run(async move {
+                    let run = open(&s)
+                        .await?
+                        .run(&id)
+                        .await?
+                        .with_context(|| format!("no training run {id:?}"))?;
+                    println!("{}", serde_json::to_string_pretty(&run)?);
+                    Ok(())
+                })
+            }),
+            RunsCommand::Compare { a, b, config } => with_settings(&config, |s| {
+                run(async move {
+                    let retrainer = open(&s).await?;
+                    let ra = retrainer
+                        .run(&a)
+                        .await?
+                        .with_context(|| format!("no training run {a:?}"))?;
+                    let rb = retrainer
+                        .run(&b)
+                        .await?
+                        .with_context(|| format!("no training run {b:?}"))?;
+                    print!("{}", compare(&ra, &rb));
+                    Ok(())
+                })
+            }),
+        }
+    }
+
+    pub(super) async fn show_job(settings: Settings, id: String) -> anyhow::Result<()> {
+        let job = open(&settings)
+            .await?
+            .job(&id)
+            .await?
+            .with_context(|| format!("no retrain job {id:?}"))?;
+        println!("{}", serde_json::to_string_pretty(&job)?);
+        Ok(())
     }
 }
 

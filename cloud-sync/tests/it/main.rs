@@ -12,6 +12,7 @@ mod metrics;
 mod openapi;
 mod reads;
 mod registry;
+mod retrain;
 mod rollout;
 mod server;
 mod shared_postgres;
