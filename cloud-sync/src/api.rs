@@ -32,6 +32,7 @@ use sync_protocol::{
 
 use crate::auth::{AuthError, DeviceAuth, OperatorAuth, ReadAuth};
 use crate::config::Settings;
+use crate::dataset::Datasets;
 use crate::registry::Registry;
 use crate::store::{BatchError, QueryError, Store, StoreError};
 
@@ -45,6 +46,7 @@ pub struct AppState {
     max_body_bytes: usize,
     request_timeout: Duration,
     registry: Option<Registry>,
+    datasets: Option<Datasets>,
 }
 
 impl AppState {
@@ -56,7 +58,22 @@ impl AppState {
             max_body_bytes: settings.max_body_bytes,
             request_timeout: settings.request_timeout,
             registry: None,
+            datasets: None,
         }
+    }
+
+    /// The same state serving the dataset routes from `datasets` (without
+    /// it they answer 503 `datasets_unavailable`).
+    #[must_use]
+    pub fn with_datasets(mut self, datasets: Datasets) -> Self {
+        self.datasets = Some(datasets);
+        self
+    }
+
+    /// The datasets, when the state has them.
+    #[must_use]
+    pub fn datasets(&self) -> Option<&Datasets> {
+        self.datasets.as_ref()
     }
 
     /// The same state serving the model registry's routes from `registry`
@@ -341,6 +358,7 @@ fn route_table() -> Vec<(Method, String, MethodRouter<AppState>)> {
     ]
     .into_iter()
     .chain(crate::registry::http::routes())
+    .chain(crate::dataset::http::routes())
     .collect()
 }
 

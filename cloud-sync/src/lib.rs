@@ -19,6 +19,9 @@
 //! - [`openapi`]: the OpenAPI 3.1 document served at `/openapi.json`.
 //! - [`registry`]: the model registry: signed, content-addressed model
 //!   versions with stages per device group, and its API handlers.
+//! - [`dataset`]: versioned datasets: snapshots of readings and predictions
+//!   as Parquet files with a manifest in a content-addressed store (local
+//!   directory or S3), the `datasets` table, readers and API handlers.
 //! - [`tls`]: HTTPS with rustls, client certificates, the TLS accept loop.
 //! - this file: [`start`] / [`Server`] for in-process use (tests, demos) and
 //!   [`serve`] for the binary.
@@ -28,6 +31,7 @@
 pub mod api;
 pub mod auth;
 pub mod config;
+pub mod dataset;
 pub mod openapi;
 pub mod registry;
 pub mod store;
@@ -41,6 +45,7 @@ use tokio_util::sync::CancellationToken;
 
 pub use api::{ApiError, AppState, app};
 pub use config::{Config, ConfigError, PostgresSettings, Settings, StorageSettings, TlsSettings};
+pub use dataset::{DatasetError, Datasets};
 pub use registry::{Registry, RegistryError};
 pub use store::{Store, StoreError};
 pub use sync_protocol;
@@ -57,6 +62,9 @@ pub enum ServeError {
     /// The model registry (its tables or artifact directory) could not be opened.
     #[error("cannot open model registry")]
     Registry(#[from] RegistryError),
+    /// The dataset store (its table or object store) could not be opened.
+    #[error("cannot open dataset store")]
+    Datasets(#[from] DatasetError),
     /// The listen address could not be bound.
     #[error("cannot bind listen_addr {addr}")]
     Bind {
@@ -107,7 +115,10 @@ pub async fn start(settings: Settings, shutdown: CancellationToken) -> Result<Se
         })?;
     let addr = listener.local_addr().map_err(ServeError::LocalAddr)?;
     let registry = Registry::open(&settings.registry, &settings.storage).await?;
-    let router = app(AppState::new(store.clone(), &settings).with_registry(registry));
+    let datasets = Datasets::open(&settings.datasets, &settings.storage).await?;
+    let router = app(AppState::new(store.clone(), &settings)
+        .with_registry(registry)
+        .with_datasets(datasets));
     let task = match &settings.tls {
         None => {
             let signal = shutdown.clone().cancelled_owned();

@@ -494,5 +494,6 @@ pub fn document() -> Value {
         }
     });
     crate::registry::openapi::extend(&mut document);
+    crate::dataset::openapi::extend(&mut document);
     document
 }

@@ -6,6 +6,7 @@
 mod api;
 mod backends;
 mod cli;
+mod datasets;
 mod endpoints;
 mod openapi;
 mod reads;
