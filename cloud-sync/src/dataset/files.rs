@@ -325,24 +325,24 @@ fn levels(values: impl Iterator<Item = Option<i64>>) -> (Vec<i16>, Vec<i64>) {
     (defs, present)
 }
 
-type ColumnWriter<'a, 'b> = parquet::file::writer::SerializedColumnWriter<'a>;
+type ColumnWriter<'a> = parquet::file::writer::SerializedColumnWriter<'a>;
 
-fn write_strings(col: &mut ColumnWriter<'_, '_>, v: &[ByteArray], d: Option<&[i16]>) -> Result<()> {
+fn write_strings(col: &mut ColumnWriter<'_>, v: &[ByteArray], d: Option<&[i16]>) -> Result<()> {
     col.typed::<ByteArrayType>().write_batch(v, d, None)?;
     Ok(())
 }
 
-fn write_longs(col: &mut ColumnWriter<'_, '_>, v: &[i64], d: Option<&[i16]>) -> Result<()> {
+fn write_longs(col: &mut ColumnWriter<'_>, v: &[i64], d: Option<&[i16]>) -> Result<()> {
     col.typed::<Int64Type>().write_batch(v, d, None)?;
     Ok(())
 }
 
-fn write_doubles(col: &mut ColumnWriter<'_, '_>, v: &[f64], d: Option<&[i16]>) -> Result<()> {
+fn write_doubles(col: &mut ColumnWriter<'_>, v: &[f64], d: Option<&[i16]>) -> Result<()> {
     col.typed::<DoubleType>().write_batch(v, d, None)?;
     Ok(())
 }
 
-fn write_bools(col: &mut ColumnWriter<'_, '_>, v: &[bool]) -> Result<()> {
+fn write_bools(col: &mut ColumnWriter<'_>, v: &[bool]) -> Result<()> {
     col.typed::<BoolType>().write_batch(v, None, None)?;
     Ok(())
 }
@@ -529,9 +529,9 @@ mod tests {
             source: "m1".to_owned(),
             stream: "temperature".to_owned(),
             seq,
-            device_ts_ms: (seq % 2 == 0).then_some(1_700_000_000_000),
+            device_ts_ms: seq.is_multiple_of(2).then_some(1_700_000_000_000),
             recv_ts_ms: 1_700_000_000_500,
-            clock_ok: seq % 3 != 0,
+            clock_ok: !seq.is_multiple_of(3),
             values: values.iter().map(|(k, v)| ((*k).to_owned(), *v)).collect(),
         }
     }

@@ -138,9 +138,9 @@ pub enum DatasetError {
         action: &'static str,
         /// Object path.
         object: String,
-        /// Why.
+        /// Why (boxed: the object_store error is large).
         #[source]
-        source: object_store::Error,
+        source: Box<object_store::Error>,
     },
     /// The S3 credentials file could not be read.
     #[error("cannot read datasets.credentials_file {}", path.display())]
@@ -239,7 +239,7 @@ impl DatasetStore {
                         store: description.clone(),
                         action: "open",
                         object: String::new(),
-                        source,
+                        source: Box::new(source),
                     })?
                     .with_fsync(true);
                 Ok(DatasetStore::from_object_store(
@@ -272,7 +272,7 @@ impl DatasetStore {
             store,
             action,
             object,
-            source,
+            source: Box::new(source),
         }
     }
 
@@ -297,13 +297,13 @@ impl DatasetStore {
         ))
     }
 
-    /// Whether an object exists with exactly these bytes' length (a
-    /// content-addressed object is then the same bytes).
-    async fn has(&self, object: &str, len: u64) -> bool {
-        self.objects
-            .head(&ObjectPath::from(object))
-            .await
-            .is_ok_and(|meta| meta.size == len)
+    /// Whether `object` exists and its bytes hash to `sha256` (a damaged
+    /// copy is rewritten, never reused).
+    async fn holds(&self, object: &str, sha256: &str) -> Result<bool> {
+        Ok(self
+            .get(object)
+            .await?
+            .is_some_and(|bytes| manifest::sha256_hex(&bytes) == sha256))
     }
 
     /// The manifest of dataset `id`, verified against its id.
@@ -452,7 +452,7 @@ fn open_s3(s3: &S3Settings) -> Result<DatasetStore> {
         store: description.clone(),
         action: "open",
         object: String::new(),
-        source,
+        source: Box::new(source),
     })?;
     let objects: Arc<dyn ObjectStore> = if s3.prefix.is_empty() {
         Arc::new(store)
@@ -546,7 +546,7 @@ impl Datasets {
             });
         }
         for (file, bytes) in manifest.content.files.iter().zip(built.files) {
-            if !self.objects.has(&file.path, file.bytes).await {
+            if !self.objects.holds(&file.path, &file.sha256).await? {
                 self.objects.put(&file.path, bytes).await?;
             }
         }
@@ -598,16 +598,34 @@ impl Datasets {
         Ok(self.db.list().await?)
     }
 
-    /// The manifest of a registered dataset, verified against the store.
+    /// The manifest of a registered dataset, as registered, after checking
+    /// the stored manifest hashes to `id` and holds the same content.
     ///
     /// # Errors
     /// [`DatasetError::UnknownDataset`], [`DatasetError::Corrupt`], or a
     /// storage failure.
     pub async fn manifest(&self, id: &str) -> Result<Manifest> {
-        if !is_sha256_hex(id) || self.db.get(id).await?.is_none() {
+        let registered = self.registered(id).await?;
+        let stored = self.objects.manifest(id).await?;
+        if stored.content != registered.content {
+            return Err(DatasetError::Corrupt {
+                id: id.to_owned(),
+                object: manifest_path(id),
+                problem: "differs from the registered manifest".to_owned(),
+            });
+        }
+        Ok(registered)
+    }
+
+    /// The registered manifest of `id` (from the database only).
+    async fn registered(&self, id: &str) -> Result<Manifest> {
+        if !is_sha256_hex(id) {
             return Err(DatasetError::UnknownDataset { id: id.to_owned() });
         }
-        self.objects.manifest(id).await
+        self.db
+            .get(id)
+            .await?
+            .ok_or_else(|| DatasetError::UnknownDataset { id: id.to_owned() })
     }
 
     /// Reads a registered dataset back, verifying every hash (see
@@ -617,10 +635,17 @@ impl Datasets {
     /// As [`DatasetStore::read`]; [`DatasetError::UnknownDataset`] when it
     /// is not registered.
     pub async fn read(&self, id: &str) -> Result<Snapshot> {
-        if !is_sha256_hex(id) || self.db.get(id).await?.is_none() {
-            return Err(DatasetError::UnknownDataset { id: id.to_owned() });
+        let registered = self.registered(id).await?;
+        let mut snapshot = self.objects.read(id).await?;
+        if snapshot.manifest.content != registered.content {
+            return Err(DatasetError::Corrupt {
+                id: id.to_owned(),
+                object: manifest_path(id),
+                problem: "differs from the registered manifest".to_owned(),
+            });
         }
-        self.objects.read(id).await
+        snapshot.manifest = registered;
+        Ok(snapshot)
     }
 }
 

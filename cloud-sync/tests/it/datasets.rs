@@ -32,9 +32,9 @@ fn reading(source: &str, stream: &str, seq: u64) -> Reading {
         source: source.to_owned(),
         stream: stream.to_owned(),
         seq,
-        device_ts_ms: (seq % 4 != 0).then_some(at - 5),
+        device_ts_ms: (!seq.is_multiple_of(4)).then_some(at - 5),
         recv_ts_ms: at,
-        clock_ok: seq % 5 != 0,
+        clock_ok: !seq.is_multiple_of(5),
         values: BTreeMap::from([
             ("value".to_owned(), seq as f64 * 0.5),
             ("raw".to_owned(), -(seq as f64)),
@@ -51,10 +51,10 @@ fn prediction(model: &str, seq: u64) -> Prediction {
         source: "m1".to_owned(),
         stream: "temperature".to_owned(),
         window_end_seq: seq + 3,
-        window_end_ts_ms: (seq % 2 == 0).then_some(T0),
+        window_end_ts_ms: seq.is_multiple_of(2).then_some(T0),
         score: seq as f64 / 100.0,
         threshold: 0.5,
-        is_anomaly: seq % 7 == 0,
+        is_anomaly: seq.is_multiple_of(7),
         created_ms: T0 + i64::try_from(seq).unwrap() * 1000,
     }
 }
@@ -260,7 +260,10 @@ async fn snapshot_is_deterministic_with_exact_lineage(f: &Fixture) -> Result<()>
     assert!(!again.created);
     assert_eq!(again.manifest, first.manifest);
     assert_eq!(tree(&f.datasets_dir())?, files);
-    assert_eq!(f.datasets.list().await?, [first.manifest.clone()]);
+    assert_eq!(
+        f.datasets.list().await?,
+        std::slice::from_ref(&first.manifest)
+    );
     assert_eq!(f.datasets.manifest(&m.id).await?, first.manifest);
 
     // Read back: exactly what was stored, in identity order.
@@ -589,7 +592,7 @@ async fn api_is_operator_only() -> Result<()> {
     let list: DatasetList = send(&router, get("/v1/datasets", Some(&ops))?)
         .await?
         .json()?;
-    assert_eq!(list.datasets, [created.clone()]);
+    assert_eq!(list.datasets, std::slice::from_ref(&created));
     let path = format!("/v1/datasets/{}", created.id);
     let got: Manifest = send(&router, get(&path, Some(&ops))?).await?.json()?;
     assert_eq!(got, created);
@@ -726,5 +729,35 @@ async fn cli_snapshots_lists_shows_and_verifies() -> Result<()> {
     let out = run(&["dataset", "list", "--config", &bad])?;
     assert_eq!(out.status.code(), Some(78));
     assert!(String::from_utf8_lossy(&out.stderr).contains("datasets.bucket"));
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_stored_but_unregistered_dataset_is_registered_as_first_written() -> Result<()> {
+    // As after a crash between the manifest and the database row: the
+    // store holds the complete dataset, a fresh database does not list it.
+    let f = Fixture::sqlite().await?;
+    let sel = all_time(&["temperature"], &["dev-1"]);
+    let first = f
+        .datasets
+        .snapshot(&f.store, sel.clone(), Some("first".into()))
+        .await?
+        .manifest;
+    let files = tree(&f.datasets_dir())?;
+
+    let dir = tempfile::tempdir()?;
+    let mut settings = Settings::for_database(dir.path().join("other.db"));
+    settings.datasets = f.settings.datasets.clone();
+    let store = Store::connect(&settings.storage).await?;
+    fill(&store).await?;
+    let datasets = Datasets::open(&settings.datasets, &settings.storage).await?;
+    assert!(datasets.list().await?.is_empty());
+    let done = datasets
+        .snapshot(&store, sel, Some("second".into()))
+        .await?;
+    assert!(done.created);
+    assert_eq!(done.manifest, first);
+    assert_eq!(datasets.list().await?, std::slice::from_ref(&first));
+    assert_eq!(tree(&f.datasets_dir())?, files);
     Ok(())
 }
