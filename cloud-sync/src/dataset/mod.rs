@@ -143,7 +143,7 @@ pub enum DatasetError {
         source: Box<object_store::Error>,
     },
     /// The S3 credentials file could not be read.
-    #[error("cannot read datasets.credentials_file {}", path.display())]
+    #[error("cannot read datasets.credentials_file {}: {reason}", path.display())]
     Credentials {
         /// The file.
         path: PathBuf,
@@ -914,7 +914,45 @@ fn now_ms() -> i64 {
 
 #[cfg(test)]
 mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+
     use super::*;
+
+    fn s3(credentials_file: Option<PathBuf>) -> DatasetSettings {
+        DatasetSettings::S3(Box::new(S3Settings {
+            bucket: "bucket".into(),
+            region: Some("eu-west-1".into()),
+            endpoint: Some("http://127.0.0.1:9".into()),
+            prefix: "ds".into(),
+            allow_http: true,
+            credentials_file,
+        }))
+    }
+
+    #[test]
+    fn s3_credentials_are_read_and_never_echoed() {
+        let dir = tempfile::tempdir().unwrap();
+        let good = dir.path().join("good.toml");
+        std::fs::write(
+            &good,
+            "access_key_id = \"AKIDEXAMPLE\"\nsecret_access_key = \"s3cret-key\"\n",
+        )
+        .unwrap();
+        let store = DatasetStore::open(&s3(Some(good))).unwrap();
+        let shown = format!("{store:?} {}", store.description);
+        assert!(!shown.contains("s3cret"), "{shown}");
+        assert_eq!(store.description, "s3 http://127.0.0.1:9/bucket/ds");
+
+        let bad = dir.path().join("bad.toml");
+        std::fs::write(&bad, "secret_access_key = \"s3cret-key\"\nextra = 1\n").unwrap();
+        let err = DatasetStore::open(&s3(Some(bad))).unwrap_err();
+        let text = format!("{:#}", anyhow::Error::from(err));
+        assert!(text.contains("datasets.credentials_file"), "{text}");
+        assert!(!text.contains("s3cret"), "{text}");
+
+        let missing = DatasetStore::open(&s3(Some(dir.path().join("none.toml"))));
+        assert!(matches!(missing, Err(DatasetError::Credentials { .. })));
+    }
 
     #[test]
     fn stream_selectors() {

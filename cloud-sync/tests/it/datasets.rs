@@ -761,3 +761,34 @@ async fn a_stored_but_unregistered_dataset_is_registered_as_first_written() -> R
     assert_eq!(tree(&f.datasets_dir())?, files);
     Ok(())
 }
+
+#[tokio::test]
+async fn a_failed_write_registers_nothing() -> Result<()> {
+    // `manifests` is a plain file, so the manifest cannot be written: the
+    // Parquet files are stored, the manifest is not, nothing is listed.
+    let f = Fixture::sqlite().await?;
+    let blocker = f.datasets_dir().join("manifests");
+    std::fs::write(&blocker, b"not a directory")?;
+    let sel = all_time(&["temperature"], &["dev-1"]);
+    let err = f.datasets.snapshot(&f.store, sel.clone(), None).await;
+    let Err(DatasetError::Object { action, object, .. }) = &err else {
+        panic!("expected a store failure, got {err:?}");
+    };
+    // (LocalFileSystem already fails looking for an existing manifest.)
+    assert!(["get", "put"].contains(action), "{action}");
+    assert!(object.starts_with("manifests/"), "{object}");
+    assert!(f.datasets.list().await?.is_empty());
+    let stored = tree(&f.datasets_dir())?;
+    assert!(
+        stored
+            .keys()
+            .all(|k| k == "manifests" || k.starts_with("parquet/")),
+        "{stored:?}"
+    );
+
+    std::fs::remove_file(&blocker)?;
+    let done = f.datasets.snapshot(&f.store, sel, None).await?;
+    assert!(done.created);
+    f.datasets.read(&done.manifest.id).await?;
+    Ok(())
+}
