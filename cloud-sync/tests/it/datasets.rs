@@ -792,3 +792,59 @@ async fn a_failed_write_registers_nothing() -> Result<()> {
     f.datasets.read(&done.manifest.id).await?;
     Ok(())
 }
+
+/// An S3-compatible endpoint for [`s3_store_holds_the_same_dataset`]
+/// (`http://HOST:PORT`, bucket `EDGE_TEST_S3_BUCKET` or `edge-datasets`,
+/// which must exist; any credentials are sent).
+const S3_ENV: &str = "EDGE_TEST_S3";
+
+#[tokio::test]
+async fn s3_store_holds_the_same_dataset() -> Result<()> {
+    let Ok(endpoint) = std::env::var(S3_ENV) else {
+        println!("s3_store_holds_the_same_dataset: skipped ({S3_ENV} is unset)");
+        return Ok(());
+    };
+    let bucket = std::env::var("EDGE_TEST_S3_BUCKET").unwrap_or_else(|_| "edge-datasets".into());
+    let f = Fixture::sqlite().await?;
+    let sel = all_time(&["temperature", "humidity"], &["dev-1", "dev-2"]);
+    let local = f
+        .datasets
+        .snapshot(&f.store, sel.clone(), None)
+        .await?
+        .manifest;
+
+    let dir = tempfile::tempdir()?;
+    let credentials = dir.path().join("s3.toml");
+    std::fs::write(
+        &credentials,
+        "access_key_id = \"testing\"\nsecret_access_key = \"testing\"\n",
+    )?;
+    let mut settings = Settings::for_database(dir.path().join("s3.db"));
+    let prefix = format!("t{:016x}", rand::random::<u64>());
+    settings.datasets =
+        cloud_sync::config::DatasetSettings::S3(Box::new(cloud_sync::config::S3Settings {
+            bucket,
+            region: Some("us-east-1".into()),
+            endpoint: Some(endpoint),
+            prefix,
+            allow_http: true,
+            credentials_file: Some(credentials),
+        }));
+    let store = Store::connect(&settings.storage).await?;
+    fill(&store).await?;
+    let datasets = Datasets::open(&settings.datasets, &settings.storage).await?;
+    let done = datasets.snapshot(&store, sel.clone(), None).await?;
+    assert!(done.created);
+    assert_eq!(done.manifest.content, local.content);
+    assert!(!datasets.snapshot(&store, sel, None).await?.created);
+    let (remote, disk) = (
+        datasets.read(&local.id).await?,
+        f.datasets.read(&local.id).await?,
+    );
+    assert_eq!(
+        (remote.readings, remote.predictions),
+        (disk.readings, disk.predictions)
+    );
+    assert!(!dir.path().join("datasets").exists());
+    Ok(())
+}
