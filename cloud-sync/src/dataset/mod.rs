@@ -550,23 +550,20 @@ impl Datasets {
                 self.objects.put(&file.path, bytes).await?;
             }
         }
-        let manifest_object = manifest_path(&manifest.id);
-        let manifest_bytes = match self.objects.manifest(&manifest.id).await {
-            // A crash after the manifest but before the row: keep the first
-            // manifest (its created_ms and name) and register it now.
-            Ok(stored) => Some(stored),
-            Err(DatasetError::UnknownDataset { .. } | DatasetError::Corrupt { .. }) => None,
-            Err(err) => return Err(err),
-        };
-        let manifest = match manifest_bytes {
-            Some(stored) => stored,
-            None => {
+        let manifest = match self.objects.manifest(&manifest.id).await {
+            // Design: a manifest without its row (a crash between the two)
+            // is kept as first written (its created_ms and name) and
+            // registered now.
+            Ok(stored) => stored,
+            // Absent, or damaged: (re)written, after the files it names.
+            Err(DatasetError::UnknownDataset { .. } | DatasetError::Corrupt { .. }) => {
                 let json = serde_json::to_vec_pretty(&manifest).map_err(DatasetError::Encode)?;
                 self.objects
-                    .put(&manifest_object, Bytes::from(json))
+                    .put(&manifest_path(&manifest.id), Bytes::from(json))
                     .await?;
                 manifest
             }
+            Err(err) => return Err(err),
         };
         match self.db.insert(&manifest).await? {
             db::Inserted::New => {
