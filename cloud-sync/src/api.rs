@@ -33,6 +33,7 @@ use sync_protocol::{
 
 use crate::auth::{AuthError, DeviceAuth, OperatorAuth, ReadAuth};
 use crate::config::Settings;
+use crate::dataset::Datasets;
 use crate::metrics::{ErrorCode, Metrics};
 use crate::registry::Registry;
 use crate::store::{BatchError, QueryError, Store, StoreError};
@@ -51,6 +52,7 @@ pub struct AppState {
     metrics: Arc<Metrics>,
     drift: Option<crate::drift::Drift>,
     retrainer: Option<crate::retrain::Retrainer>,
+    datasets: Option<Datasets>,
 }
 
 impl AppState {
@@ -65,6 +67,7 @@ impl AppState {
             metrics: Arc::default(),
             drift: None,
             retrainer: None,
+            datasets: None,
         }
     }
 
@@ -100,6 +103,20 @@ impl AppState {
     #[must_use]
     pub fn retrainer(&self) -> Option<&crate::retrain::Retrainer> {
         self.retrainer.as_ref()
+    }
+
+    /// The same state serving the dataset routes from `datasets` (without
+    /// it they answer 503 `datasets_unavailable`).
+    #[must_use]
+    pub fn with_datasets(mut self, datasets: Datasets) -> Self {
+        self.datasets = Some(datasets);
+        self
+    }
+
+    /// The datasets, when the state has them.
+    #[must_use]
+    pub fn datasets(&self) -> Option<&Datasets> {
+        self.datasets.as_ref()
     }
 
     /// The same state serving the model registry's routes from `registry`
@@ -387,6 +404,7 @@ fn route_table() -> Vec<(Method, String, MethodRouter<AppState>)> {
     .chain(crate::registry::http::routes())
     .chain(crate::drift::http::routes())
     .chain(crate::retrain::http::routes())
+    .chain(crate::dataset::http::routes())
     .collect()
 }
 

@@ -145,6 +145,168 @@ pub struct Config {
     /// Retraining: packages, worker, schedule (`docs/retraining.md`).
     #[serde(default)]
     pub retrain: RetrainConfig,
+    /// The dataset store (`docs/datasets.md`).
+    #[serde(default)]
+    pub datasets: DatasetsConfig,
+}
+
+/// Where dataset files live: `local` or `s3`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DatasetStoreKind {
+    /// A local directory (`datasets.dir`).
+    #[default]
+    Local,
+    /// An S3-compatible bucket (`datasets.bucket`, ...).
+    S3,
+}
+
+/// `[datasets]`: the content-addressed dataset store.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DatasetsConfig {
+    /// `local` (default) or `s3`.
+    #[serde(default)]
+    pub store: DatasetStoreKind,
+    /// `local`: the directory (created if missing).
+    #[serde(default = "default_datasets_dir")]
+    pub dir: PathBuf,
+    /// `s3`: bucket name.
+    #[serde(default)]
+    pub bucket: Option<String>,
+    /// `s3`: region (default `us-east-1`, or `AWS_REGION`).
+    #[serde(default)]
+    pub region: Option<String>,
+    /// `s3`: endpoint URL of an S3-compatible service (MinIO, Ceph, ...);
+    /// unset for AWS.
+    #[serde(default)]
+    pub endpoint: Option<String>,
+    /// `s3`: key prefix inside the bucket.
+    #[serde(default)]
+    pub prefix: Option<String>,
+    /// `s3`: allow a plain `http://` endpoint.
+    #[serde(default)]
+    pub allow_http: bool,
+    /// `s3`: TOML file with `access_key_id`, `secret_access_key` and an
+    /// optional `session_token`; unset: the `AWS_*` environment variables.
+    #[serde(default)]
+    pub credentials_file: Option<PathBuf>,
+}
+
+/// Default for `datasets.dir`.
+pub const DEFAULT_DATASETS_DIR: &str = "datasets";
+
+fn default_datasets_dir() -> PathBuf {
+    PathBuf::from(DEFAULT_DATASETS_DIR)
+}
+
+impl Default for DatasetsConfig {
+    fn default() -> Self {
+        Self {
+            store: DatasetStoreKind::Local,
+            dir: default_datasets_dir(),
+            bucket: None,
+            region: None,
+            endpoint: None,
+            prefix: None,
+            allow_http: false,
+            credentials_file: None,
+        }
+    }
+}
+
+impl DatasetsConfig {
+    /// Checks the keys of the chosen store; reports problems through `problem`.
+    fn validate(&self, mut problem: impl FnMut(&'static str, String)) -> DatasetSettings {
+        match self.store {
+            DatasetStoreKind::Local => {
+                if self.dir.as_os_str().is_empty() {
+                    problem("datasets.dir", "must not be empty".to_owned());
+                }
+                for (key, set) in [
+                    ("datasets.bucket", self.bucket.is_some()),
+                    ("datasets.region", self.region.is_some()),
+                    ("datasets.endpoint", self.endpoint.is_some()),
+                    ("datasets.prefix", self.prefix.is_some()),
+                    ("datasets.allow_http", self.allow_http),
+                    ("datasets.credentials_file", self.credentials_file.is_some()),
+                ] {
+                    if set {
+                        problem(key, "applies only with store = \"s3\"".to_owned());
+                    }
+                }
+                DatasetSettings::Local {
+                    dir: self.dir.clone(),
+                }
+            }
+            DatasetStoreKind::S3 => {
+                let bucket = self.bucket.clone().unwrap_or_default();
+                if bucket.trim().is_empty() {
+                    problem(
+                        "datasets.bucket",
+                        "must be set with store = \"s3\"".to_owned(),
+                    );
+                }
+                if let Some(endpoint) = &self.endpoint
+                    && !(endpoint.starts_with("https://") || endpoint.starts_with("http://"))
+                {
+                    problem(
+                        "datasets.endpoint",
+                        format!("{endpoint:?} is not an http:// or https:// URL"),
+                    );
+                }
+                if self
+                    .endpoint
+                    .as_deref()
+                    .is_some_and(|e| e.starts_with("http://"))
+                    && !self.allow_http
+                {
+                    problem(
+                        "datasets.allow_http",
+                        "must be true for an http:// endpoint".to_owned(),
+                    );
+                }
+                DatasetSettings::S3(Box::new(S3Settings {
+                    bucket,
+                    region: self.region.clone(),
+                    endpoint: self.endpoint.clone(),
+                    prefix: self.prefix.clone().unwrap_or_default(),
+                    allow_http: self.allow_http,
+                    credentials_file: self.credentials_file.clone(),
+                }))
+            }
+        }
+    }
+}
+
+/// Validated `[datasets]` settings.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum DatasetSettings {
+    /// Files in a local directory.
+    Local {
+        /// `datasets.dir`.
+        dir: PathBuf,
+    },
+    /// Objects in an S3-compatible bucket.
+    S3(Box<S3Settings>),
+}
+
+/// Validated S3 settings (no secrets: credentials are read when the store
+/// is opened).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct S3Settings {
+    /// `datasets.bucket`.
+    pub bucket: String,
+    /// `datasets.region`.
+    pub region: Option<String>,
+    /// `datasets.endpoint`.
+    pub endpoint: Option<String>,
+    /// `datasets.prefix` (empty: none).
+    pub prefix: String,
+    /// `datasets.allow_http`.
+    pub allow_http: bool,
+    /// `datasets.credentials_file`.
+    pub credentials_file: Option<PathBuf>,
 }
 
 /// `[retrain]`: where retrained packages go, the worker and the schedule.
@@ -393,6 +555,7 @@ impl Default for Config {
             tls_key_file: None,
             tls_client_ca_file: None,
             registry: RegistryConfig::default(),
+            datasets: DatasetsConfig::default(),
             drift: crate::drift::DriftConfig::default(),
             retrain: RetrainConfig::default(),
         }
@@ -557,6 +720,7 @@ impl Config {
         };
 
         let registry = self.registry.validate(&mut problem);
+        let datasets = self.datasets.validate(&mut problem);
         let drift = self.drift.validate(&mut problem);
         let retrain = self.retrain.validate(&mut problem);
 
@@ -581,6 +745,7 @@ impl Config {
                     request_timeout: Duration::from_secs(self.request_timeout_secs),
                     tls,
                     registry,
+                    datasets,
                     drift,
                     retrain,
                 })
@@ -640,6 +805,8 @@ pub struct Settings {
     pub tls: Option<TlsSettings>,
     /// The model registry's files.
     pub registry: RegistrySettings,
+    /// The dataset store.
+    pub datasets: DatasetSettings,
     /// Fleet drift alerts.
     pub drift: crate::drift::DriftSettings,
     /// Retraining.
@@ -762,6 +929,9 @@ impl Settings {
             listen_addr: SocketAddr::from(([127, 0, 0, 1], 0)),
             metrics_listen_addr: None,
             registry: RegistrySettings::in_dir(dir),
+            datasets: DatasetSettings::Local {
+                dir: dir.join(DEFAULT_DATASETS_DIR),
+            },
             drift: crate::drift::DriftSettings::default(),
             retrain: RetrainSettings::in_dir(dir),
             storage: StorageSettings::Sqlite { path },
@@ -888,6 +1058,7 @@ mod tests {
             tls_key_file: None,
             tls_client_ca_file: None,
             registry: RegistryConfig::default(),
+            datasets: DatasetsConfig::default(),
             drift: crate::drift::DriftConfig::default(),
             retrain: RetrainConfig::default(),
         };
@@ -910,6 +1081,38 @@ mod tests {
         );
         let text = ConfigError::Invalid { problems }.to_string();
         assert!(text.contains("key `request_timeout_secs`"), "{text}");
+    }
+
+    #[test]
+    fn datasets_store_keys_are_checked_and_named() -> anyhow::Result<()> {
+        let settings = Config::from_toml_str(
+            "[datasets]\nstore = \"s3\"\nbucket = \"b\"\nendpoint = \"http://127.0.0.1:9000\"\n\
+             allow_http = true\nprefix = \"ds\"\n",
+        )?
+        .validate()?;
+        let DatasetSettings::S3(s3) = settings.datasets else {
+            panic!("expected s3");
+        };
+        assert_eq!((s3.bucket.as_str(), s3.prefix.as_str()), ("b", "ds"));
+        for (text, key) in [
+            ("[datasets]\nstore = \"s3\"\n", "datasets.bucket"),
+            ("[datasets]\nbucket = \"b\"\n", "datasets.bucket"),
+            (
+                "[datasets]\nstore = \"s3\"\nbucket = \"b\"\nendpoint = \"http://h\"\n",
+                "datasets.allow_http",
+            ),
+        ] {
+            let Err(ConfigError::Invalid { problems }) = Config::from_toml_str(text)?.validate()
+            else {
+                panic!("{text}: expected invalid");
+            };
+            assert_eq!(problems[0].key, key, "{text}");
+        }
+        match Config::from_toml_str("[datasets]\nstore = \"ftp\"\n") {
+            Err(ConfigError::Parse { .. }) => {}
+            other => panic!("expected parse error, got {other:?}"),
+        }
+        Ok(())
     }
 
     #[test]

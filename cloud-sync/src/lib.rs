@@ -23,6 +23,9 @@
 //!   and window), the fleet view per model and fleet alerts.
 //! - [`retrain`]: training runs, the retrain job queue and its worker,
 //!   registration of retrained packages (`edge_retrain` trains).
+//! - [`dataset`]: versioned datasets: snapshots of readings and predictions
+//!   as Parquet files with a manifest in a content-addressed store (local
+//!   directory or S3), the `datasets` table, readers and API handlers.
 //! - [`tls`]: HTTPS with rustls, client certificates, the TLS accept loop.
 //! - [`metrics`]: API counters and the Prometheus `/metrics` listener
 //!   (`metrics_listen_addr`, separate from the API).
@@ -34,6 +37,7 @@
 pub mod api;
 pub mod auth;
 pub mod config;
+pub mod dataset;
 pub mod drift;
 pub mod metrics;
 pub mod openapi;
@@ -50,6 +54,7 @@ use tokio_util::sync::CancellationToken;
 
 pub use api::{ApiError, AppState, app};
 pub use config::{Config, ConfigError, PostgresSettings, Settings, StorageSettings, TlsSettings};
+pub use dataset::{DatasetError, Datasets};
 pub use registry::{Registry, RegistryError};
 pub use store::{Store, StoreError};
 pub use sync_protocol;
@@ -72,6 +77,9 @@ pub enum ServeError {
     /// The retrainer's tables could not be opened.
     #[error("cannot open the retrainer")]
     Retrain(#[source] Box<retrain::RetrainError>),
+    /// The dataset store (its table or object store) could not be opened.
+    #[error("cannot open dataset store")]
+    Datasets(#[from] DatasetError),
     /// The listen address could not be bound.
     #[error("cannot bind listen_addr {addr}")]
     Bind {
@@ -134,6 +142,7 @@ pub async fn start(settings: Settings, shutdown: CancellationToken) -> Result<Se
         })?;
     let addr = listener.local_addr().map_err(ServeError::LocalAddr)?;
     let registry = Registry::open(&settings.registry, &settings.storage).await?;
+    let datasets = Datasets::open(&settings.datasets, &settings.storage).await?;
     let retrainer = retrain::Retrainer::open(&settings, registry.clone())
         .await
         .map_err(|err| ServeError::Retrain(Box::new(err)))?;
@@ -146,7 +155,8 @@ pub async fn start(settings: Settings, shutdown: CancellationToken) -> Result<Se
     let state = AppState::new(store.clone(), &settings)
         .with_registry(registry)
         .with_drift(drift)
-        .with_retrainer(retrainer);
+        .with_retrainer(retrainer)
+        .with_datasets(datasets);
     let (metrics_addr, metrics_listener) = match settings.metrics_listen_addr {
         Some(addr) => {
             let bind_err = |source| ServeError::MetricsBind { addr, source };

@@ -514,5 +514,6 @@ pub fn document() -> Value {
     crate::registry::openapi::extend(&mut document);
     crate::drift::openapi::extend(&mut document);
     crate::retrain::openapi::extend(&mut document);
+    crate::dataset::openapi::extend(&mut document);
     document
 }

@@ -6,6 +6,7 @@
 mod api;
 mod backends;
 mod cli;
+mod datasets;
 mod drift;
 mod endpoints;
 mod metrics;

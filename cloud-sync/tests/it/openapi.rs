@@ -481,3 +481,87 @@ fn rollout_schemas_accept_wire_bodies_and_reject_broken_ones() -> Result<()> {
     }
     Ok(())
 }
+
+#[test]
+fn dataset_schemas_accept_wire_bodies_and_reject_broken_ones() -> Result<()> {
+    use cloud_sync::dataset::http::{DatasetList, SnapshotRequest};
+    use cloud_sync::dataset::{
+        Column, Lineage, Manifest, ManifestContent, PredictionLineage, ReadingLineage, Selection,
+        SeqSpan, TableFile,
+    };
+
+    let doc = cloud_sync::openapi::document();
+    let schema = |name: &str| serde_json::json!({ "$ref": format!("#/components/schemas/{name}") });
+    let selection = Selection {
+        streams: vec!["temperature".into()],
+        devices: vec!["dev-1".into()],
+        from_ms: 0,
+        to_ms: 10,
+    };
+    let file = TableFile {
+        table: "readings".into(),
+        path: format!("parquet/{}.parquet", "ab".repeat(32)),
+        sha256: "ab".repeat(32),
+        bytes: 100,
+        rows: 4,
+        records: 2,
+        columns: vec![Column {
+            name: "device".into(),
+            kind: "string".into(),
+            nullable: false,
+        }],
+    };
+    let manifest = Manifest {
+        id: "cd".repeat(32),
+        name: None,
+        created_ms: 5,
+        content: ManifestContent {
+            format: cloud_sync::dataset::FORMAT_VERSION,
+            selection: selection.clone(),
+            files: vec![file],
+            lineage: Lineage {
+                readings: vec![ReadingLineage {
+                    device: "dev-1".into(),
+                    source: "m1".into(),
+                    stream: "temperature".into(),
+                    records: 2,
+                    ranges: vec![SeqSpan { first: 1, last: 2 }],
+                }],
+                predictions: vec![PredictionLineage {
+                    device: "dev-1".into(),
+                    model: "m".into(),
+                    records: 1,
+                    ranges: vec![SeqSpan { first: 3, last: 3 }],
+                }],
+            },
+        },
+    };
+    let request = SnapshotRequest {
+        streams: selection.streams,
+        devices: selection.devices,
+        from_ms: 0,
+        to_ms: 10,
+        name: Some("n".into()),
+    };
+    let list = DatasetList {
+        datasets: vec![manifest.clone()],
+    };
+    let bodies = [
+        ("DatasetManifest", serde_json::to_value(&manifest)?),
+        ("SnapshotRequest", serde_json::to_value(&request)?),
+        ("DatasetList", serde_json::to_value(&list)?),
+    ];
+    for (name, body) in &bodies {
+        validate(&doc, &schema(name), body, name)?;
+        let mut broken = body.clone();
+        broken["unexpected"] = serde_json::json!(1);
+        assert!(
+            validate(&doc, &schema(name), &broken, name).is_err(),
+            "{name}"
+        );
+    }
+    let mut broken = serde_json::to_value(&manifest)?;
+    broken["content"]["lineage"]["readings"][0]["ranges"][0]["first"] = serde_json::json!("1");
+    assert!(validate(&doc, &schema("DatasetManifest"), &broken, "manifest").is_err());
+    Ok(())
+}
