@@ -165,6 +165,7 @@ async fn faults_between_agent_and_cloud_lose_and_duplicate_nothing() {
     let proxy = Proxy::start(cloud.server.addr, faults, seed())
         .await
         .unwrap();
+    proxy.inject_each_once();
     let (buffer, thread) = open(dir.path());
     let now = edge_agent::now_ms();
     for s in ["s1", "s2", "s3"] {
@@ -184,6 +185,18 @@ async fn faults_between_agent_and_cloud_lose_and_duplicate_nothing() {
         Duration::from_secs(180),
         cloud.total().await == 9000
     );
+    // The cloud can hold every row before the agent has marked the last
+    // batch (its answer may have been dropped and the batch is being
+    // replayed): wait for the agent's side to settle
+    // while its sync still runs.
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    let stats = loop {
+        let stats = buffer.sync_stats(0).await.unwrap();
+        if stats.readings_unsynced == 0 || std::time::Instant::now() > deadline {
+            break stats;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
     let counters = sync.stop().await;
     let all = cloud.readings().await;
     for (key, rows) in [
@@ -215,17 +228,6 @@ async fn faults_between_agent_and_cloud_lose_and_duplicate_nothing() {
     ] {
         assert!(n > 0, "no {name} injected: the test did not test them");
     }
-    // The cloud can hold every row before the agent has marked the last
-    // batch (its answer may have been dropped and the batch is being
-    // replayed): wait for the agent's side to settle.
-    let deadline = std::time::Instant::now() + Duration::from_secs(60);
-    let stats = loop {
-        let stats = buffer.sync_stats(0).await.unwrap();
-        if stats.readings_unsynced == 0 || std::time::Instant::now() > deadline {
-            break stats;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    };
     // Replayed batches were absorbed by the cloud, not marked twice.
     assert!(Counters::get(&counters.synced_readings) >= 9000);
     assert_eq!((stats.readings_unsynced, stats.quarantine_batches), (0, 0));

@@ -76,6 +76,8 @@ struct Shared {
     faults: Mutex<Faults>,
     rng: Mutex<u64>,
     storm_left: Mutex<u32>,
+    /// Actions taken, in order, before any random choice.
+    opening: Mutex<std::collections::VecDeque<Action>>,
     stats: Stats,
 }
 
@@ -106,6 +108,7 @@ impl Proxy {
             faults: Mutex::new(faults),
             rng: Mutex::new(seed | 1),
             storm_left: Mutex::new(0),
+            opening: Mutex::new(std::collections::VecDeque::new()),
             stats: Stats::default(),
         });
         let s = shared.clone();
@@ -124,6 +127,30 @@ impl Proxy {
     pub fn set_faults(&self, faults: Faults) {
         if let Ok(mut f) = self.shared.faults.lock() {
             *f = faults;
+        }
+    }
+
+    /// Injects each fault kind once, on the next requests (every other
+    /// one, so the client makes progress between them), before the random
+    /// choices take over: a test that asserts every kind was seen cannot
+    /// depend on luck.
+    pub fn inject_each_once(&self) {
+        let latency = self
+            .shared
+            .faults
+            .lock()
+            .map_or(Duration::from_millis(100), |f| f.latency);
+        if let Ok(mut opening) = self.shared.opening.lock() {
+            for action in [
+                Action::Reset,
+                Action::DropResponse,
+                Action::Stall,
+                Action::Answer503,
+                Action::Slow(latency),
+            ] {
+                opening.push_back(action);
+                opening.push_back(Action::Pass);
+            }
         }
     }
 
@@ -163,6 +190,9 @@ impl Shared {
         };
         if f.down {
             return Action::Reset;
+        }
+        if let Some(action) = self.opening.lock().ok().and_then(|mut o| o.pop_front()) {
+            return action;
         }
         if let Ok(mut left) = self.storm_left.lock() {
             if *left > 0 {
