@@ -4,7 +4,7 @@
 //!
 //! Owns the `[drift]` settings, summary validation, aggregation and the
 //! fleet-alert rule; the tables belong to [`db`], the routes to [`http`].
-//! A fleet alert is the hook retraining will use: it is stored (at most one
+//! A fleet alert is the retraining hook: it is stored (at most one
 //! per model and fleet window), logged at WARN, listed at `GET /v1/alerts`
 //! and by `cloud-sync drift alerts`. Retraining itself is not done here:
 //! with `[retrain] on_fleet_alert`, the drift route hands a raised alert to
