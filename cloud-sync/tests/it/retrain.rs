@@ -842,17 +842,33 @@ async fn unknown_corrupt_or_unfit_datasets_fail_the_run_and_register_nothing() -
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_fleet_alert_enqueues_exactly_one_job_on_a_snapshot() -> Result<()> {
+async fn sqlite_a_fleet_alert_enqueues_exactly_one_job_on_a_snapshot() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let settings = Settings::for_database(dir.path().join("cloud.db"));
+    fleet_alert_enqueues_exactly_one_job_on_a_snapshot(settings, dir, None).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_a_fleet_alert_enqueues_exactly_one_job_on_a_snapshot() -> Result<()> {
+    let Some(schema) = PgSchema::create("postgres_fleet_alert_job").await? else {
+        return Ok(());
+    };
+    let dir = tempfile::tempdir()?;
+    let mut settings = Settings::for_database(dir.path().join("unused.db"));
+    settings.storage = StorageSettings::Postgres(Box::new(schema.settings()));
+    fleet_alert_enqueues_exactly_one_job_on_a_snapshot(settings, dir, Some(schema)).await
+}
+
+async fn fleet_alert_enqueues_exactly_one_job_on_a_snapshot(
+    mut settings: Settings,
+    dir: tempfile::TempDir,
+    schema: Option<PgSchema>,
+) -> Result<()> {
     use cloud_sync::drift::{Drift, DriftSettings};
     use cloud_sync::retrain::alert;
     use cloud_sync::sync_protocol::drift::{DriftSummary, FeatureDrift, ScoreStats, drift_path};
 
     const DAY_MS: i64 = 86_400_000;
-    let dir = tempfile::tempdir()?;
-    let mut settings = Settings::for_database(dir.path().join("cloud.db"));
-    settings.registry.artifact_dir = dir.path().join("artifacts");
-    settings.registry.signing_key_file = dir.path().join("key.pem");
-    settings.registry.public_keys_file = dir.path().join("keys.toml");
     settings.retrain.on_fleet_alert = true;
     settings.retrain.fleet_alert.lookback_secs = 3600;
     settings.drift = DriftSettings {
@@ -860,7 +876,7 @@ async fn a_fleet_alert_enqueues_exactly_one_job_on_a_snapshot() -> Result<()> {
         fleet_alert_percent: 50,
         min_devices: 1,
     };
-    let f = Fixture::open(settings, dir, None).await?;
+    let f = Fixture::open(settings, dir, schema).await?;
     let drift = Drift::open(&f.settings.storage, f.settings.drift.clone()).await?;
     let retrainer = f.retrainer.clone().with_datasets(f.datasets.clone());
     let router = app(AppState::new(f.store.clone(), &f.settings)
