@@ -592,7 +592,9 @@ impl Retrainer {
                     .map_err(|e| format!("cannot read the training data: {}", chain(&e)))?;
                 // Recorded before training: a failed run names the snapshot it read.
                 run.dataset = Some(snapshot.manifest.id.clone());
-                let _ = self.db.put_run(run).await;
+                if let Err(err) = self.db.put_run(run).await {
+                    tracing::warn!(run = %run.id, error = %chain(&err), "cannot record the run's dataset");
+                }
                 Input::Snapshot(Box::new(snapshot))
             }
             (None, None) => return Err("no data source".to_owned()),
