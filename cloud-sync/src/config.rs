@@ -326,6 +326,54 @@ pub struct RetrainConfig {
     /// The job the schedule enqueues (required when `schedule_secs > 0`).
     #[serde(default)]
     pub scheduled: Option<ScheduledJob>,
+    /// On a fleet drift alert, snapshot the alerting model's data and
+    /// enqueue one retrain job for it (`docs/retraining.md`).
+    #[serde(default)]
+    pub on_fleet_alert: bool,
+    /// What a fleet alert snapshots and how its job trains.
+    #[serde(default)]
+    pub fleet_alert: FleetAlertJob,
+}
+
+/// `[retrain.fleet_alert]`: the snapshot and job a fleet alert triggers
+/// (with `retrain.on_fleet_alert = true`).
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FleetAlertJob {
+    /// How far before the alert the snapshot reaches, seconds (by the
+    /// readings' receive time).
+    #[serde(default = "default_lookback_secs")]
+    pub lookback_secs: u64,
+    /// Streams to snapshot (`NAME` or `SOURCE/NAME`); empty: the streams of
+    /// the model's drift features.
+    #[serde(default)]
+    pub streams: Vec<String>,
+    /// Training config TOML; without `stream`, the model's drift feature is
+    /// used when the summaries name exactly one.
+    #[serde(default)]
+    pub train_config: Option<PathBuf>,
+    /// Device group to register for.
+    #[serde(default = "default_group")]
+    pub group: String,
+    /// Register the verified package as staging.
+    #[serde(default = "default_true")]
+    pub register: bool,
+}
+
+fn default_lookback_secs() -> u64 {
+    7 * 86_400
+}
+
+impl Default for FleetAlertJob {
+    fn default() -> Self {
+        Self {
+            lookback_secs: default_lookback_secs(),
+            streams: Vec::new(),
+            train_config: None,
+            group: default_group(),
+            register: true,
+        }
+    }
 }
 
 /// `[retrain.scheduled]`: one job the schedule enqueues.
@@ -369,6 +417,8 @@ impl Default for RetrainConfig {
             worker: true,
             schedule_secs: 0,
             scheduled: None,
+            on_fleet_alert: false,
+            fleet_alert: FleetAlertJob::default(),
         }
     }
 }
@@ -392,11 +442,35 @@ impl RetrainConfig {
                 "must be 1-128 characters from [A-Za-z0-9._-]".to_owned(),
             );
         }
+        let alert = &self.fleet_alert;
+        if alert.lookback_secs == 0 || alert.lookback_secs > 366 * 86_400 {
+            problem(
+                "retrain.fleet_alert.lookback_secs",
+                format!(
+                    "must be between 1 and 31622400, got {}",
+                    alert.lookback_secs
+                ),
+            );
+        }
+        if !crate::registry::is_valid_group(&alert.group) {
+            problem(
+                "retrain.fleet_alert.group",
+                "must be 1-128 characters from [A-Za-z0-9._-]".to_owned(),
+            );
+        }
+        if alert.streams.iter().any(|s| s.is_empty()) {
+            problem(
+                "retrain.fleet_alert.streams",
+                "must not contain an empty stream".to_owned(),
+            );
+        }
         RetrainSettings {
             output_dir: self.output_dir.clone(),
             worker: self.worker,
             schedule_secs: self.schedule_secs,
             scheduled: self.scheduled.clone(),
+            on_fleet_alert: self.on_fleet_alert,
+            fleet_alert: self.fleet_alert.clone(),
         }
     }
 }
@@ -412,6 +486,10 @@ pub struct RetrainSettings {
     pub schedule_secs: u64,
     /// `retrain.scheduled`.
     pub scheduled: Option<ScheduledJob>,
+    /// `retrain.on_fleet_alert`.
+    pub on_fleet_alert: bool,
+    /// `retrain.fleet_alert`.
+    pub fleet_alert: FleetAlertJob,
 }
 
 impl RetrainSettings {
@@ -423,6 +501,8 @@ impl RetrainSettings {
             worker: true,
             schedule_secs: 0,
             scheduled: None,
+            on_fleet_alert: false,
+            fleet_alert: FleetAlertJob::default(),
         }
     }
 }

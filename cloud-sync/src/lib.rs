@@ -145,7 +145,8 @@ pub async fn start(settings: Settings, shutdown: CancellationToken) -> Result<Se
     let datasets = Datasets::open(&settings.datasets, &settings.storage).await?;
     let retrainer = retrain::Retrainer::open(&settings, registry.clone())
         .await
-        .map_err(|err| ServeError::Retrain(Box::new(err)))?;
+        .map_err(|err| ServeError::Retrain(Box::new(err)))?
+        .with_datasets(datasets.clone());
     if settings.retrain.worker {
         // Design: the worker is not drained at shutdown; a job it was
         // running is marked failed at the next start (docs/retraining.md).

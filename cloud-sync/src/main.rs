@@ -85,7 +85,8 @@ enum Command {
             conflicts_with = "dataset"
         )]
         csv: Option<PathBuf>,
-        /// Dataset snapshot id (not wired yet; refused).
+        /// Dataset snapshot id (`dataset snapshot`): trains on its readings
+        /// of the training config's stream/field (default temperature/value).
         #[arg(long, value_name = "ID")]
         dataset: Option<String>,
         /// Training config TOML (window, hop, train_fraction, ridge,

@@ -2,6 +2,7 @@
 //! HTTP sync -> cloud-sync (SQLite), checked from both databases.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+mod mlops;
 mod sync;
 
 use edge_agent::demo::{DemoArgs, DemoReport, run};

@@ -119,6 +119,16 @@ async fn post_summary(
     )
     .await?;
     let stored = drift.store(&auth.device, &summary).await?;
+    if let (Some(alert), Some(retrainer), Some(datasets)) =
+        (stored.raised.clone(), state.retrainer(), state.datasets())
+    {
+        retrainer.spawn_for_alert(
+            alert,
+            drift.clone(),
+            state.store().clone(),
+            datasets.clone(),
+        );
+    }
     tracing::debug!(device = %auth.device, model = %summary.model, stored = stored.stored, "drift summary");
     Ok(Json(DriftAck {
         stored: stored.stored,

@@ -4,9 +4,11 @@
 //!
 //! Owns the `[drift]` settings, summary validation, aggregation and the
 //! fleet-alert rule; the tables belong to [`db`], the routes to [`http`].
-//! A fleet alert is the hook retraining will use: it is stored (at most one
+//! A fleet alert is the retraining hook: it is stored (at most one
 //! per model and fleet window), logged at WARN, listed at `GET /v1/alerts`
-//! and by `cloud-sync drift alerts`. Retraining itself is not done here.
+//! and by `cloud-sync drift alerts`. Retraining itself is not done here:
+//! with `[retrain] on_fleet_alert`, the drift route hands a raised alert to
+//! [`crate::retrain::alert`].
 
 pub mod db;
 pub mod http;
@@ -142,6 +144,17 @@ pub struct Drift {
     settings: DriftSettings,
 }
 
+/// Who and what a fleet alert concerns (what drift-triggered retraining
+/// snapshots).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AlertScope {
+    /// Devices that reported the model in the alert's fleet window or the
+    /// one before (those the alert was judged on), sorted.
+    pub devices: Vec<String>,
+    /// `(stream, field)` of the features their summaries judged, sorted.
+    pub features: Vec<(String, String)>,
+}
+
 /// What storing a summary did.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Stored {
@@ -239,6 +252,36 @@ impl Drift {
             "fleet drift alert: retraining candidate"
         );
         Ok(Some(alert))
+    }
+
+    /// The devices and features `alert` was judged on: the summaries of its
+    /// model in its fleet window and the one before, as [`Drift::store`]
+    /// judged them.
+    ///
+    /// # Errors
+    /// Storage failures.
+    pub async fn alert_scope(&self, alert: &FleetAlert) -> Result<AlertScope> {
+        let w = self.settings.fleet_window_ms;
+        let start = alert.window_start_ms;
+        let rows = self
+            .db
+            .summaries(
+                &alert.model,
+                start.saturating_sub(w),
+                start.saturating_add(w),
+            )
+            .await?;
+        let devices: BTreeSet<String> = rows.iter().map(|r| r.device.clone()).collect();
+        let mut features = BTreeSet::new();
+        for r in &rows {
+            if let Ok(s) = serde_json::from_str::<DriftSummary>(&r.body) {
+                features.extend(s.features.into_iter().map(|f| (f.stream, f.field)));
+            }
+        }
+        Ok(AlertScope {
+            devices: devices.into_iter().collect(),
+            features: features.into_iter().collect(),
+        })
     }
 
     /// The fleet view of `model` over summaries whose window starts at or

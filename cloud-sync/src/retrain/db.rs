@@ -575,15 +575,29 @@ impl RetrainDb {
     /// Inserts a new job.
     ///
     /// # Errors
-    /// A database failure.
+    /// A database failure (also when the id exists).
     pub async fn insert_job(&self, job: &Job) -> Result<()> {
+        self.insert_job_with(job, "").await.map(|_| ())
+    }
+
+    /// Inserts `job` unless a job with its id exists; returns whether it
+    /// was inserted.
+    ///
+    /// # Errors
+    /// A database failure.
+    pub async fn insert_job_once(&self, job: &Job) -> Result<bool> {
+        self.insert_job_with(job, " ON CONFLICT (id) DO NOTHING")
+            .await
+    }
+
+    async fn insert_job_with(&self, job: &Job, conflict: &'static str) -> Result<bool> {
         let spec = to_json(&job.spec);
         let job = job.clone();
         match self {
             RetrainDb::Sqlite(conn) => {
                 Self::sqlite(conn, move |c| {
-                    c.execute(
-                        &format!("INSERT INTO retrain_jobs ({JOB_COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)"),
+                    let n = c.execute(
+                        &format!("INSERT INTO retrain_jobs ({JOB_COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8){conflict}"),
                         params![
                             job.id,
                             spec,
@@ -595,16 +609,16 @@ impl RetrainDb {
                             job.finished_ms
                         ],
                     )?;
-                    Ok(())
+                    Ok(n > 0)
                 })
                 .await
             }
             RetrainDb::Postgres(client) => {
-                client
+                let n = client
                     .lock()
                     .await?
                     .execute(
-                        &format!("INSERT INTO retrain_jobs ({JOB_COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8)"),
+                        &format!("INSERT INTO retrain_jobs ({JOB_COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8){conflict}"),
                         &[
                             &job.id,
                             &spec,
@@ -617,7 +631,7 @@ impl RetrainDb {
                         ],
                     )
                     .await?;
-                Ok(())
+                Ok(n > 0)
             }
         }
     }

@@ -6,7 +6,11 @@
 //! - `db`: the `training_runs` and `retrain_jobs` tables (SQLite or
 //!   PostgreSQL, own migrations);
 //! - `http`: `GET /v1/runs`, `GET /v1/runs/{id}`, `POST /v1/retrain`,
-//!   `GET /v1/jobs/{id}` (operators only); `openapi`: their documentation.
+//!   `GET /v1/jobs/{id}` (operators only); `openapi`: their documentation;
+//! - `snapshot`: the adapter from a verified dataset snapshot to training
+//!   input;
+//! - `alert`: retraining triggered by a fleet drift alert (snapshot, then
+//!   one job per alert).
 //!
 //! Training itself is `edge_retrain`'s; this module owns what surrounds it.
 //! Invariants:
@@ -20,10 +24,17 @@
 //!   worker runs one job at a time.
 //! - A job or run that was `running` when its process stopped is marked
 //!   `failed` at the next worker start, never re-queued.
+//! - A run on a dataset trains only on the snapshot its id names, read back
+//!   and verified (every hash) by the dataset reader; the run and the
+//!   registered version record that id.
+//! - A fleet alert enqueues at most one job (its id is derived from the
+//!   alert).
 
+pub mod alert;
 pub mod db;
 pub mod http;
 pub mod openapi;
+pub mod snapshot;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -37,7 +48,8 @@ use tokio_util::sync::CancellationToken;
 
 pub use db::{RetrainDb, RetrainDbError};
 
-use crate::config::{RetrainSettings, ScheduledJob};
+use crate::config::{DatasetSettings, RetrainSettings, ScheduledJob, StorageSettings};
+use crate::dataset::{DatasetError, Datasets, Snapshot};
 use crate::registry::{PushOptions, Registry, RegistryError, Signer, validate};
 
 /// Result alias for this module.
@@ -83,6 +95,12 @@ pub enum RetrainError {
         #[source]
         source: toml::de::Error,
     },
+    /// The dataset store could not be opened, or a snapshot not taken.
+    #[error("dataset failure")]
+    Dataset(#[from] DatasetError),
+    /// The drift tables could not be read.
+    #[error("drift storage failure")]
+    Drift(#[from] crate::drift::DriftError),
 }
 
 /// State of a training run.
@@ -166,7 +184,9 @@ pub struct JobSpec {
     /// values become the configured stream's `value` field.
     #[serde(default)]
     pub csv: Option<PathBuf>,
-    /// A dataset snapshot id (not wired yet: refused).
+    /// A dataset snapshot id (`cloud-sync dataset snapshot`): the run
+    /// trains on the readings of the training config's `stream`/`field` in
+    /// it, read back and verified.
     #[serde(default)]
     pub dataset: Option<String>,
     /// Training config keys (`edge_retrain::TrainConfig` without `name`);
@@ -208,8 +228,8 @@ pub struct Run {
     pub params: serde_json::Value,
     /// Metrics on held-out data, by name.
     pub metrics: BTreeMap<String, f64>,
-    /// Hash of the training data (`sha256:<hex>` of a CSV, or the
-    /// snapshot's hash).
+    /// Hash of the training data: `sha256:<hex>` of a CSV, or the dataset
+    /// snapshot's id (the sha256 of its manifest content, 64 hex digits).
     pub dataset: Option<String>,
     /// `edge-retrain <version> (<git commit>)`.
     pub code_version: String,
@@ -362,13 +382,10 @@ impl JobSpec {
         }
         match (&self.csv, &self.dataset) {
             (Some(_), None) => {}
-            (None, Some(_)) => {
-                // TODO(datasets): wire `dataset` to the snapshot reader with
-                // an adapter yielding `edge_retrain::Reading` rows in device
-                // sequence order and the snapshot's content hash
-                // (docs/retraining.md, "Dataset snapshots").
-                return invalid("dataset snapshots are not wired into the retrainer yet; give csv");
-            }
+            // Design: an unknown or corrupt dataset is found when the run
+            // reads it, so the failure is recorded on the run.
+            (None, Some(id)) if id.is_empty() => return invalid("dataset must not be empty"),
+            (None, Some(_)) => {}
             _ => return invalid("give exactly one of csv and dataset"),
         }
         self.train_config().map(|_| ())
@@ -382,6 +399,9 @@ pub struct Retrainer {
     registry: Registry,
     settings: RetrainSettings,
     signer_settings: crate::config::RegistrySettings,
+    dataset_settings: DatasetSettings,
+    storage: StorageSettings,
+    datasets: Option<Datasets>,
     wake: Arc<Notify>,
 }
 
@@ -397,8 +417,32 @@ impl Retrainer {
             registry,
             settings: settings.retrain.clone(),
             signer_settings: settings.registry.clone(),
+            dataset_settings: settings.datasets.clone(),
+            storage: settings.storage.clone(),
+            datasets: None,
             wake: Arc::new(Notify::new()),
         })
+    }
+
+    /// The same retrainer reading snapshots through `datasets` (without
+    /// it, each run on a dataset opens the configured dataset store).
+    #[must_use]
+    pub fn with_datasets(mut self, datasets: Datasets) -> Self {
+        self.datasets = Some(datasets);
+        self
+    }
+
+    /// Reads and verifies dataset `id`.
+    async fn read_dataset(&self, id: &str) -> Result<Snapshot, DatasetError> {
+        match &self.datasets {
+            Some(datasets) => datasets.read(id).await,
+            None => {
+                Datasets::open(&self.dataset_settings, &self.storage)
+                    .await?
+                    .read(id)
+                    .await
+            }
+        }
     }
 
     /// The settings it was opened with.
@@ -539,8 +583,21 @@ impl Retrainer {
         spec: &JobSpec,
         config: TrainConfig,
     ) -> std::result::Result<(), String> {
-        let Some(csv) = spec.csv.clone() else {
-            return Err("no data source".to_owned());
+        let input = match (&spec.csv, &spec.dataset) {
+            (Some(csv), _) => Input::Csv(csv.clone()),
+            (None, Some(id)) => {
+                let snapshot = self
+                    .read_dataset(id)
+                    .await
+                    .map_err(|e| format!("cannot read the training data: {}", chain(&e)))?;
+                // Recorded before training: a failed run names the snapshot it read.
+                run.dataset = Some(snapshot.manifest.id.clone());
+                if let Err(err) = self.db.put_run(run).await {
+                    tracing::warn!(run = %run.id, error = %chain(&err), "cannot record the run's dataset");
+                }
+                Input::Snapshot(Box::new(snapshot))
+            }
+            (None, None) => return Err("no data source".to_owned()),
         };
         let dir = self
             .settings
@@ -551,15 +608,28 @@ impl Retrainer {
         let run_id = run.id.clone();
         let handle = tokio::runtime::Handle::current();
         let trained = tokio::task::spawn_blocking(move || {
-            let bytes = std::fs::read(&csv)
-                .map_err(|e| format!("cannot read {}: {e}", csv.display()))?;
-            let dataset = format!("sha256:{}", hex::encode(<sha2::Sha256 as sha2::Digest>::digest(&bytes)));
-            drop(bytes);
-            let source = csv
-                .file_stem()
-                .map_or_else(|| "csv".to_owned(), |s| s.to_string_lossy().into_owned());
-            let data = TrainingData::from_nab_csv(&csv, "csv", &source, &config.stream)
-                .map_err(|e| chain(&e))?;
+            let (dataset, data) = match input {
+                Input::Csv(csv) => {
+                    let bytes = std::fs::read(&csv)
+                        .map_err(|e| format!("cannot read {}: {e}", csv.display()))?;
+                    let dataset = format!(
+                        "sha256:{}",
+                        hex::encode(<sha2::Sha256 as sha2::Digest>::digest(&bytes))
+                    );
+                    drop(bytes);
+                    let source = csv
+                        .file_stem()
+                        .map_or_else(|| "csv".to_owned(), |s| s.to_string_lossy().into_owned());
+                    let data = TrainingData::from_nab_csv(&csv, "csv", &source, &config.stream)
+                        .map_err(|e| chain(&e))?;
+                    (dataset, data)
+                }
+                Input::Snapshot(snapshot) => {
+                    let data =
+                        snapshot::training_data(&snapshot, &config).map_err(|e| chain(&e))?;
+                    (snapshot.manifest.id.clone(), data)
+                }
+            };
             let mut progress = |stage: edge_retrain::Stage| {
                 tracing::info!(run = %run_id, stage = stage.as_str(), percent = stage.percent(), "training progress");
                 if let Err(err) = handle.block_on(db.set_progress(&run_id, stage.as_str())) {
@@ -572,12 +642,7 @@ impl Retrainer {
         })
         .await
         .map_err(|e| format!("training task failed: {e}"))?;
-        let (dataset, report) = match trained {
-            Ok(ok) => ok,
-            Err(message) => {
-                return Err(message);
-            }
-        };
+        let (dataset, report) = trained?;
         run.dataset = Some(dataset.clone());
         run.family = report.family.clone();
         run.metrics = report.metrics.clone();
@@ -695,6 +760,12 @@ impl Retrainer {
             }
         }
     }
+}
+
+/// What a run trains on, moved to the blocking thread.
+enum Input {
+    Csv(PathBuf),
+    Snapshot(Box<Snapshot>),
 }
 
 /// A plain-text table of runs (for `cloud-sync runs list`).

@@ -120,7 +120,8 @@ fn schemas() -> serde_json::Map<String, Value> {
         "properties": {
             "model": { "type": "string" },
             "csv": nullable("string"),
-            "dataset": nullable("string"),
+            "dataset": { "type": ["string", "null"],
+                         "description": "Dataset snapshot id (POST /v1/datasets); trains on its readings of the train config's stream/field (default temperature/value)." },
             "train": { "type": ["object", "null"],
                        "description": "edge_retrain TrainConfig keys without name (window, hop, train_fraction, ridge, threshold_quantile, version, label, ...)." },
             "group": { "type": "string" },
