@@ -23,6 +23,7 @@ pub mod inference;
 pub mod ingest;
 pub mod metrics;
 pub mod rollout;
+pub mod spool;
 pub mod supervisor;
 pub mod sync;
 pub mod systemd;
