@@ -1274,7 +1274,7 @@ fn validate_log(l: &RawLog, errs: &mut Vec<String>) -> LogSettings {
             LogFormat::Auto
         }
     };
-    if let Err(e) = tracing_subscriber::EnvFilter::builder().parse(&l.filter) {
+    if let Err(e) = crate::telemetry::parse_filter(&l.filter) {
         errs.push(format!(
             "log.filter: {:?} is not a valid filter: {e}",
             l.filter

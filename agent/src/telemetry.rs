@@ -8,7 +8,7 @@
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use tracing_subscriber::EnvFilter;
+use tracing_subscriber::filter::{LevelFilter, Targets};
 use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;
 
@@ -18,11 +18,14 @@ use crate::config::{LogFormat, LogSettings};
 /// stderr, once per process.
 pub fn init(default_filter: &str) {
     use std::io::IsTerminal;
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(filter(default_filter))
-        .with_target(false)
-        .with_ansi(std::io::stderr().is_terminal())
-        .with_writer(std::io::stderr)
+    let _ = tracing_subscriber::registry()
+        .with(filter(default_filter))
+        .with(
+            tracing_subscriber::fmt::layer()
+                .with_target(false)
+                .with_ansi(std::io::stderr().is_terminal())
+                .with_writer(std::io::stderr),
+        )
         .try_init();
 }
 
@@ -52,13 +55,16 @@ pub fn init_with(log: &LogSettings) -> LogOutput {
     };
     match format {
         LogFormat::Json => {
-            let _ = tracing_subscriber::fmt()
-                .json()
-                .flatten_event(true)
-                .with_current_span(false)
-                .with_span_list(false)
-                .with_env_filter(filter(&log.filter))
-                .with_writer(std::io::stderr)
+            let _ = tracing_subscriber::registry()
+                .with(filter(&log.filter))
+                .with(
+                    tracing_subscriber::fmt::layer()
+                        .json()
+                        .flatten_event(true)
+                        .with_current_span(false)
+                        .with_span_list(false)
+                        .with_writer(std::io::stderr),
+                )
                 .try_init();
             LogOutput::Json
         }
@@ -83,8 +89,26 @@ pub fn init_with(log: &LogSettings) -> LogOutput {
     }
 }
 
-fn filter(default: &str) -> EnvFilter {
-    EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default))
+/// `RUST_LOG` when set and valid, else `default`, else `info`.
+///
+/// Design: per-target directives (`Targets`), not `EnvFilter`: the span and
+/// field directives EnvFilter adds pull in a regex engine that cost the
+/// device binary about a megabyte of its 25 MB budget.
+fn filter(default: &str) -> Targets {
+    std::env::var("RUST_LOG")
+        .ok()
+        .and_then(|v| parse_filter(&v).ok())
+        .or_else(|| parse_filter(default).ok())
+        .unwrap_or_else(|| Targets::new().with_default(LevelFilter::INFO))
+}
+
+/// Parses filter directives: comma-separated `level` or `target=level`
+/// (`"warn,edge_agent::ingest=debug"`).
+///
+/// # Errors
+/// The parser's message when a directive is not `target=level` or a level.
+pub fn parse_filter(directives: &str) -> Result<Targets, String> {
+    directives.parse::<Targets>().map_err(|e| e.to_string())
 }
 
 /// Whether stderr is the journal stream systemd connected it to
