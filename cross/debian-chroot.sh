@@ -26,11 +26,16 @@ MIRROR=${MIRROR:-http://deb.debian.org/debian}
 CARGO_HOME_HOST=${CARGO_HOME:-$HOME/.cargo}
 
 fail() { echo "debian-chroot: $*" >&2; exit 1; }
+# Exit 75 (EX_TEMPFAIL): Debian's archive could not give us the toolchain
+# (network, or unstable momentarily uninstallable); nothing was built or
+# tested. Build, size and test failures exit 1.
+unavailable() { echo "debian-chroot: toolchain unavailable: $*" >&2; exit 75; }
 say() { echo "debian-chroot: $*"; }
 
 [ "$(id -u)" = 0 ] || fail "needs root (debootstrap, chroot, mount)"
 if ! command -v debootstrap >/dev/null; then
-  apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y debootstrap
+  { apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y debootstrap; } ||
+    unavailable "cannot install debootstrap"
 fi
 
 packages=(rustc cargo libstd-rust-dev:arm64 libstd-rust-dev:armhf
@@ -44,15 +49,18 @@ if [ ! -e "$CHROOT/.edge-agent-ready" ]; then
   if [ ! -x "$CHROOT/usr/bin/apt-get" ]; then
     say "creating a Debian $SUITE chroot in $CHROOT"
     rm -rf "$CHROOT"
-    debootstrap --variant=minbase "$SUITE" "$CHROOT" "$MIRROR"
+    debootstrap --variant=minbase "$SUITE" "$CHROOT" "$MIRROR" ||
+      { rm -rf "$CHROOT"; unavailable "debootstrap $SUITE from $MIRROR failed"; }
   fi
   chroot "$CHROOT" dpkg --add-architecture arm64
   chroot "$CHROOT" dpkg --add-architecture armhf
   # Design: a mirror snapshot older than the machine's clock serves an
   # expired Release file; the packages are still signed and verified.
-  chroot "$CHROOT" apt-get -o Acquire::Check-Valid-Until=false update
+  chroot "$CHROOT" apt-get -o Acquire::Check-Valid-Until=false update ||
+    unavailable "apt-get update in the chroot failed"
   chroot "$CHROOT" env DEBIAN_FRONTEND=noninteractive \
-    apt-get install -y --no-install-recommends "${packages[@]}"
+    apt-get install -y --no-install-recommends "${packages[@]}" ||
+    unavailable "the toolchain packages did not install (${packages[*]})"
   touch "$CHROOT/.edge-agent-ready"
   say "chroot ready in $(( $(date +%s) - started )) s"
 fi
@@ -70,6 +78,13 @@ bind() {
 mount -t proc proc "$CHROOT/proc" && mounts+=("$CHROOT/proc")
 bind /dev "$CHROOT/dev"
 cp /etc/resolv.conf "$CHROOT/etc/resolv.conf"
+# Design: the host may reach crates.io through a TLS-intercepting proxy whose
+# CA only the host trusts; cargo in the chroot uses the host's bundle.
+cainfo=
+if [ -f /etc/ssl/certs/ca-certificates.crt ]; then
+  cp /etc/ssl/certs/ca-certificates.crt "$CHROOT/etc/ssl/host-ca-certificates.crt"
+  cainfo=/etc/ssl/host-ca-certificates.crt
+fi
 bind "$repo" "$CHROOT/src"
 mkdir -p "$CARGO_HOME_HOST/registry"
 bind "$CARGO_HOME_HOST/registry" "$CHROOT/root/.cargo/registry"
@@ -77,7 +92,7 @@ bind "$CARGO_HOME_HOST/registry" "$CHROOT/root/.cargo/registry"
 # shellcheck disable=SC2016 # expanded by the shell inside the chroot
 chroot "$CHROOT" env -i HOME=/root PATH=/usr/sbin:/usr/bin:/sbin:/bin \
   CARGO_TARGET_DIR=/src/target/debian-chroot RUST_TOOLCHAIN=debian \
-  CARGO_TERM_COLOR=never \
+  CARGO_TERM_COLOR=never ${cainfo:+CARGO_HTTP_CAINFO=$cainfo SSL_CERT_FILE=$cainfo} \
   bash -c 'cd /src && cross/build.sh "$@" &&
     for b in target/debian-chroot/cross-artifacts/edge-agent-*; do
       [ -f "$b" ] || continue
