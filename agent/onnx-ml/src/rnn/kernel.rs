@@ -192,6 +192,9 @@ impl Layout {
 
 /// Buffers reused across steps and directions.
 struct Scratch {
+    /// The X rows of the current chunk of steps, `[chunk*batch, input]`.
+    xa: Vec<f32>,
+    /// Their projection `X·Wᵀ + bias`, `[chunk*batch, gates*hidden]`.
     xw: Vec<f32>,
     rec: Vec<f32>,
     pre: Vec<f32>,
@@ -276,8 +279,13 @@ pub(super) fn run(op: &Rnn, inputs: &[TValue]) -> TractResult<TVec<TValue>> {
 
     let g = c.cell.gates();
     let gh = g * hidden;
+    // Design: the projection runs over chunks of steps whose result stays in
+    // cache (~64 KiB): over the whole sequence at once it is written to and
+    // read back from memory, which cost more than the product itself.
+    let chunk = (16 * 1024 / (batch * gh).max(1)).clamp(1, seq.max(1));
     let mut s = Scratch {
-        xw: vec![0f32; seq * batch * gh],
+        xa: vec![0f32; chunk * batch * input],
+        xw: vec![0f32; chunk * batch * gh],
         rec: vec![0f32; batch * gh],
         pre: vec![0f32; batch * gh],
         h: vec![0f32; batch * hidden],
@@ -298,12 +306,11 @@ pub(super) fn run(op: &Rnn, inputs: &[TValue]) -> TractResult<TVec<TValue>> {
             reversed: c.direction.reversed(d),
             lens: &lens,
             lay,
+            x,
+            input,
+            chunk,
         };
-        // X·Wᵀ + bias for every step at once.
-        for row in s.xw.chunks_exact_mut(gh) {
-            row.copy_from_slice(&w.bias_x);
-        }
-        matmul_acc(seq * batch, input, gh, x, input, &w.wt, gh, &mut s.xw, gh)?;
+        clear_upper_vector_state();
         for b in 0..batch {
             let off = lay.state_offset(d, b);
             let hb = &mut s.h[b * hidden..(b + 1) * hidden];
@@ -366,12 +373,16 @@ pub(super) fn run(op: &Rnn, inputs: &[TValue]) -> TractResult<TVec<TValue>> {
     Ok(out)
 }
 
-/// What one direction's loop needs to know about time.
+/// What one direction's loop needs to know about time and X.
 struct Direction<'a> {
     d: usize,
     reversed: bool,
     lens: &'a [usize],
     lay: Layout,
+    x: &'a [f32],
+    input: usize,
+    /// Steps projected at once.
+    chunk: usize,
 }
 
 impl Direction<'_> {
@@ -383,6 +394,51 @@ impl Direction<'_> {
 
     fn steps(&self) -> usize {
         self.lens.iter().copied().max().unwrap_or(0)
+    }
+
+    /// Row of `s.xw` holding `step` of batch row `b`.
+    fn xw_row(&self, step: usize, b: usize) -> usize {
+        (step % self.chunk) * self.lay.batch + b
+    }
+
+    /// At the first step of a chunk, fills `s.xw` with `X·Wᵀ + bias` for the
+    /// chunk's steps (zeros for rows that no longer run).
+    fn project(&self, step: usize, w: &DirWeights, s: &mut Scratch) -> TractResult<()> {
+        if !step.is_multiple_of(self.chunk) {
+            return Ok(());
+        }
+        let (batch, input) = (self.lay.batch, self.input);
+        let gh = w.bias_x.len();
+        let steps = self.chunk.min(self.steps() - step);
+        for k in 0..steps {
+            for b in 0..batch {
+                let row = k * batch + b;
+                let xa = &mut s.xa[row * input..(row + 1) * input];
+                let xw = &mut s.xw[row * gh..(row + 1) * gh];
+                match self.time(step + k, b) {
+                    Some(t) => {
+                        let src = self.lay.x_row(t, b) * input;
+                        xa.copy_from_slice(&self.x[src..src + input]);
+                        xw.copy_from_slice(&w.bias_x);
+                    }
+                    None => {
+                        xa.fill(0.0);
+                        xw.fill(0.0);
+                    }
+                }
+            }
+        }
+        matmul_acc(
+            steps * batch,
+            input,
+            gh,
+            &s.xa,
+            input,
+            &w.wt,
+            gh,
+            &mut s.xw,
+            gh,
+        )
     }
 }
 
@@ -410,16 +466,17 @@ fn lstm(
     let bh = batch * h;
     let peep = !w.p.is_empty();
     for step in 0..dir.steps() {
+        dir.project(step, w, s)?;
         s.rec.fill(0.0);
         matmul_acc(batch, h, gh, &s.h, h, &w.rt, gh, &mut s.rec, gh)?;
         for b in 0..batch {
-            let Some(t) = dir.time(step, b) else {
+            let Some(_) = dir.time(step, b) else {
                 for gate in 0..4 {
                     s.pre[gate * bh + b * h..gate * bh + (b + 1) * h].fill(0.0);
                 }
                 continue;
             };
-            let xr = &s.xw[lay.x_row(t, b) * gh..][..gh];
+            let xr = &s.xw[dir.xw_row(step, b) * gh..][..gh];
             let rr = &s.rec[b * gh..][..gh];
             for gate in 0..4 {
                 let dst = &mut s.pre[gate * bh + b * h..][..h];
@@ -523,16 +580,17 @@ fn gru(
     // Without linear_before_reset the h gate's product waits for r.
     let rec_cols = if linear_before_reset { gh } else { 2 * h };
     for step in 0..dir.steps() {
+        dir.project(step, w, s)?;
         s.rec.fill(0.0);
         matmul_acc(batch, h, rec_cols, &s.h, h, &w.rt, gh, &mut s.rec, gh)?;
         for b in 0..batch {
-            let Some(t) = dir.time(step, b) else {
+            let Some(_) = dir.time(step, b) else {
                 for gate in 0..3 {
                     s.pre[gate * bh + b * h..gate * bh + (b + 1) * h].fill(0.0);
                 }
                 continue;
             };
-            let xr = &s.xw[lay.x_row(t, b) * gh..][..gh];
+            let xr = &s.xw[dir.xw_row(step, b) * gh..][..gh];
             let rr = &s.rec[b * gh..][..gh];
             for gate in 0..2 {
                 let dst = &mut s.pre[gate * bh + b * h..][..h];
@@ -551,11 +609,11 @@ fn gru(
         let (z_g, r_g) = zr.split_at_mut(bh);
         if linear_before_reset {
             for b in 0..batch {
-                let Some(t) = dir.time(step, b) else {
+                let Some(_) = dir.time(step, b) else {
                     hg[b * h..(b + 1) * h].fill(0.0);
                     continue;
                 };
-                let xh = &s.xw[lay.x_row(t, b) * gh + 2 * h..][..h];
+                let xh = &s.xw[dir.xw_row(step, b) * gh + 2 * h..][..h];
                 let rh = &s.rec[b * gh + 2 * h..][..h];
                 let rgate = &r_g[b * h..][..h];
                 for ((((d, x), rv), rb), rg) in hg[b * h..][..h]
@@ -575,11 +633,11 @@ fn gru(
             s.tmp2.fill(0.0);
             matmul_acc(batch, h, h, &s.tmp, h, &w.rt[2 * h..], gh, &mut s.tmp2, h)?;
             for b in 0..batch {
-                let Some(t) = dir.time(step, b) else {
+                let Some(_) = dir.time(step, b) else {
                     hg[b * h..(b + 1) * h].fill(0.0);
                     continue;
                 };
-                let xh = &s.xw[lay.x_row(t, b) * gh + 2 * h..][..h];
+                let xh = &s.xw[dir.xw_row(step, b) * gh + 2 * h..][..h];
                 for ((d, x), p) in hg[b * h..][..h]
                     .iter_mut()
                     .zip(xh)
@@ -610,10 +668,34 @@ fn gru(
     Ok(())
 }
 
+/// Leaves the CPU's wide vector registers clean before the step loops.
+///
+/// Design: tract's hand-written AVX kernels (the other nodes of a plan)
+/// can return with the upper halves of the vector registers dirty; every
+/// SSE instruction of the portable loops here then waits on them, which
+/// made a batch-1 LSTM 3x slower. Compiled AVX code ends with
+/// `vzeroupper`, so one tiny product through `matrixmultiply` (AVX kernels
+/// picked at run time) cleans the state without `unsafe`.
+fn clear_upper_vector_state() {
+    let a = [0f32; 1];
+    let b = [0f32; 1];
+    let mut c = [0f32; 1];
+    if let (Ok(av), Ok(bv), Ok(mut cv)) = (
+        ArrayView2::from_shape((1, 1), &a[..]),
+        ArrayView2::from_shape((1, 1), &b[..]),
+        ArrayViewMut2::from_shape((1, 1), &mut c[..]),
+    ) {
+        tract_ndarray::linalg::general_mat_mul(1.0, &av, &bv, 0.0, &mut cv);
+    }
+}
+
 /// Up to this many rows the hand-written product runs; above it the
 /// `matrixmultiply` GEMM behind ndarray (packing pays off, and it picks
 /// AVX/FMA kernels at run time).
 const SMALL_M: usize = 4;
+/// Products over at most this many terms also run by hand: GEMM packing
+/// does not pay off for them.
+const SMALL_K: usize = 8;
 
 /// `c[m×n] += a[m×k] · b[k×n]`, all row-major with the given row strides.
 #[allow(clippy::too_many_arguments)]
@@ -637,17 +719,43 @@ fn matmul_acc(
             && c.len() >= (m - 1) * ldc + n,
         "matrix product operands too short"
     );
-    if m > SMALL_M {
+    if m > SMALL_M && k > SMALL_K {
         let av = ArrayView2::from_shape((m, k).strides((lda, 1)), a)?;
         let bv = ArrayView2::from_shape((k, n).strides((ldb, 1)), b)?;
         let mut cv = ArrayViewMut2::from_shape((m, n).strides((ldc, 1)), c)?;
         tract_ndarray::linalg::general_mat_mul(1.0, &av, &bv, 1.0, &mut cv);
         return Ok(());
     }
+    small_matmul(m, k, n, a, lda, b, ldb, c, ldc);
+    Ok(())
+}
+
+/// The hand-written product of [`matmul_acc`], bounds already checked.
+// Design: never inlined, so its loops are compiled (and vectorized) the same
+// way whatever calls it; inlined into the step loops they were not.
+#[inline(never)]
+#[allow(clippy::too_many_arguments)]
+fn small_matmul(
+    m: usize,
+    k: usize,
+    n: usize,
+    a: &[f32],
+    lda: usize,
+    b: &[f32],
+    ldb: usize,
+    c: &mut [f32],
+    ldc: usize,
+) {
     for i in 0..m {
         let arow = &a[i * lda..i * lda + k];
         let crow = &mut c[i * ldc..i * ldc + n];
         let mut j = 0;
+        // Design: 32 columns keep 8 independent SSE accumulator chains, enough
+        // to hide the add latency that bounds a 16-column block.
+        while j + 32 <= n {
+            block::<32>(arow, b, ldb, j, &mut crow[j..j + 32]);
+            j += 32;
+        }
         while j + 16 <= n {
             block::<16>(arow, b, ldb, j, &mut crow[j..j + 16]);
             j += 16;
@@ -661,7 +769,6 @@ fn matmul_acc(
             j += 1;
         }
     }
-    Ok(())
 }
 
 /// `out[0..N] += Σₖ arow[k] · b[k, j..j+N]`, accumulated in registers.
@@ -706,8 +813,33 @@ fn tanh1(x: f32) -> f32 {
     p / q
 }
 
+/// From this many elements on, the activations run on tract-linalg's
+/// kernels (AVX2/AVX-512/NEON picked at run time); below it their per-call
+/// overhead costs more than the portable loops here.
+const LINALG_MIN: usize = 256;
+
+type Ew = Box<dyn tract_linalg::element_wise::ElementWise<f32>>;
+
+/// tract-linalg's sigmoid and tanh for this CPU, if it has them.
+fn linalg_kernels() -> Option<&'static (Ew, Ew)> {
+    static KERNELS: std::sync::OnceLock<Option<(Ew, Ew)>> = std::sync::OnceLock::new();
+    KERNELS
+        .get_or_init(|| {
+            use tract_linalg::routines::Func;
+            Some((Func::Sigmoid.ew_f32().ok()?, Func::Tanh.ew_f32().ok()?))
+        })
+        .as_ref()
+}
+
 /// `tanh` in place.
 fn tanh(v: &mut [f32]) {
+    if v.len() >= LINALG_MIN
+        && let Some((_, k)) = linalg_kernels()
+        && k.run(v).is_ok()
+    {
+        clear_upper_vector_state();
+        return;
+    }
     for x in v {
         *x = tanh1(*x);
     }
@@ -715,6 +847,13 @@ fn tanh(v: &mut [f32]) {
 
 /// The logistic function in place, as `(1 + tanh(x/2)) / 2`.
 fn sigmoid(v: &mut [f32]) {
+    if v.len() >= LINALG_MIN
+        && let Some((k, _)) = linalg_kernels()
+        && k.run(v).is_ok()
+    {
+        clear_upper_vector_state();
+        return;
+    }
     for x in v {
         *x = 0.5 + 0.5 * tanh1(0.5 * *x);
     }
