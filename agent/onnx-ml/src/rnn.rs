@@ -315,10 +315,11 @@ impl Expansion for RnnExpansion {
         // [dirs, batch] axes of initial_h/Y_h, and Y's [seq, dirs, batch].
         let (d_ax, bh_ax) = if c.batch_first { (1, 0) } else { (0, 1) };
         let (ys, yd, yb) = if c.batch_first { (1, 2, 0) } else { (0, 1, 2) };
-        s.equals(&inputs[0].datum_type, f32::datum_type())?;
+        // Design: element types are checked in `wire`, where the error can
+        // say that only float32 is supported.
+        let dt = &inputs[0].datum_type;
         s.equals(&inputs[0].rank, 3)?;
         for w in &inputs[1..3] {
-            s.equals(&w.datum_type, f32::datum_type())?;
             s.equals(&w.rank, 3)?;
             s.equals(&w.shape[0], dirs.to_dim())?;
         }
@@ -330,7 +331,6 @@ impl Expansion for RnnExpansion {
         }
         let hidden = &inputs[2].shape[2];
         if let Some(b) = slots.b {
-            s.equals(&inputs[b].datum_type, f32::datum_type())?;
             s.equals(&inputs[b].rank, 2)?;
             s.equals(&inputs[b].shape[0], dirs.to_dim())?;
             s.equals(&inputs[b].shape[1], 2 * g * inputs[2].shape[2].bex())?;
@@ -340,14 +340,12 @@ impl Expansion for RnnExpansion {
             s.equals(&inputs[l].shape[0], &inputs[0].shape[b_ax])?;
         }
         for state in [slots.initial_h, slots.initial_c].into_iter().flatten() {
-            s.equals(&inputs[state].datum_type, f32::datum_type())?;
             s.equals(&inputs[state].rank, 3)?;
             s.equals(&inputs[state].shape[d_ax], dirs.to_dim())?;
             s.equals(&inputs[state].shape[bh_ax], &inputs[0].shape[b_ax])?;
             s.equals(&inputs[state].shape[2], hidden)?;
         }
         if let Some(p) = slots.p {
-            s.equals(&inputs[p].datum_type, f32::datum_type())?;
             s.equals(&inputs[p].rank, 2)?;
             s.equals(&inputs[p].shape[0], dirs.to_dim())?;
             s.equals(&inputs[p].shape[1], 3 * inputs[2].shape[2].bex())?;
@@ -355,7 +353,7 @@ impl Expansion for RnnExpansion {
         let mut ix = 0;
         if c.outputs.y {
             let y = &outputs[ix];
-            s.equals(&y.datum_type, f32::datum_type())?;
+            s.equals(&y.datum_type, dt)?;
             s.equals(&y.rank, 4)?;
             s.equals(&y.shape[ys], &inputs[0].shape[s_ax])?;
             s.equals(&y.shape[yd], dirs.to_dim())?;
@@ -365,7 +363,7 @@ impl Expansion for RnnExpansion {
         }
         for _ in 0..usize::from(c.outputs.y_h) + usize::from(c.outputs.y_c) {
             let o = &outputs[ix];
-            s.equals(&o.datum_type, f32::datum_type())?;
+            s.equals(&o.datum_type, dt)?;
             s.equals(&o.rank, 3)?;
             s.equals(&o.shape[d_ax], dirs.to_dim())?;
             s.equals(&o.shape[bh_ax], &inputs[0].shape[b_ax])?;
@@ -382,14 +380,30 @@ impl Expansion for RnnExpansion {
         inputs: &[OutletId],
     ) -> TractResult<TVec<OutletId>> {
         let c = self.0;
+        let name = c.cell.name();
+        let slots = c.inputs;
+        for (what, slot) in [
+            ("X", Some(0)),
+            ("W", Some(1)),
+            ("R", Some(2)),
+            ("B", slots.b),
+            ("initial_h", slots.initial_h),
+            ("initial_c", slots.initial_c),
+            ("P", slots.p),
+        ] {
+            if let Some(s) = slot {
+                let dt = model.outlet_fact(inputs[s])?.datum_type;
+                ensure!(
+                    dt == f32::datum_type(),
+                    "{name}: {what} is {dt:?}; only float32 is supported"
+                );
+            }
+        }
         let r = model.outlet_fact(inputs[2])?.clone();
-        let hidden = r.shape[2].to_usize().with_context(|| {
-            format!(
-                "{}: hidden size {} is not concrete",
-                c.cell.name(),
-                r.shape[2]
-            )
-        })?;
+        let hidden = r.shape[2]
+            .to_usize()
+            .with_context(|| format!("{name}: hidden size {} is not concrete", r.shape[2]))?;
+        ensure!(hidden > 0, "{name}: hidden size is 0");
         let op = Rnn {
             config: c,
             hidden,

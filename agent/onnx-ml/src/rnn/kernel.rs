@@ -6,9 +6,9 @@
 //! one activation pass covers a gate for the whole batch), and the state
 //! update. Every buffer is allocated once per call, none per step.
 //!
-//! Invariant: all indexing is checked (slices), so a shape the op did not
-//! expect is an error or a panic-free bounds failure, never undefined
-//! behaviour; shapes are validated before the loops.
+//! Invariant: every input shape and value (`sequence_lens`) is validated
+//! before the loops, which then index within bounds; a bad input is an
+//! error, not a panic.
 
 use tract_onnx::tract_hir::internal::tract_ndarray::{
     self, ArrayView2, ArrayViewMut2, ShapeBuilder,
@@ -66,6 +66,7 @@ impl Weights {
         let dirs = config.direction.count();
         let g = config.cell.gates();
         let gh = g * hidden;
+        ensure!(hidden > 0, "hidden size is 0");
         ensure!(
             w.rank() == 3 && w.shape()[0] == dirs && w.shape()[1] == gh,
             "W has shape {:?}; expected [{dirs}, {gh}, input]",

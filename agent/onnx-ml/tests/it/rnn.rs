@@ -230,3 +230,14 @@ fn unsupported_attributes_are_load_errors_naming_them() {
         assert!(msg.contains(want), "{want:?} not in {msg:?}");
     }
 }
+
+#[test]
+fn float64_is_refused_at_load_time() {
+    let path = util::fixtures_dir().join("rnn/refused_lstm_float64.onnx");
+    let err = onnx_with_ml()
+        .model_for_path(&path)
+        .and_then(|m| m.into_optimized())
+        .expect_err("a float64 LSTM must not load");
+    let msg = format!("{err:#}");
+    assert!(msg.contains("only float32 is supported"), "{msg}");
+}
