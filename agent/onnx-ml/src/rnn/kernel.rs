@@ -20,12 +20,13 @@ use super::{Cell, Config, Rnn};
 /// One direction's weights in the layout the kernel reads.
 #[derive(Debug, Clone)]
 struct DirWeights {
-    /// `Wᵀ`, `[input, gates*hidden]`.
+    /// `Wᵀ`, `[input, gates*hidden]` (LSTM: c gate doubled, see `prepare`).
     wt: Vec<f32>,
-    /// `Rᵀ`, `[hidden, gates*hidden]`.
+    /// `Rᵀ`, `[hidden, gates*hidden]` (LSTM: c gate doubled).
     rt: Vec<f32>,
     /// Added to `X·Wᵀ`: `Wb + Rb` per gate, except the GRU `h` gate with
     /// `linear_before_reset`, which gets `Wbh` alone. Zeros without `B`.
+    /// LSTM: c gate doubled.
     bias_x: Vec<f32>,
     /// `Rbh` (GRU with `linear_before_reset`), zeros otherwise.
     bias_rh: Vec<f32>,
@@ -140,6 +141,16 @@ impl Weights {
             let p = p.map_or_else(Vec::new, |p| {
                 p[d * 3 * hidden..(d + 1) * 3 * hidden].to_vec()
             });
+            if let Cell::Lstm { .. } = config.cell {
+                // Design: the c gate's columns are doubled (exact in binary
+                // floating point) so one sigmoid pass covers all four gates:
+                // tanh(x) = 2·σ(2x) − 1.
+                let c_cols = 3 * hidden..gh;
+                for row in wt.chunks_exact_mut(gh).chain(rt.chunks_exact_mut(gh)) {
+                    row[c_cols.clone()].iter_mut().for_each(|v| *v *= 2.0);
+                }
+                bias_x[c_cols].iter_mut().for_each(|v| *v *= 2.0);
+            }
             out.push(DirWeights {
                 wt,
                 rt,
@@ -451,8 +462,9 @@ fn clip_all(v: &mut [f32], clip: Option<f32>) {
     }
 }
 
-/// One LSTM direction. Gate-major `pre` holds `i, o, f, c` blocks of
-/// `[batch, hidden]`.
+/// One LSTM direction. `pre` holds each batch row's `i, o, f, c`
+/// pre-activations side by side (`[batch, 4*hidden]`, the layout of the
+/// products), the c gate doubled so that one sigmoid pass serves all gates.
 fn lstm(
     dir: &Direction,
     w: &DirWeights,
@@ -464,95 +476,76 @@ fn lstm(
     let lay = dir.lay;
     let (batch, h) = (lay.batch, lay.hidden);
     let gh = 4 * h;
-    let bh = batch * h;
     let peep = !w.p.is_empty();
+    let (i_r, o_r, f_r, c_r) = (0..h, h..2 * h, 2 * h..3 * h, 3 * h..gh);
     for step in 0..dir.steps() {
         dir.project(step, w, s)?;
-        s.rec.fill(0.0);
-        matmul_acc(batch, h, gh, &s.h, h, &w.rt, gh, &mut s.rec, gh)?;
-        for b in 0..batch {
-            let Some(_) = dir.time(step, b) else {
-                for gate in 0..4 {
-                    s.pre[gate * bh + b * h..gate * bh + (b + 1) * h].fill(0.0);
-                }
-                continue;
-            };
-            let xr = &s.xw[dir.xw_row(step, b) * gh..][..gh];
-            let rr = &s.rec[b * gh..][..gh];
-            for gate in 0..4 {
-                let dst = &mut s.pre[gate * bh + b * h..][..h];
-                let xg = &xr[gate * h..][..h];
-                let rg = &rr[gate * h..][..h];
-                for ((d, x), r) in dst.iter_mut().zip(xg).zip(rg) {
-                    *d = x + r;
-                }
-            }
-            if peep {
-                let cprev = &s.c[b * h..][..h];
-                // P is [i, o, f]; pre is [i, o, f, c].
-                for gate in [0, 2] {
-                    let pg = &w.p[gate * h..][..h];
-                    let dst = &mut s.pre[gate * bh + b * h..][..h];
-                    for ((d, p), cp) in dst.iter_mut().zip(pg).zip(cprev) {
-                        *d += p * cp;
+        // Rows that stopped read zeros from the projection; their values
+        // are computed and ignored.
+        let first = dir.xw_row(step, 0) * gh;
+        s.pre.copy_from_slice(&s.xw[first..first + batch * gh]);
+        matmul_acc(batch, h, gh, &s.h, h, &w.rt, gh, &mut s.pre, gh)?;
+        if peep {
+            for b in 0..batch {
+                let row = &mut s.pre[b * gh..(b + 1) * gh];
+                let cprev = &s.c[b * h..(b + 1) * h];
+                for (gate, p) in [(i_r.clone(), &w.p[..h]), (f_r.clone(), &w.p[2 * h..])] {
+                    for ((v, p), cp) in row[gate].iter_mut().zip(p).zip(cprev) {
+                        *v += p * cp;
                     }
                 }
             }
         }
-        let (i_o_f, cand) = s.pre.split_at_mut(3 * bh);
-        if peep {
-            clip_all(&mut i_o_f[..bh], clip);
-            clip_all(&mut i_o_f[2 * bh..], clip);
-            sigmoid(&mut i_o_f[..bh]);
-            sigmoid(&mut i_o_f[2 * bh..]);
-        } else {
-            clip_all(i_o_f, clip);
-            sigmoid(i_o_f);
-        }
-        clip_all(cand, clip);
-        tanh(cand);
-        let (i_g, rest) = i_o_f.split_at_mut(bh);
-        let (o_g, f_g) = rest.split_at_mut(bh);
-        if input_forget {
-            for (f, i) in f_g.iter_mut().zip(i_g.iter()) {
-                *f = 1.0 - i;
+        if let Some(cl) = clip {
+            for row in s.pre.chunks_exact_mut(gh) {
+                let sig_gates = if peep { 0..h } else { 0..3 * h };
+                clip_all(&mut row[sig_gates], Some(cl));
+                clip_all(&mut row[f_r.clone()], Some(cl));
+                clip_all(&mut row[c_r.clone()], Some(2.0 * cl));
             }
+        }
+        if peep {
+            for row in s.pre.chunks_exact_mut(gh) {
+                sigmoid(&mut row[i_r.clone()]);
+                sigmoid(&mut row[2 * h..]);
+            }
+        } else {
+            sigmoid(&mut s.pre);
         }
         for b in 0..batch {
             if dir.time(step, b).is_none() {
                 continue;
             }
-            let r = b * h..(b + 1) * h;
-            let cb = &mut s.c[r.clone()];
-            for (((cv, f), i), g) in cb
-                .iter_mut()
-                .zip(&f_g[r.clone()])
-                .zip(&i_g[r.clone()])
-                .zip(&cand[r.clone()])
-            {
-                *cv = f * *cv + i * g;
-            }
-            if peep {
-                let po = &w.p[h..2 * h];
-                for ((o, p), cv) in o_g[r.clone()].iter_mut().zip(po).zip(cb.iter()) {
-                    *o += p * cv;
+            let row = &mut s.pre[b * gh..(b + 1) * gh];
+            let cb = &mut s.c[b * h..(b + 1) * h];
+            let (iof, cg) = row.split_at_mut(3 * h);
+            if input_forget {
+                let (i_g, of) = iof.split_at_mut(h);
+                for (f, i) in of[h..].iter_mut().zip(i_g.iter()) {
+                    *f = 1.0 - i;
                 }
             }
-        }
-        if peep {
-            clip_all(o_g, clip);
-            sigmoid(o_g);
+            let (i_g, of) = iof.split_at(h);
+            let f_g = &of[h..];
+            for (((cv, f), i), g) in cb.iter_mut().zip(f_g).zip(i_g).zip(cg.iter()) {
+                *cv = f * *cv + i * (2.0 * g - 1.0);
+            }
+            if peep {
+                let o_g = &mut row[o_r.clone()];
+                for ((o, p), cv) in o_g.iter_mut().zip(&w.p[h..2 * h]).zip(cb.iter()) {
+                    *o += p * cv;
+                }
+                clip_all(o_g, clip);
+                sigmoid(o_g);
+            }
         }
         s.tmp.copy_from_slice(&s.c);
         tanh(&mut s.tmp);
         for b in 0..batch {
             let Some(t) = dir.time(step, b) else { continue };
             let r = b * h..(b + 1) * h;
-            for ((hv, o), tc) in s.h[r.clone()]
-                .iter_mut()
-                .zip(&o_g[r.clone()])
-                .zip(&s.tmp[r.clone()])
-            {
+            let o_g = &s.pre[b * gh + h..b * gh + 2 * h];
+            for ((hv, o), tc) in s.h[r.clone()].iter_mut().zip(o_g).zip(&s.tmp[r.clone()]) {
                 *hv = o * tc;
             }
             if !y.is_empty() {
