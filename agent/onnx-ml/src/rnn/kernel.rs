@@ -1,10 +1,11 @@
 //! The recurrence of [`super::Rnn`]: float32, every direction, one call.
 //!
-//! Per direction: `X·Wᵀ + bias` for all time steps in one product, then
-//! per step the recurrent product `H·Rᵀ` into a scratch buffer, the gates
-//! gathered gate-major (each gate's `[batch, hidden]` block contiguous, so
-//! one activation pass covers a gate for the whole batch), and the state
-//! update. Every buffer is allocated once per call, none per step.
+//! Per direction: `X·Wᵀ + bias` for a chunk of time steps in one product
+//! (chunks sized to stay in cache), then per step the recurrent product
+//! `H·Rᵀ`, the activations in as few passes as possible (LSTM: one sigmoid
+//! over all gates, its c gate doubled in the weights; GRU: gate-major
+//! blocks, one pass per gate for the whole batch), and the state update.
+//! Every buffer is allocated once per call, none per step.
 //!
 //! Invariant: every input shape and value (`sequence_lens`) is validated
 //! before the loops, which then index within bounds; a bad input is an
