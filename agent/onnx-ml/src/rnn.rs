@@ -4,7 +4,7 @@
 //! graph once per time step, and which ignore `clip`, `input_forget`,
 //! `activations` and most of `sequence_lens`. Owns parsing the node,
 //! shape inference, packing the weights once when they are constants, and
-//! the recurrence itself ([`kernel`]).
+//! the recurrence itself (module `kernel`).
 //!
 //! Semantics follow the ONNX specification; where it is silent they follow
 //! onnxruntime, whose outputs the fixtures `models/fixtures/rnn_*` record:
