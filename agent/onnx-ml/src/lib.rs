@@ -17,6 +17,8 @@
 //! - [`normalizer`] — `Normalizer` (replaces tract's, whose `MAX` divides by
 //!   the largest absolute value);
 //! - [`zipmap`] — `ZipMap`, passed through as the probability tensor;
+//! - [`rnn`] — `LSTM` and `GRU` as single operators (replace tract's,
+//!   which run a graph per time step);
 //! - [`transform`] — the `post_transform` functions;
 //! - [`run`] — run any ONNX model on JSON rows (`edge-agent model run`).
 //!
@@ -32,6 +34,7 @@ pub mod elementwise;
 pub mod label_encoder;
 pub mod normalizer;
 pub mod one_hot;
+pub mod rnn;
 pub mod run;
 pub mod scaler;
 pub mod transform;
@@ -52,10 +55,12 @@ pub const OPERATORS: &[&str] = &[
     "OneHotEncoder",
     "Normalizer",
     "ZipMap",
+    "LSTM",
+    "GRU",
 ];
 
 /// Adds this crate's operators to `reg`, replacing tract's
-/// `TreeEnsembleClassifier` and `Normalizer`.
+/// `TreeEnsembleClassifier`, `Normalizer`, `LSTM` and `GRU`.
 pub fn register(reg: &mut OnnxOpRegister) {
     reg.insert("TreeEnsembleRegressor", tree::regressor);
     reg.insert("TreeEnsembleClassifier", tree::classifier);
@@ -66,6 +71,8 @@ pub fn register(reg: &mut OnnxOpRegister) {
     reg.insert("OneHotEncoder", one_hot::build);
     reg.insert("Normalizer", normalizer::build);
     reg.insert("ZipMap", zipmap::build);
+    reg.insert("LSTM", rnn::lstm);
+    reg.insert("GRU", rnn::gru);
 }
 
 /// `tract_onnx::onnx()` with this crate's operators registered.

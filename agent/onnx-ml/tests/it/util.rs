@@ -65,6 +65,14 @@ impl Json {
                 let d: Vec<i64> = self.data.iter().map(i).collect();
                 Tensor::from_shape(&self.shape, &d).unwrap()
             }
+            "int32" => {
+                let d: Vec<i32> = self
+                    .data
+                    .iter()
+                    .map(|v| i32::try_from(i(v)).expect("int32 fixture value"))
+                    .collect();
+                Tensor::from_shape(&self.shape, &d).unwrap()
+            }
             "string" => {
                 let d: Vec<String> = self
                     .data
