@@ -173,11 +173,10 @@ pub fn render(r: &CheckReport) -> String {
             sh.declared_input,
             sh.input,
             if sh.batch_size > 1 {
-                format!(
-                    " and [{}, {}] (partial batches padded)",
-                    sh.batch_size,
-                    sh.input.get(1).copied().unwrap_or(0)
-                )
+                let batched: Vec<usize> = std::iter::once(sh.batch_size)
+                    .chain(sh.input.iter().skip(1).copied())
+                    .collect();
+                format!(" and {batched:?} (partial batches padded)")
             } else {
                 String::new()
             }
@@ -403,6 +402,25 @@ mod tests {
         assert!(text.ends_with("fit to go live\n"), "{text}");
         let back: CheckReport = serde_json::from_str(&serde_json::to_string(&r).unwrap()).unwrap();
         assert_eq!(back, r);
+    }
+
+    #[test]
+    fn a_rank_3_package_reports_its_real_shapes() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../models/motor-lstm");
+        let r = check_package(&dir, 3);
+        assert!(r.ok, "{r:?}");
+        let sh = r.shapes.clone().unwrap();
+        assert_eq!(sh.input, vec![1, 32, 3]);
+        assert_eq!(sh.batch_size, 4);
+        assert_eq!(
+            r.latency.iter().map(|l| l.rows).collect::<Vec<_>>(),
+            vec![1, 4]
+        );
+        let text = render(&r);
+        assert!(
+            text.contains("graph declares [?, 32, 3], runs as [1, 32, 3] and [4, 32, 3]"),
+            "{text}"
+        );
     }
 
     #[test]

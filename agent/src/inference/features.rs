@@ -6,9 +6,12 @@
 //! policy, missing-value (NaN) policy and the per-window transforms. No I/O,
 //! no tract: everything here is deterministic and unit-tested.
 //!
-//! Invariants: a row always has [`InputPlan::row_width`] values; a time step
-//! never goes backwards in device time (late readings are dropped and
-//! counted, never reordered past what was already emitted).
+//! Invariants: a row always has [`InputPlan::row_width`] values, in feature
+//! order (all of feature 0's values, then feature 1's, ...); only
+//! [`InputPlan::lay_out`] reorders them, into the tensor order of the
+//! model's [`Layout`]. A time step never goes backwards in device time (late
+//! readings are dropped and counted, never reordered past what was already
+//! emitted).
 
 use std::cmp::Reverse;
 use std::collections::{BTreeMap, BinaryHeap};
@@ -82,6 +85,46 @@ pub struct Feature {
     pub baseline_mean: f64,
 }
 
+/// How an input row is shaped into the model's input tensor.
+///
+/// `fields` is the number of features, `window` the time steps per window.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Layout {
+    /// `[batch, width]`: the row as [`build_row`] makes it (any transforms).
+    #[default]
+    Flat,
+    /// `[batch, fields, window]`: one channel per feature, each holding the
+    /// window in time order (PyTorch `Conv1d`). Per-sample transforms only.
+    ChannelsFirst,
+    /// `[batch, window, fields]`: one position per time step, each holding
+    /// every feature (PyTorch GRU/LSTM with `batch_first=True`, Keras).
+    /// Per-sample transforms only.
+    ChannelsLast,
+}
+
+impl Layout {
+    /// Parses a manifest name.
+    #[must_use]
+    pub fn parse(s: &str) -> Option<Self> {
+        Some(match s {
+            "flat" => Self::Flat,
+            "channels_first" => Self::ChannelsFirst,
+            "channels_last" => Self::ChannelsLast,
+            _ => return None,
+        })
+    }
+
+    /// The manifest name.
+    #[must_use]
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Flat => "flat",
+            Self::ChannelsFirst => "channels_first",
+            Self::ChannelsLast => "channels_last",
+        }
+    }
+}
+
 /// What a window holding a missing value gets.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum NanPolicy {
@@ -111,6 +154,9 @@ pub struct InputPlan {
     pub accept_late: bool,
     /// Missing-value policy.
     pub nan_policy: NanPolicy,
+    /// Shape of the input tensor. A rank-3 layout implies every transform
+    /// yields one value per time step (checked when the manifest is read).
+    pub layout: Layout,
 }
 
 impl InputPlan {
@@ -136,6 +182,34 @@ impl InputPlan {
                 _ => self.window,
             })
             .sum()
+    }
+
+    /// Shape of the input tensor for `rows` rows: `[rows, width]`,
+    /// `[rows, fields, window]` or `[rows, window, fields]` per [`Layout`].
+    #[must_use]
+    pub fn tensor_shape(&self, rows: usize) -> Vec<usize> {
+        let fields = self.features.len();
+        match self.layout {
+            Layout::Flat => vec![rows, self.row_width()],
+            Layout::ChannelsFirst => vec![rows, fields, self.window],
+            Layout::ChannelsLast => vec![rows, self.window, fields],
+        }
+    }
+
+    /// Appends one row (in feature order, as [`build_row`] makes it) to
+    /// `out` in the tensor's row-major order. `row` must hold
+    /// [`InputPlan::row_width`] values.
+    pub fn lay_out(&self, row: &[f32], out: &mut Vec<f32>) {
+        match self.layout {
+            // Feature order is already `[fields][window]` row-major.
+            Layout::Flat | Layout::ChannelsFirst => out.extend_from_slice(row),
+            Layout::ChannelsLast => {
+                let fields = self.features.len();
+                for t in 0..self.window {
+                    out.extend((0..fields).filter_map(|f| row.get(f * self.window + t)));
+                }
+            }
+        }
     }
 }
 
@@ -415,6 +489,7 @@ mod tests {
             reorder_readings: 0,
             accept_late: false,
             nan_policy: NanPolicy::Skip,
+            layout: Layout::Flat,
         }
     }
 
@@ -461,6 +536,44 @@ mod tests {
         let row = build_row(&p, &steps).unwrap();
         assert_eq!(row, vec![1.0, 2.0, 1.0, -1.0, 0.25, 1.0, 5.0, 4.0, 2.0]);
         assert_eq!(row.len(), p.row_width());
+    }
+
+    /// Distinct values per (feature, step) pin both orders: value `10 * f + t`
+    /// for feature `f` at step `t`.
+    #[test]
+    fn layouts_order_a_multi_field_window() {
+        let mut p = plan(
+            vec![
+                feature("a", "x", Transform::Raw),
+                feature("a", "y", Transform::Raw),
+            ],
+            3,
+            1,
+        );
+        let steps = vec![vec![0.0, 10.0], vec![1.0, 11.0], vec![2.0, 12.0]];
+        let row = build_row(&p, &steps).unwrap();
+        assert_eq!(row, vec![0.0, 1.0, 2.0, 10.0, 11.0, 12.0], "feature order");
+        let laid = |p: &InputPlan| {
+            let mut out = Vec::new();
+            p.lay_out(&row, &mut out);
+            out
+        };
+        assert_eq!(laid(&p), row);
+        assert_eq!(p.tensor_shape(4), vec![4, 6]);
+        p.layout = Layout::ChannelsFirst;
+        assert_eq!(laid(&p), row, "[fields][window]");
+        assert_eq!(p.tensor_shape(4), vec![4, 2, 3]);
+        p.layout = Layout::ChannelsLast;
+        assert_eq!(
+            laid(&p),
+            vec![0.0, 10.0, 1.0, 11.0, 2.0, 12.0],
+            "[window][fields]"
+        );
+        assert_eq!(p.tensor_shape(1), vec![1, 3, 2]);
+        for l in [Layout::Flat, Layout::ChannelsFirst, Layout::ChannelsLast] {
+            assert_eq!(Layout::parse(l.name()), Some(l));
+        }
+        assert_eq!(Layout::parse("time_major"), None);
     }
 
     #[test]

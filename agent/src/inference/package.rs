@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 use serde::Deserialize;
 use sha2::{Digest, Sha256};
 
-use super::features::{Feature, InputPlan, NanPolicy, Stat, Transform};
+use super::features::{Feature, InputPlan, Layout, NanPolicy, Stat, Transform};
 use super::output::{OutputKind, OutputPlan};
 
 /// Largest ONNX file accepted, so a hostile package cannot exhaust memory.
@@ -123,8 +123,17 @@ pub struct InputSpec {
     /// `skip` (default) or `impute`: what a window holding a missing value gets.
     #[serde(default = "skip")]
     pub nan_policy: String,
+    /// `flat` (default: `[batch, width]`), `channels_first`
+    /// (`[batch, features, window]`) or `channels_last`
+    /// (`[batch, window, features]`): the shape of the input tensor.
+    #[serde(default = "flat")]
+    pub layout: String,
     /// Features, in input-tensor order; the first one's stream is the clock.
     pub features: Vec<FeatureSpec>,
+}
+
+fn flat() -> String {
+    "flat".into()
 }
 
 fn drop_late() -> String {
@@ -394,6 +403,15 @@ pub fn validate(
             ));
         }
     };
+    let layout = Layout::parse(&i.layout).ok_or_else(|| {
+        (
+            "input.layout",
+            format!(
+                "{:?} is not one of \"flat\", \"channels_first\", \"channels_last\"",
+                i.layout
+            ),
+        )
+    })?;
     if i.features.is_empty() || i.features.len() > 256 {
         return Err((
             "input.features",
@@ -530,6 +548,24 @@ pub fn validate(
             baseline_mean: fb.mean,
         });
     }
+    // Design: refusing per-window statistics is what makes a rank-3 row hold
+    // exactly fields x window values (every other transform yields one value
+    // per time step), so `tensor_shape` always covers `row_width`.
+    if layout != Layout::Flat
+        && let Some(f) = features
+            .iter()
+            .find(|f| matches!(f.transform, Transform::Stats(_)))
+    {
+        return Err((
+            "input.layout",
+            format!(
+                "{:?} needs one value per time step from every feature, but {}.{} uses transform \"stats\" (use \"raw\", \"zscore\" or \"minmax\", or layout \"flat\")",
+                layout.name(),
+                f.stream,
+                f.field
+            ),
+        ));
+    }
     let input = InputPlan {
         features,
         window: i.window,
@@ -539,6 +575,7 @@ pub fn validate(
         reorder_readings: i.reorder_readings,
         accept_late,
         nan_policy,
+        layout,
     };
 
     let o = &m.output;
@@ -740,6 +777,87 @@ mod tests {
             Package::read(dir.path()),
             Err(PackageError::HashMismatch { .. })
         ));
+    }
+
+    fn models() -> PathBuf {
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../models")
+    }
+
+    /// Copies package `name` to a temp dir with `edit` applied to its manifest.
+    fn edited(name: &str, edit: impl Fn(String) -> String) -> tempfile::TempDir {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::copy(
+            models().join(name).join("model.onnx"),
+            dir.path().join("model.onnx"),
+        )
+        .unwrap();
+        let text = std::fs::read_to_string(models().join(name).join("model.toml")).unwrap();
+        std::fs::write(dir.path().join("model.toml"), edit(text)).unwrap();
+        dir
+    }
+
+    fn refusal(dir: &tempfile::TempDir) -> String {
+        Package::read(dir.path()).unwrap_err().to_string()
+    }
+
+    #[test]
+    fn rank_3_packages_read_with_their_layout() {
+        let cnn = Package::read(&models().join("wave-cnn")).unwrap();
+        assert_eq!(cnn.input.layout, Layout::ChannelsFirst);
+        assert_eq!(cnn.input.tensor_shape(1), vec![1, 1, 64]);
+        let lstm = Package::read(&models().join("motor-lstm")).unwrap();
+        assert_eq!(lstm.input.layout, Layout::ChannelsLast);
+        assert_eq!(lstm.input.tensor_shape(4), vec![4, 32, 3]);
+        assert_eq!(lstm.manifest.golden[0].input.len(), 96);
+        // No `layout` key: flat, as before the key existed.
+        assert_eq!(
+            Package::read(&shipped()).unwrap().input.layout,
+            Layout::Flat
+        );
+    }
+
+    #[test]
+    fn layout_refusals_name_the_key() {
+        let unknown = edited("wave-cnn", |t| {
+            t.replace("layout = \"channels_first\"", "layout = \"time_major\"")
+        });
+        let err = refusal(&unknown);
+        assert!(err.contains("input.layout"), "{err}");
+        assert!(err.contains("\"time_major\" is not one of"), "{err}");
+
+        // Per-window statistics have no time axis to lay out.
+        for layout in ["channels_first", "channels_last"] {
+            let stats = edited("machine-state", |t| {
+                t.replace("[input]\n", &format!("[input]\nlayout = \"{layout}\"\n"))
+            });
+            let err = refusal(&stats);
+            assert!(err.contains("input.layout"), "{err}");
+            assert!(
+                err.contains("vibration.rms uses transform \"stats\""),
+                "{err}"
+            );
+        }
+        // The same package is fine flat, spelled out.
+        let flat = edited("machine-state", |t| {
+            t.replace("[input]\n", "[input]\nlayout = \"flat\"\n")
+        });
+        Package::read(flat.path()).unwrap();
+    }
+
+    #[test]
+    fn rank_3_golden_rows_must_hold_fields_times_window_values() {
+        // motor-lstm: 3 features x window 32 = 96 values per golden row; a
+        // row of one time step too few is refused.
+        let short = edited("motor-lstm", |t| {
+            let at = t.find("input = [").unwrap();
+            let end = at + t[at..].find(", ").unwrap();
+            format!("{}input = [{}", &t[..at], &t[end + 2..])
+        });
+        let err = refusal(&short);
+        assert!(
+            err.contains("golden.input: pair 0 has 95 values, the input row has 96"),
+            "{err}"
+        );
     }
 
     #[test]

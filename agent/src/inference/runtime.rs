@@ -12,6 +12,7 @@ use tokio::sync::oneshot;
 use tract_onnx::prelude::*;
 use tract_onnx::tract_hir::infer::Factoid;
 
+use super::features::{InputPlan, Layout};
 use super::package::Package;
 
 /// Golden outputs must match within `GOLDEN_ABS_TOL + GOLDEN_REL_TOL * |expected|`.
@@ -84,7 +85,7 @@ fn panic_message(p: &(dyn std::any::Any + Send)) -> String {
 pub struct Shapes {
     /// The graph's declared input shape (`?` for a symbolic dimension).
     pub declared_input: String,
-    /// Input shape of the batch-1 plan.
+    /// Input shape of the batch-1 plan (rank 2 or 3, per `input.layout`).
     pub input: Vec<usize>,
     /// Output shape of the batch-1 plan (`output.tensor`).
     pub output: Vec<usize>,
@@ -98,15 +99,32 @@ pub struct Runner {
     one: Plan,
     batch: Option<(Plan, usize)>,
     out_ix: usize,
+    input: InputPlan,
     row_width: usize,
     out_width: usize,
     /// Shapes for reports.
     pub shapes: Shapes,
 }
 
+/// What the manifest feeds, for shape errors.
+fn feeds(input: &InputPlan) -> String {
+    let (fields, window) = (input.features.len(), input.window);
+    match input.layout {
+        Layout::Flat => format!(
+            "the manifest's features make rows of {} values",
+            input.row_width()
+        ),
+        Layout::ChannelsFirst => format!(
+            "input.layout = \"channels_first\" feeds [batch, {fields}, {window}] ({fields} feature(s) x window {window})"
+        ),
+        Layout::ChannelsLast => format!(
+            "input.layout = \"channels_last\" feeds [batch, {window}, {fields}] (window {window} x {fields} feature(s))"
+        ),
+    }
+}
+
 fn build_plan(package: &Package, rows: usize) -> Result<(Plan, usize, String)> {
     let m = &package.manifest;
-    let width = package.input.row_width();
     let mut model = edge_onnx_ml::onnx_with_ml()
         .model_for_read(&mut package.onnx.as_slice())
         .map_err(|e| tract_err(&e))?;
@@ -137,17 +155,33 @@ fn build_plan(package: &Package, rows: usize) -> Result<(Plan, usize, String)> {
             .collect::<Vec<_>>()
             .join(", ")
     );
-    if !declared.shape.is_open() && dims.len() != 2 {
+    let shape = package.input.tensor_shape(rows);
+    let feeds = feeds(&package.input);
+    if !declared.shape.is_open() && dims.len() != shape.len() {
+        let fed = match package.input.layout {
+            Layout::Flat => format!(
+                "the manifest feeds [batch, {}] (input.layout = \"flat\"{})",
+                package.input.row_width(),
+                if dims.len() == 3 {
+                    "; a rank-3 input needs \"channels_first\" or \"channels_last\""
+                } else {
+                    ""
+                }
+            ),
+            _ => feeds.clone(),
+        };
         return Err(RuntimeError::Shape(format!(
-            "graph input {input_name:?} is {declared_text}, the manifest feeds [batch, {width}]"
+            "graph input {input_name:?} is {declared_text}, {fed}"
         )));
     }
-    if let Some(Some(last)) = dims.get(1)
-        && usize::try_from(*last).ok() != Some(width)
-    {
-        return Err(RuntimeError::Shape(format!(
-            "graph input {input_name:?} is {declared_text}, the manifest's features make rows of {width} values"
-        )));
+    for (d, want) in dims.iter().zip(&shape).skip(1) {
+        if let Some(d) = d
+            && usize::try_from(*d).ok() != Some(*want)
+        {
+            return Err(RuntimeError::Shape(format!(
+                "graph input {input_name:?} is {declared_text}, {feeds}"
+            )));
+        }
     }
     if let Some(Some(first)) = dims.first()
         && usize::try_from(*first).ok() != Some(rows)
@@ -170,7 +204,7 @@ fn build_plan(package: &Package, rows: usize) -> Result<(Plan, usize, String)> {
             ))
         })?;
     model = model
-        .with_input_fact(0, f32::fact([rows, width]).into())
+        .with_input_fact(0, f32::fact(shape).into())
         .map_err(|e| tract_err(&e))?;
     let plan = model
         .into_optimized()
@@ -212,11 +246,12 @@ impl Runner {
             one,
             batch,
             out_ix,
+            input: package.input.clone(),
             row_width,
             out_width,
             shapes: Shapes {
                 declared_input,
-                input: vec![1, row_width],
+                input: package.input.tensor_shape(1),
                 output,
                 batch_size: b,
             },
@@ -230,7 +265,9 @@ impl Runner {
     }
 
     /// Runs up to [`Runner::batch_size`] rows in one tract run and returns
-    /// one raw output row per input row.
+    /// one raw output row per input row. Rows are in feature order (as
+    /// `features::build_row` makes them and golden inputs are written); they
+    /// are laid out per `input.layout` here.
     ///
     /// # Errors
     /// [`RuntimeError`] for bad rows, tract failures or panics, or an output
@@ -262,14 +299,14 @@ impl Runner {
         // Design: partial batches are padded with copies of the first row
         // (always a valid input), so each plan keeps one fixed shape.
         let mut data = Vec::with_capacity(capacity * self.row_width);
-        for r in rows {
-            data.extend_from_slice(r);
+        for r in rows
+            .iter()
+            .chain(std::iter::repeat_n(&rows[0], capacity - n))
+        {
+            self.input.lay_out(r, &mut data);
         }
-        for _ in n..capacity {
-            data.extend_from_slice(&rows[0]);
-        }
-        let input =
-            Tensor::from_shape(&[capacity, self.row_width], &data).map_err(|e| tract_err(&e))?;
+        let input = Tensor::from_shape(&self.input.tensor_shape(capacity), &data)
+            .map_err(|e| tract_err(&e))?;
         let outputs = std::panic::catch_unwind(AssertUnwindSafe(|| plan.run(tvec!(input.into()))))
             .map_err(|p| RuntimeError::Panic(panic_message(p.as_ref())))?
             .map_err(|e| tract_err(&e))?;
@@ -422,6 +459,123 @@ mod tests {
         let err = load(&p).err().unwrap();
         assert!(matches!(err, RuntimeError::Shape(_)), "{err}");
         assert!(err.to_string().contains("rows of 7 values"), "{err}");
+    }
+
+    fn fixture(name: &str) -> Package {
+        Package::read(
+            &Path::new(env!("CARGO_MANIFEST_DIR"))
+                .join("../models")
+                .join(name),
+        )
+        .unwrap()
+    }
+
+    fn shape_error(p: &Package) -> String {
+        match Runner::build(p) {
+            Err(e @ RuntimeError::Shape(_)) => e.to_string(),
+            Err(e) => panic!("expected a shape error, got {e}"),
+            Ok(_) => panic!("expected a shape error, the model loaded"),
+        }
+    }
+
+    #[test]
+    fn rank_3_packages_build_rank_3_plans_and_reproduce_onnxruntime() {
+        let cnn = fixture("wave-cnn");
+        let r = Runner::build(&cnn).unwrap();
+        assert_eq!(r.shapes.declared_input, "[?, 1, 64]");
+        assert_eq!(r.shapes.input, vec![1, 1, 64]);
+        assert_eq!(r.shapes.output, vec![1, 1]);
+        assert_eq!(r.batch_size(), 4);
+        r.check_golden(&cnn).unwrap();
+
+        let lstm = fixture("motor-lstm");
+        let r = Runner::build(&lstm).unwrap();
+        assert_eq!(r.shapes.declared_input, "[?, 32, 3]");
+        assert_eq!(r.shapes.input, vec![1, 32, 3]);
+        r.check_golden(&lstm).unwrap();
+        // Partial batch (padded) and full batch give the batch-1 outputs.
+        let rows: Vec<Vec<f32>> = lstm
+            .manifest
+            .golden
+            .iter()
+            .map(|g| g.input.clone())
+            .collect();
+        let alone: Vec<f32> = rows
+            .iter()
+            .map(|row| r.run(std::slice::from_ref(row)).unwrap()[0][0])
+            .collect();
+        for n in [2, 4] {
+            let batched = r.run(&rows[..n]).unwrap();
+            for (b, a) in batched.iter().zip(&alone) {
+                assert!((b[0] - a).abs() <= 1e-6, "{n} rows: {} vs {a}", b[0]);
+            }
+        }
+    }
+
+    /// Golden rows are in feature order; the LSTM reads `[steps, features]`.
+    /// Feeding the row untransposed (as if it were already in tensor order)
+    /// gives outputs far from onnxruntime's, so the golden check pins the
+    /// transposition.
+    #[test]
+    fn channels_last_rows_are_transposed_before_the_run() {
+        let mut p = fixture("motor-lstm");
+        let r = Runner::build(&p).unwrap();
+        let g = p.manifest.golden[0].clone();
+        // The row laid out [window][fields] and read back as feature order is
+        // what an untransposed tensor would hold.
+        let mut wrong = Vec::new();
+        p.input.lay_out(&g.input, &mut wrong);
+        let out = r.run(&[wrong.clone()]).unwrap()[0][0];
+        let e = g.score.unwrap();
+        assert!(
+            (out - e).abs() > 10.0 * (GOLDEN_ABS_TOL + GOLDEN_REL_TOL * e.abs()),
+            "{out} vs {e}"
+        );
+        p.manifest.golden[0].input = wrong;
+        assert!(matches!(
+            r.check_golden(&p),
+            Err(RuntimeError::Golden { index: 0, .. })
+        ));
+    }
+
+    #[test]
+    fn a_graph_disagreeing_with_the_layout_is_refused() {
+        // CNN [?, 1, 64] fed [batch, 64, 1].
+        let mut p = fixture("wave-cnn");
+        p.input.layout = Layout::ChannelsLast;
+        let err = shape_error(&p);
+        assert!(
+            err.contains("graph input \"x\" is [?, 1, 64], input.layout = \"channels_last\" feeds [batch, 64, 1]"),
+            "{err}"
+        );
+        // CNN fed flat rows: rank 2 against rank 3, with a hint.
+        p.input.layout = Layout::Flat;
+        let err = shape_error(&p);
+        assert!(
+            err.contains("is [?, 1, 64], the manifest feeds [batch, 64] (input.layout = \"flat\"; a rank-3 input needs"),
+            "{err}"
+        );
+        // LSTM [?, 32, 3] fed channels first.
+        let mut q = fixture("motor-lstm");
+        q.input.layout = Layout::ChannelsFirst;
+        let err = shape_error(&q);
+        assert!(
+            err.contains("feeds [batch, 3, 32] (3 feature(s) x window 32)"),
+            "{err}"
+        );
+        // LSTM with a window the graph does not declare.
+        let mut w = fixture("motor-lstm");
+        w.input.window = 16;
+        let err = shape_error(&w);
+        assert!(
+            err.contains("is [?, 32, 3], input.layout = \"channels_last\" feeds [batch, 16, 3]"),
+            "{err}"
+        );
+        // A rank-2 graph fed a rank-3 layout.
+        let mut n = shipped();
+        n.input.layout = Layout::ChannelsFirst;
+        let err = shape_error(&n);
+        assert!(err.contains("graph input \"window\" is [?, 12], input.layout = \"channels_first\" feeds [batch, 1, 12]"), "{err}");
     }
 
     #[test]

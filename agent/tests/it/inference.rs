@@ -537,6 +537,275 @@ async fn nan_windows_are_skipped_or_imputed_per_model_policy() {
     }
 }
 
+/// A rank-3 fixture package and the PyTorch fixture it was built from.
+struct Sequence {
+    dir: PathBuf,
+    stream: &'static str,
+    /// Per feature: field name, and `reading = value * scale + offset`
+    /// (the inverse of the package's transform).
+    fields: Vec<(&'static str, f64, f64)>,
+    /// Fixture input `[row][step][feature]`, as the model reads it.
+    x: Vec<Vec<Vec<f32>>>,
+    /// onnxruntime's output for each row.
+    y: Vec<f32>,
+}
+
+/// Reads `models/fixtures/NAME.json` (input `x`, output `y`) into
+/// `[row][step][feature]`, from `[N, C, L]` (`channels_first`) or
+/// `[N, L, C]`.
+fn fixture_rows(name: &str, channels_first: bool) -> (Vec<Vec<Vec<f32>>>, Vec<f32>) {
+    let path = models().join("fixtures").join(format!("{name}.json"));
+    let fx: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+    let dims: Vec<usize> = fx["inputs"]["x"]["shape"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|d| d.as_u64().unwrap() as usize)
+        .collect();
+    let data: Vec<f32> = fx["inputs"]["x"]["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_f64().unwrap() as f32)
+        .collect();
+    let (n, steps, fields) = if channels_first {
+        (dims[0], dims[2], dims[1])
+    } else {
+        (dims[0], dims[1], dims[2])
+    };
+    let at = |i: usize, t: usize, c: usize| {
+        if channels_first {
+            data[(i * fields + c) * steps + t]
+        } else {
+            data[(i * steps + t) * fields + c]
+        }
+    };
+    let x = (0..n)
+        .map(|i| {
+            (0..steps)
+                .map(|t| (0..fields).map(|c| at(i, t, c)).collect())
+                .collect()
+        })
+        .collect();
+    let y = fx["outputs"][0]["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_f64().unwrap() as f32)
+        .collect();
+    (x, y)
+}
+
+fn wave_cnn() -> Sequence {
+    let (x, y) = fixture_rows("torch_cnn1d", true);
+    Sequence {
+        dir: models().join("wave-cnn"),
+        stream: "vibration",
+        fields: vec![("accel", 1.0, 0.0)],
+        x,
+        y,
+    }
+}
+
+fn motor_lstm() -> Sequence {
+    let (x, y) = fixture_rows("torch_lstm", false);
+    Sequence {
+        dir: models().join("motor-lstm"),
+        stream: "motor",
+        fields: vec![
+            ("current", 1.0, 0.0),
+            ("speed", 100.0, 1500.0),
+            ("temp", 60.0, 20.0),
+        ],
+        x,
+        y,
+    }
+}
+
+impl Sequence {
+    /// Fixture row `i` in feature order (the golden-input order).
+    fn feature_row(&self, i: usize) -> Vec<f32> {
+        let fields = self.fields.len();
+        (0..fields)
+            .flat_map(|c| self.x[i].iter().map(move |step| step[c]))
+            .collect()
+    }
+
+    /// The reading whose transformed values are fixture row `i`, step `t`.
+    fn reading(&self, source: &str, seq: u64, ts: i64, i: usize, t: usize) -> CommittedReading {
+        let values: Vec<(&str, f64)> = self
+            .fields
+            .iter()
+            .zip(&self.x[i][t])
+            .map(|((f, scale, offset), v)| (*f, f64::from(*v) * scale + offset))
+            .collect();
+        reading(source, self.stream, seq, ts, &values)
+    }
+}
+
+fn within_package_tolerance(actual: f32, expected: f32) -> bool {
+    (actual - expected).abs()
+        <= edge_agent::inference::runtime::GOLDEN_ABS_TOL
+            + edge_agent::inference::runtime::GOLDEN_REL_TOL * expected.abs()
+}
+
+/// `model check` accepts both rank-3 packages and reports their real
+/// shapes; their golden pairs are onnxruntime's rows and outputs (the
+/// LSTM's transposed to feature order), and every one of the fixture's 64
+/// rows, not only the golden ones, reproduces onnxruntime through the
+/// package's runner.
+#[test]
+fn rank_3_packages_pass_model_check_and_reproduce_onnxruntime() {
+    let (code, out) = check_cli(&models().join("wave-cnn"), false);
+    assert_eq!(code, Some(0), "{out}");
+    assert!(
+        out.contains(
+            "\"x\": graph declares [?, 1, 64], runs as [1, 1, 64] and [4, 1, 64] (partial batches padded)"
+        ),
+        "{out}"
+    );
+    assert!(
+        out.contains("y (anomaly_score): [1, 1] per batch-1 run"),
+        "{out}"
+    );
+    assert!(out.contains("6 pair(s) reproduced"), "{out}");
+    let (code, out) = check_cli(&models().join("motor-lstm"), true);
+    assert_eq!(code, Some(0), "{out}");
+    let v: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
+    assert_eq!(v["ok"], true);
+    assert_eq!(v["shapes"]["declared_input"], "[?, 32, 3]");
+    assert_eq!(v["shapes"]["input"], serde_json::json!([1, 32, 3]));
+    assert_eq!(v["shapes"]["output"], serde_json::json!([1, 1]));
+    assert_eq!(v["golden"], 6);
+    let rows: Vec<u64> = v["latency"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|l| l["rows"].as_u64().unwrap())
+        .collect();
+    assert_eq!(rows, vec![1, 4]);
+
+    for seq in [wave_cnn(), motor_lstm()] {
+        let package = Package::read(&seq.dir).unwrap();
+        for (i, g) in package.manifest.golden.iter().enumerate() {
+            assert_eq!(g.input, seq.feature_row(i), "{:?} golden {i}", seq.dir);
+            assert_eq!(g.score, Some(seq.y[i]), "{:?} golden {i}", seq.dir);
+        }
+        let runner = Runner::build(&package).unwrap();
+        let rows: Vec<Vec<f32>> = (0..seq.y.len()).map(|i| seq.feature_row(i)).collect();
+        for (c, chunk) in rows.chunks(runner.batch_size()).enumerate() {
+            for (k, out) in runner.run(chunk).unwrap().iter().enumerate() {
+                let i = c * runner.batch_size() + k;
+                assert!(
+                    within_package_tolerance(out[0], seq.y[i]),
+                    "{:?} row {i}: tract {} vs onnxruntime {}",
+                    seq.dir,
+                    out[0],
+                    seq.y[i]
+                );
+            }
+        }
+    }
+}
+
+/// Readings in, predictions out, for both rank-3 packages: 4 devices in
+/// lock-step, each sending one fixture row's window (so its first window
+/// is that row, which onnxruntime scored) and then `hop` steps of another
+/// row (a second window mixing both). Run with the shipped `batch_size = 4`
+/// (every run holds 4 devices' windows) and with `batch_size = 1`: the same
+/// windows get the same scores.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rank_3_packages_score_live_windows_batched_like_batch_one() {
+    for seq in [wave_cnn(), motor_lstm()] {
+        let package = Package::read(&seq.dir).unwrap();
+        let (window, hop) = (package.input.window, package.input.hop);
+        let name = package.manifest.name.clone();
+        let mut scores: Vec<BTreeMap<(String, u64), f64>> = Vec::new();
+        for batch in [4usize, 1] {
+            let d = tempfile::tempdir().unwrap();
+            let pkg = d.path().join("pkg");
+            package_copy(
+                &seq.dir,
+                &pkg,
+                |t| t.replace("batch_size = 4", &format!("batch_size = {batch}")),
+                keep,
+            );
+            let model = LoadedModel::load(&pkg).unwrap();
+            assert_eq!(model.input.batch_size, batch);
+            let run = start(d.path(), vec![model], Duration::from_secs(30), None, |s| s).await;
+            let mut n = 0;
+            for step in 0..window + hop {
+                for dev in 0..4usize {
+                    let (row, t) = if step < window {
+                        (dev, step)
+                    } else {
+                        (dev + 4, step - window)
+                    };
+                    n += 1;
+                    let ts = 1_000_000 + step as i64 * 1000;
+                    run.tx
+                        .send(seq.reading(&format!("d{dev}"), n, ts, row, t))
+                        .await
+                        .unwrap();
+                }
+            }
+            let metrics = run.metrics.clone();
+            let events = run.finish().await;
+            assert_eq!(get(&metrics.windows), 8, "{name}: 2 windows x 4 devices");
+            assert_eq!(events.len(), 8, "{name}");
+            assert_eq!(get(&metrics.rows), 8);
+            assert_eq!(get(&metrics.runs), 8 / batch as u64, "{name} batch {batch}");
+            for e in &events {
+                assert_eq!(e.prediction.model, name);
+                assert_eq!(e.prediction.stream, seq.stream);
+            }
+            // The first window of device d is fixture row d: onnxruntime's score.
+            for dev in 0..4usize {
+                let first = events
+                    .iter()
+                    .filter(|e| e.prediction.source == format!("d{dev}"))
+                    .min_by_key(|e| e.prediction.window_end_seq)
+                    .unwrap();
+                assert!(
+                    within_package_tolerance(first.prediction.score as f32, seq.y[dev]),
+                    "{name} batch {batch} device {dev}: {} vs onnxruntime {}",
+                    first.prediction.score,
+                    seq.y[dev]
+                );
+                assert_eq!(
+                    first.prediction.is_anomaly,
+                    first.prediction.score > first.prediction.threshold
+                );
+            }
+            scores.push(
+                events
+                    .iter()
+                    .map(|e| {
+                        (
+                            (e.prediction.source.clone(), e.prediction.window_end_seq),
+                            e.prediction.score,
+                        )
+                    })
+                    .collect(),
+            );
+        }
+        let (batched, alone) = (&scores[0], &scores[1]);
+        assert_eq!(
+            batched.keys().collect::<Vec<_>>(),
+            alone.keys().collect::<Vec<_>>()
+        );
+        for (k, b) in batched {
+            // Batched kernels may sum in another order: equal to rounding.
+            let a = alone[k];
+            assert!(
+                (a - b).abs() <= 1e-6 * a.abs().max(1e-3),
+                "{name} {k:?}: batch 4 {b} vs batch 1 {a}"
+            );
+        }
+    }
+}
+
 pub(super) fn verify_settings() -> VerifySettings {
     VerifySettings {
         checker: util::bin(),
@@ -711,6 +980,74 @@ async fn hot_swap_verifies_refuses_keeps_serving_and_rolls_back() {
     assert!(
         nab.join("1.0.0").join("model.onnx").is_file(),
         "nothing deleted"
+    );
+    drop(watcher);
+    run.finish().await;
+}
+
+/// Hot swap of a rank-3 package, verified in the child process like any
+/// other: a version whose layout disagrees with its graph is refused and the
+/// running version keeps serving; a good one is swapped in and scores a live
+/// window as onnxruntime does.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rank_3_package_hot_swaps_through_the_child_verifier() {
+    let seq = motor_lstm();
+    let d = tempfile::tempdir().unwrap();
+    let packages = d.path().join("packages");
+    let dir = packages.join("motor-lstm");
+    let initial = LoadedModel::load(&seq.dir).unwrap();
+    let (swap_tx, swap_rx) = mpsc::channel(4);
+    let mut run = start(
+        d.path(),
+        vec![initial.clone()],
+        Duration::ZERO,
+        Some(swap_rx),
+        |s| s,
+    )
+    .await;
+    let metrics = run.metrics.clone();
+    let mut watcher = Watcher::new(
+        packages.clone(),
+        Duration::from_secs(3600),
+        verify_settings(),
+        &[initial],
+        swap_tx,
+        metrics.clone(),
+    );
+    let stop = CancellationToken::new();
+    package_copy(
+        &seq.dir,
+        &dir.join("1.0.1"),
+        |t| {
+            version("1.0.1")(t).replace("layout = \"channels_last\"", "layout = \"channels_first\"")
+        },
+        keep,
+    );
+    watcher.poll(&stop).await;
+    assert_eq!(
+        get(&metrics.swap_failures),
+        1,
+        "layout disagreeing with the graph"
+    );
+    assert_eq!(get(&metrics.swaps), 0);
+
+    package_copy(&seq.dir, &dir.join("1.1.0"), version("1.1.0"), keep);
+    watcher.poll(&stop).await;
+    wait_until("swap to 1.1.0", || get(&metrics.swaps) == 1).await;
+    let window = Package::read(&seq.dir).unwrap().input.window;
+    for t in 0..window {
+        run.tx
+            .send(seq.reading("d0", t as u64 + 1, 1_000_000 + t as i64 * 1000, 5, t))
+            .await
+            .unwrap();
+    }
+    let e = run.events.recv().await.unwrap();
+    assert_eq!(e.prediction.model_version, "1.1.0");
+    assert!(
+        within_package_tolerance(e.prediction.score as f32, seq.y[5]),
+        "{} vs onnxruntime {}",
+        e.prediction.score,
+        seq.y[5]
     );
     drop(watcher);
     run.finish().await;
