@@ -455,8 +455,14 @@ mod tests {
                 sync_protocol::codec::decode_batch(&plain).unwrap()
             }
         };
-        assert_eq!(decoded(BodyFormat::Compact).predictions[0], batch.predictions[0].1);
-        assert_eq!(decoded(BodyFormat::Json).predictions[0], batch.predictions[0].1);
+        assert_eq!(
+            decoded(BodyFormat::Compact).predictions[0],
+            batch.predictions[0].1
+        );
+        assert_eq!(
+            decoded(BodyFormat::Json).predictions[0],
+            batch.predictions[0].1
+        );
         let v2 = decoded(BodyFormat::CompactV2);
         assert_eq!(v2.predictions[0].label, None);
         assert!(v2.predictions[0].probabilities.is_empty());

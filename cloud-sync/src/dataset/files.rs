@@ -424,7 +424,10 @@ fn rows(
     let reader = SerializedFileReader::new(bytes)?;
     let schema = reader.metadata().file_metadata().schema();
     let known = *schema == schema_of(expected)?
-        || older.map(schema_of).transpose()?.is_some_and(|s| *schema == s);
+        || older
+            .map(schema_of)
+            .transpose()?
+            .is_some_and(|s| *schema == s);
     if !known {
         return Err(FileError::Schema { expected });
     }
@@ -648,7 +651,12 @@ mod tests {
         assert_eq!(read_readings(Bytes::from(bytes)).unwrap(), readings);
     }
 
-    fn prediction(device: &str, seq: u64, label: Option<&str>, probabilities: &[f64]) -> DatasetPrediction {
+    fn prediction(
+        device: &str,
+        seq: u64,
+        label: Option<&str>,
+        probabilities: &[f64],
+    ) -> DatasetPrediction {
         DatasetPrediction {
             device: device.to_owned(),
             prediction: Prediction {
@@ -692,9 +700,12 @@ mod tests {
     #[test]
     fn format_1_predictions_are_still_read() {
         let mut out = Vec::new();
-        let mut writer =
-            SerializedFileWriter::new(&mut out, schema(PREDICTIONS_SCHEMA_V1).unwrap(), properties())
-                .unwrap();
+        let mut writer = SerializedFileWriter::new(
+            &mut out,
+            schema(PREDICTIONS_SCHEMA_V1).unwrap(),
+            properties(),
+        )
+        .unwrap();
         let mut rg = writer.next_row_group().unwrap();
         let mut n = 0;
         while let Some(mut col) = rg.next_column().unwrap() {

@@ -629,7 +629,10 @@ async fn labels_and_probabilities_are_stored_once_and_read_back() -> Result<()> 
             )
             .await;
         assert!(
-            matches!(refused, Err(StoreError::InvalidBatch(BatchError::NotFinite { .. }))),
+            matches!(
+                refused,
+                Err(StoreError::InvalidBatch(BatchError::NotFinite { .. }))
+            ),
             "{name}: {refused:?}"
         );
     }
