@@ -39,8 +39,8 @@ use crate::registry::Registry;
 use crate::store::{BatchError, QueryError, Store, StoreError};
 
 /// `Accept-Post` sent with a 415 on the batch endpoint.
-const BATCH_MEDIA_TYPES: &str =
-    "application/json, application/vnd.edge-batch.v2, application/vnd.edge-batch.v1";
+const BATCH_MEDIA_TYPES: &str = "application/json, application/vnd.edge-batch.v3, \
+     application/vnd.edge-batch.v2, application/vnd.edge-batch.v1";
 
 /// Shared state of every handler.
 #[derive(Debug, Clone)]
@@ -564,6 +564,7 @@ fn body_format(headers: &HeaderMap, accepted: &'static str) -> Result<BodyFormat
     if essence.eq_ignore_ascii_case(JSON_MEDIA_TYPE) {
         Ok(BodyFormat::Json)
     } else if (essence.eq_ignore_ascii_case(codec::MEDIA_TYPE)
+        || essence.eq_ignore_ascii_case(codec::MEDIA_TYPE_V2)
         || essence.eq_ignore_ascii_case(codec::MEDIA_TYPE_V1))
         && accepted == BATCH_MEDIA_TYPES
     {
@@ -803,6 +804,7 @@ mod tests {
             (Some("Application/JSON; charset=utf-8"), BodyFormat::Json),
             (Some("application/vnd.edge-batch.v1"), BodyFormat::Compact),
             (Some("application/vnd.edge-batch.v2"), BodyFormat::Compact),
+            (Some("application/vnd.edge-batch.v3"), BodyFormat::Compact),
         ] {
             assert_eq!(
                 format(value, BATCH_MEDIA_TYPES).unwrap(),
@@ -813,7 +815,7 @@ mod tests {
         for bad in [
             "text/plain",
             "application/cbor",
-            "application/vnd.edge-batch.v3",
+            "application/vnd.edge-batch.v4",
             "",
         ] {
             assert!(matches!(

@@ -9,6 +9,7 @@
 use serde_json::{Value, json};
 use sync_protocol::codec::{
     MEDIA_TYPE as COMPACT_MEDIA_TYPE, MEDIA_TYPE_V1 as COMPACT_V1_MEDIA_TYPE,
+    MEDIA_TYPE_V2 as COMPACT_V2_MEDIA_TYPE,
 };
 use sync_protocol::{DEFAULT_PAGE_LIMIT, MAX_PAGE_LIMIT};
 
@@ -124,8 +125,14 @@ fn schemas() -> Value {
             "score": { "type": "number" },
             "threshold": { "type": "number" },
             "is_anomaly": { "type": "boolean" },
-            "created_ms": i64_("When the agent made it (Unix ms).")
-        }), &[]),
+            "created_ms": i64_("When the agent made it (Unix ms)."),
+            "label": string("Class label of a classifier; absent for anomaly scores."),
+            "probabilities": {
+                "type": "array",
+                "items": { "type": "number" },
+                "description": "Per-class probabilities in the package's label order; absent when none."
+            }
+        }), &["label", "probabilities"]),
         "DeadLetterRecord": object("A message the agent could not turn into readings.", json!({
             "seq": seq(),
             "topic": string("MQTT topic."),
@@ -144,7 +151,13 @@ fn schemas() -> Value {
             "type": "string",
             "format": "binary",
             "contentMediaType": COMPACT_MEDIA_TYPE,
-            "description": "An UploadBatch in the compact binary layout (sync_protocol::codec, version 2)."
+            "description": "An UploadBatch in the compact binary layout (sync_protocol::codec, version 3)."
+        },
+        "CompactBatchV2": {
+            "type": "string",
+            "format": "binary",
+            "contentMediaType": COMPACT_V2_MEDIA_TYPE,
+            "description": "An UploadBatch in the compact binary layout version 2 (sync_protocol::codec; no prediction labels), still accepted from older agents."
         },
         "CompactBatchV1": {
             "type": "string",
@@ -402,6 +415,7 @@ fn paths() -> Value {
                     "content": {
                         "application/json": { "schema": schema("UploadBatch") },
                         COMPACT_MEDIA_TYPE: { "schema": schema("CompactBatch") },
+                        COMPACT_V2_MEDIA_TYPE: { "schema": schema("CompactBatchV2") },
                         COMPACT_V1_MEDIA_TYPE: { "schema": schema("CompactBatchV1") }
                     }
                 },

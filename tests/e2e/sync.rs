@@ -305,3 +305,109 @@ async fn offline_for_days_then_resumes_exactly_where_it_stopped() {
     drop(proxy);
     cloud.stop().await;
 }
+
+/// A classifier end to end: the real inference stage scores the
+/// `machine-state` package (labels `normal`, `worn`, `failing`), the buffer
+/// stores the label and probabilities, the real sync stage uploads them
+/// (compact layout v3, zstd) to a real cloud-sync, and the cloud holds the
+/// same label and bit-identical probabilities for every prediction.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_classifiers_labels_and_probabilities_reach_the_cloud() {
+    use edge_agent::inference::{InferenceStage, LoadedModel};
+    use edge_agent::ingest::CommittedReading;
+
+    let dir = tempfile::tempdir().unwrap();
+    let cloud = Cloud::start(&dir.path().join("cloud.db")).await;
+    let (buffer, thread) = open(dir.path());
+    let package = Path::new(env!("CARGO_MANIFEST_DIR")).join("../models/machine-state");
+    let model = LoadedModel::load(&package).unwrap();
+    let (tx, rx) = tokio::sync::mpsc::channel(256);
+    let (events_tx, mut events_rx) = tokio::sync::mpsc::channel(256);
+    let stage = InferenceStage::new(
+        vec![model],
+        rx,
+        buffer.clone(),
+        events_tx,
+        Arc::new(Counters::default()),
+    )
+    .with_batch_max_wait(Duration::from_millis(5));
+    let stop_inference = CancellationToken::new();
+    let inference = tokio::spawn(stage.run(stop_inference.clone()));
+    let mut seq = 0;
+    for t in 0..10u64 {
+        for (stream, field, value) in [
+            ("vibration", "rms", ((t * 3) % 11) as f64 * 0.6 - 2.0),
+            ("current", "amps", ((t * t) % 13) as f64 * 0.5 - 3.0),
+        ] {
+            seq += 1;
+            tx.send(CommittedReading {
+                source: "press-1".into(),
+                stream: stream.into(),
+                seq,
+                device_ts_ms: Some(1_000_000 + t as i64 * 1000),
+                values: BTreeMap::from([(field.to_owned(), value)]),
+            })
+            .await
+            .unwrap();
+        }
+    }
+    drop(tx);
+    // Windows of 4 steps every 2 end at steps 4, 6, 8 and 10.
+    let mut events = Vec::new();
+    while events.len() < 4 {
+        let event = tokio::time::timeout(Duration::from_secs(20), events_rx.recv())
+            .await
+            .expect("four predictions within 20 s")
+            .expect("the inference stage is running");
+        events.push(event);
+    }
+    stop_inference.cancel();
+    inference.await.unwrap().unwrap();
+
+    let sync = start(
+        settings(format!("http://{}", cloud.server.addr), &cloud.token),
+        &buffer,
+    );
+    wait_until!(
+        "four predictions in the cloud",
+        Duration::from_secs(20),
+        cloud
+            .store
+            .summary(DEVICE)
+            .await
+            .unwrap()
+            .predictions
+            .first()
+            .is_some_and(|s| s.rows == 4)
+    );
+    sync.stop().await;
+    let page = cloud
+        .store
+        .predictions(DEVICE, &cloud_sync::sync_protocol::ReadQuery::default())
+        .await
+        .unwrap();
+    assert_eq!(page.predictions.len(), 4);
+    let bits = |v: &[f64]| v.iter().map(|p| p.to_bits()).collect::<Vec<_>>();
+    for event in &events {
+        let stored = page
+            .predictions
+            .iter()
+            .map(|s| &s.prediction)
+            .find(|p| p.seq == event.seq)
+            .expect("every prediction reached the cloud");
+        let label = event.label.as_deref().expect("a classifier labels");
+        assert!(["normal", "worn", "failing"].contains(&label));
+        assert_eq!(stored.label.as_deref(), Some(label), "seq {}", event.seq);
+        assert_eq!(event.probabilities.len(), 3);
+        assert_eq!(
+            bits(&stored.probabilities),
+            bits(&event.probabilities),
+            "seq {}",
+            event.seq
+        );
+        assert_eq!(stored.score.to_bits(), event.prediction.score.to_bits());
+    }
+    drop(buffer);
+    thread.join();
+    cloud.stop().await;
+}

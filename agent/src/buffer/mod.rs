@@ -88,6 +88,16 @@ pub enum BufferError {
 /// Result alias for this module.
 pub type Result<T, E = BufferError> = std::result::Result<T, E>;
 
+/// Column `idx` of a predictions row as probabilities (see
+/// `sync_protocol::probabilities_to_bytes`); a blob of the wrong length is a
+/// conversion error of that column.
+fn read_probabilities(row: &rusqlite::Row<'_>, idx: usize) -> rusqlite::Result<Vec<f64>> {
+    let bytes: Option<Vec<u8>> = row.get(idx)?;
+    sync_protocol::probabilities_from_bytes(bytes.as_deref()).map_err(|err| {
+        rusqlite::Error::FromSqlConversionFailure(idx, rusqlite::types::Type::Blob, Box::new(err))
+    })
+}
+
 /// A reading to store; the buffer assigns its sequence number.
 #[derive(Debug, Clone, PartialEq)]
 pub struct NewReading {
@@ -173,6 +183,11 @@ pub struct NewPrediction {
     pub is_anomaly: bool,
     /// When it was made, Unix ms.
     pub created_ms: i64,
+    /// Class label of a classifier package (`None` for anomaly scores).
+    pub label: Option<String>,
+    /// Per-class probabilities, in the package's label order (empty when
+    /// the model gives none).
+    pub probabilities: Vec<f64>,
 }
 
 /// Rows not yet acknowledged by the cloud, oldest first, with their row ids.

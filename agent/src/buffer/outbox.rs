@@ -23,6 +23,11 @@ pub(super) const QUARANTINED: i64 = 2;
 const READING_JSON_OVERHEAD: usize = 110;
 /// Same for a prediction besides its names.
 const PREDICTION_JSON_OVERHEAD: usize = 230;
+/// JSON bytes of `"label":"",` and `"probabilities":[],` besides the label
+/// itself and the numbers.
+const LABEL_JSON_OVERHEAD: usize = 30;
+/// Longest JSON form of one `f64` and its comma.
+const PROBABILITY_JSON_BYTES: usize = 25;
 /// Same for a dead letter besides topic, detail and payload.
 const DEAD_LETTER_JSON_OVERHEAD: usize = 130;
 
@@ -149,7 +154,7 @@ fn predictions(
 ) -> Result<()> {
     let mut st = conn.prepare_cached(
         "SELECT id, model, seq, model_version, model_sha256, source, stream, window_end_seq,
-                window_end_ts_ms, score, threshold, is_anomaly, created_ms
+                window_end_ts_ms, score, threshold, is_anomaly, created_ms, label, probabilities
          FROM predictions WHERE synced = 0 AND id >= ?1 AND id < ?2 ORDER BY id LIMIT ?3",
     )?;
     let mut rows = st.query(params![lo, hi, to_i64(limit + 1)])?;
@@ -171,13 +176,19 @@ fn predictions(
             threshold: r.get(10)?,
             is_anomaly: r.get(11)?,
             created_ms: r.get(12)?,
+            label: r.get(13)?,
+            probabilities: super::read_probabilities(r, 14)?,
         };
+        let labelled = p.label.is_some() || !p.probabilities.is_empty();
         let cost = PREDICTION_JSON_OVERHEAD
             + p.model.len()
             + p.model_version.len()
             + p.model_sha256.len()
             + p.source.len()
-            + p.stream.len();
+            + p.stream.len()
+            + if labelled { LABEL_JSON_OVERHEAD } else { 0 }
+            + p.label.as_ref().map_or(0, String::len)
+            + PROBABILITY_JSON_BYTES * p.probabilities.len();
         if !take(out, out.predictions.len(), cost, max_bytes) {
             break;
         }

@@ -57,7 +57,8 @@ const READING_COST_SQL: &str = "((80 + 2 * (octet_length(source) + octet_length(
     * 9 / 8)";
 /// Mirrors [`prediction_cost`].
 const PREDICTION_COST_SQL: &str = "((112 + 2 * octet_length(model) + octet_length(model_version)
-    + octet_length(model_sha256) + octet_length(source) + octet_length(stream)) * 9 / 8)";
+    + octet_length(model_sha256) + octet_length(source) + octet_length(stream)
+    + coalesce(octet_length(label), 0) + coalesce(octet_length(probabilities), 0)) * 9 / 8)";
 /// Mirrors [`dead_letter_cost`].
 const DEAD_LETTER_COST_SQL: &str = "((64 + octet_length(topic) + octet_length(reason)
     + octet_length(detail) + length(payload)) * 9 / 8)";
@@ -84,7 +85,9 @@ pub(super) fn prediction_cost(p: &super::NewPrediction) -> i64 {
         + len(&p.model_version)
         + len(&p.model_sha256)
         + len(&p.source)
-        + len(&p.stream))
+        + len(&p.stream)
+        + p.label.as_deref().map_or(0, len)
+        + i64::try_from(8 * p.probabilities.len()).unwrap_or(i64::MAX))
         * 9
         / 8
 }

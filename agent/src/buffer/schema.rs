@@ -115,6 +115,15 @@ pub(crate) const MIGRATIONS: &[&str] = &[
         dead_letters   INTEGER NOT NULL
     );
     ",
+    // v4: what a classifier predicted. `label` is the class label (NULL for
+    // anomaly scores); `probabilities` the per-class probabilities as
+    // little-endian f64s, 8 bytes each (NULL when the model gives none;
+    // `sync_protocol::probabilities_to_bytes`). Rows stored before v4 keep
+    // NULL in both.
+    r"
+    ALTER TABLE predictions ADD COLUMN label TEXT;
+    ALTER TABLE predictions ADD COLUMN probabilities BLOB;
+    ",
 ];
 
 /// Brings `conn` to the newest schema version.
@@ -168,8 +177,8 @@ mod tests {
     #[test]
     fn migrates_once_and_is_idempotent() {
         let mut conn = Connection::open_in_memory().unwrap();
-        assert_eq!(migrate(&mut conn).unwrap(), 3);
-        assert_eq!(migrate(&mut conn).unwrap(), 3);
+        assert_eq!(migrate(&mut conn).unwrap(), 4);
+        assert_eq!(migrate(&mut conn).unwrap(), 4);
         let n: i64 = conn
             .query_row(
                 "SELECT count(*) FROM sqlite_master WHERE type='table' AND name != 'sqlite_sequence'",
@@ -191,7 +200,7 @@ mod tests {
             [],
         )
         .unwrap();
-        assert_eq!(migrate(&mut conn).unwrap(), 3);
+        assert_eq!(migrate(&mut conn).unwrap(), 4);
         let n: i64 = conn
             .query_row(
                 "SELECT count(*) FROM readings WHERE recv_ts_ms < 10",
@@ -223,7 +232,7 @@ mod tests {
             )
             .unwrap();
         }
-        assert_eq!(migrate(&mut conn).unwrap(), 3);
+        assert_eq!(migrate(&mut conn).unwrap(), 4);
         let seqs: Vec<i64> = conn
             .prepare("SELECT seq FROM dead_letters WHERE synced = 0 ORDER BY id")
             .unwrap()
@@ -240,6 +249,30 @@ mod tests {
             )
             .unwrap();
         assert_eq!(next, 8);
+    }
+
+    /// Predictions stored before v4 read back with no label.
+    #[test]
+    fn v4_keeps_old_predictions_without_labels() {
+        let mut conn = Connection::open_in_memory().unwrap();
+        for sql in &MIGRATIONS[..3] {
+            conn.execute_batch(sql).unwrap();
+        }
+        conn.pragma_update(None, "user_version", 3).unwrap();
+        conn.execute(
+            "INSERT INTO predictions (model, seq, model_version, model_sha256, source, stream,
+                 window_end_seq, score, threshold, is_anomaly, created_ms)
+             VALUES ('m', 1, '1', 'x', 's', 't', 1, 0.5, 1.0, 0, 1)",
+            [],
+        )
+        .unwrap();
+        assert_eq!(migrate(&mut conn).unwrap(), 4);
+        let (label, probabilities): (Option<String>, Option<Vec<u8>>) = conn
+            .query_row("SELECT label, probabilities FROM predictions", [], |r| {
+                Ok((r.get(0)?, r.get(1)?))
+            })
+            .unwrap();
+        assert_eq!((label, probabilities), (None, None));
     }
 
     #[test]

@@ -137,6 +137,8 @@ async fn unsynced_then_mark_synced() {
         threshold: 2.0,
         is_anomaly: true,
         created_ms: 5,
+        label: None,
+        probabilities: Vec::new(),
     };
     assert_eq!(
         b.append_predictions(vec![pred.clone(), pred])
@@ -161,6 +163,57 @@ async fn unsynced_then_mark_synced() {
     assert_eq!(stats.readings_unsynced, 6);
     assert_eq!(stats.anomalies, 2);
     assert_eq!(b.anomalies().await.unwrap().len(), 2);
+    drop(b);
+    t.join();
+}
+
+/// A classifier's label and probabilities survive a restart and come back
+/// in the unsynced read (bit-exact), in the anomalies read, and cost quota
+/// bytes; a prediction without them reads back with none.
+#[tokio::test]
+async fn labels_and_probabilities_survive_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let labelled = NewPrediction {
+        model: "bearing".into(),
+        model_version: "1.0.0".into(),
+        model_sha256: "00".into(),
+        source: "m1".into(),
+        stream: "vibration".into(),
+        window_end_seq: 4,
+        window_end_ts_ms: Some(9),
+        score: 0.75,
+        threshold: 0.5,
+        is_anomaly: true,
+        created_ms: 5,
+        label: Some("outer race ü".into()),
+        probabilities: vec![0.125, -0.0, 0.875, 1e-310],
+    };
+    let plain = NewPrediction {
+        label: None,
+        probabilities: Vec::new(),
+        ..labelled.clone()
+    };
+    assert!(quota::prediction_cost(&labelled) > quota::prediction_cost(&plain) + 40);
+    {
+        let (b, t) = Buffer::open(&settings(dir.path())).unwrap();
+        b.append_predictions(vec![labelled.clone(), plain.clone()])
+            .await
+            .unwrap();
+        drop(b);
+        t.join();
+    }
+    let (b, t) = Buffer::open(&settings(dir.path())).unwrap();
+    let u = b.unsynced(10).await.unwrap();
+    let got: Vec<_> = u.predictions.iter().map(|(_, p)| p).collect();
+    assert_eq!(got.len(), 2);
+    assert_eq!(got[0].label.as_deref(), Some("outer race ü"));
+    let bits = |v: &[f64]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+    assert_eq!(bits(&got[0].probabilities), bits(&labelled.probabilities));
+    assert_eq!((got[0].seq, got[0].score), (1, 0.75));
+    assert_eq!(got[1].label, None);
+    assert!(got[1].probabilities.is_empty());
+    let anomalies = b.anomalies().await.unwrap();
+    assert_eq!(anomalies[0].label.as_deref(), Some("outer race ü"));
     drop(b);
     t.join();
 }
@@ -655,6 +708,8 @@ async fn max_age_evicts_old_rows_synced_or_not() {
             threshold: 2.0,
             is_anomaly: false,
             created_ms,
+            label: None,
+            probabilities: Vec::new(),
         };
         b.append_predictions(vec![pred(old), pred(now)])
             .await

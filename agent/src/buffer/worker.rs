@@ -584,7 +584,8 @@ impl Worker {
     ) -> Result<Vec<(i64, sync_protocol::Prediction)>> {
         let mut st = self.conn.prepare_cached(&format!(
             "SELECT id, model, seq, model_version, model_sha256, source, stream, window_end_seq,
-                    window_end_ts_ms, score, threshold, is_anomaly, created_ms
+                    window_end_ts_ms, score, threshold, is_anomaly, created_ms, label,
+                    probabilities
              FROM predictions WHERE {filter} ORDER BY id LIMIT ?1"
         ))?;
         let rows = st.query_map([limit], |r| {
@@ -603,6 +604,8 @@ impl Worker {
                     threshold: r.get(10)?,
                     is_anomaly: r.get(11)?,
                     created_ms: r.get(12)?,
+                    label: r.get(13)?,
+                    probabilities: super::read_probabilities(r, 14)?,
                 },
             ))
         })?;
@@ -800,8 +803,9 @@ fn append_predictions(
     let mut out = Vec::with_capacity(items.len());
     let mut insert = tx.prepare_cached(
         "INSERT INTO predictions (model, seq, model_version, model_sha256, source, stream,
-             window_end_seq, window_end_ts_ms, score, threshold, is_anomaly, created_ms)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)",
+             window_end_seq, window_end_ts_ms, score, threshold, is_anomaly, created_ms,
+             label, probabilities)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14)",
     )?;
     for p in items {
         let cost = quota::prediction_cost(p);
@@ -826,7 +830,9 @@ fn append_predictions(
             p.score,
             p.threshold,
             p.is_anomaly,
-            p.created_ms
+            p.created_ms,
+            p.label,
+            sync_protocol::probabilities_to_bytes(&p.probabilities),
         ])?;
         *next = seq + 1;
         out.push(seq);

@@ -745,6 +745,8 @@ impl InferenceStage {
                 threshold: model.output.threshold,
                 is_anomaly: scored.is_anomaly,
                 created_ms: crate::now_ms(),
+                label: scored.label.clone(),
+                probabilities: scored.probabilities.clone(),
             };
             predictions.push((prediction, scored));
         }

@@ -67,11 +67,17 @@ pub fn classify(status: StatusCode) -> Class {
 /// How a batch body is encoded before zstd, newest first.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum BodyFormat {
-    /// [`sync_protocol::codec`] layout version 2 (`Content-Type:
-    /// application/vnd.edge-batch.v2`).
+    /// [`sync_protocol::codec`] layout version 3 (`Content-Type:
+    /// application/vnd.edge-batch.v3`): carries prediction labels.
     Compact,
+    /// [`sync_protocol::codec`] layout version 2 (`Content-Type:
+    /// application/vnd.edge-batch.v2`), for clouds that predate version 3;
+    /// prediction labels and probabilities are left out (such a cloud has
+    /// nowhere to store them).
+    CompactV2,
     /// [`sync_protocol::codec`] layout version 1 (`Content-Type:
-    /// application/vnd.edge-batch.v1`), for clouds that predate version 2.
+    /// application/vnd.edge-batch.v1`), for clouds that predate version 2;
+    /// no labels either.
     CompactV1,
     /// `application/json`, for clouds that predate the codec.
     Json,
@@ -83,6 +89,7 @@ impl BodyFormat {
     pub fn media_type(self) -> &'static str {
         match self {
             BodyFormat::Compact => sync_protocol::codec::MEDIA_TYPE,
+            BodyFormat::CompactV2 => sync_protocol::codec::MEDIA_TYPE_V2,
             BodyFormat::CompactV1 => sync_protocol::codec::MEDIA_TYPE_V1,
             BodyFormat::Json => sync_protocol::JSON_MEDIA_TYPE,
         }
@@ -92,7 +99,8 @@ impl BodyFormat {
     #[must_use]
     pub fn fallback(self) -> Self {
         match self {
-            BodyFormat::Compact => BodyFormat::CompactV1,
+            BodyFormat::Compact => BodyFormat::CompactV2,
+            BodyFormat::CompactV2 => BodyFormat::CompactV1,
             BodyFormat::CompactV1 | BodyFormat::Json => BodyFormat::Json,
         }
     }
@@ -102,8 +110,9 @@ impl BodyFormat {
     pub fn index(self) -> u8 {
         match self {
             BodyFormat::Compact => 0,
-            BodyFormat::CompactV1 => 1,
-            BodyFormat::Json => 2,
+            BodyFormat::CompactV2 => 1,
+            BodyFormat::CompactV1 => 2,
+            BodyFormat::Json => 3,
         }
     }
 
@@ -112,7 +121,8 @@ impl BodyFormat {
     pub fn from_index(i: u8) -> Self {
         match i {
             0 => BodyFormat::Compact,
-            1 => BodyFormat::CompactV1,
+            1 => BodyFormat::CompactV2,
+            2 => BodyFormat::CompactV1,
             _ => BodyFormat::Json,
         }
     }
@@ -153,16 +163,16 @@ pub fn encode(batch: &Outbox, format: BodyFormat) -> Result<(Vec<u8>, usize)> {
             };
             serde_json::to_vec(&body).map_err(|e| SyncError::Encode(e.into()))?
         }
-        BodyFormat::Compact | BodyFormat::CompactV1 => {
+        BodyFormat::Compact | BodyFormat::CompactV2 | BodyFormat::CompactV1 => {
             let body = sync_protocol::UploadBatch {
                 readings: batch.readings.iter().map(|(_, r)| r.clone()).collect(),
                 predictions: batch.predictions.iter().map(|(_, p)| p.clone()).collect(),
                 dead_letters: batch.dead_letters.iter().map(|(_, d)| d.clone()).collect(),
             };
-            if format == BodyFormat::Compact {
-                sync_protocol::codec::encode_batch(&body)
-            } else {
-                sync_protocol::codec::encode_batch_v1(&body)
+            match format {
+                BodyFormat::Compact => sync_protocol::codec::encode_batch(&body),
+                BodyFormat::CompactV2 => sync_protocol::codec::encode_batch_v2(&body),
+                _ => sync_protocol::codec::encode_batch_v1(&body),
             }
         }
     };
@@ -395,6 +405,67 @@ mod tests {
             StatusCode::BAD_REQUEST,
             r#"{"code":"invalid_batch"}"#
         ));
+    }
+
+    /// The ladder steps v3, v2, v1, JSON, and only v3 carries labels.
+    #[test]
+    fn formats_step_down_and_only_v3_keeps_labels() {
+        let mut ladder = vec![BodyFormat::Compact];
+        while let Some(last) = ladder.last().copied().filter(|f| *f != BodyFormat::Json) {
+            ladder.push(last.fallback());
+        }
+        assert_eq!(
+            ladder,
+            [
+                BodyFormat::Compact,
+                BodyFormat::CompactV2,
+                BodyFormat::CompactV1,
+                BodyFormat::Json
+            ]
+        );
+        for f in &ladder {
+            assert_eq!(BodyFormat::from_index(f.index()), *f);
+        }
+        let mut batch = Outbox::default();
+        batch.predictions.push((
+            1,
+            sync_protocol::Prediction {
+                model: "c".into(),
+                model_version: "1".into(),
+                model_sha256: String::new(),
+                seq: 1,
+                source: "m".into(),
+                stream: "t".into(),
+                window_end_seq: 1,
+                window_end_ts_ms: None,
+                score: 0.9,
+                threshold: 0.5,
+                is_anomaly: true,
+                created_ms: 0,
+                label: Some("wear".into()),
+                probabilities: vec![0.1, 0.9],
+            },
+        ));
+        let decoded = |format| {
+            let (body, _) = encode(&batch, format).unwrap();
+            let plain = zstd::bulk::decompress(&body, 1 << 20).unwrap();
+            if format == BodyFormat::Json {
+                serde_json::from_slice::<sync_protocol::UploadBatch>(&plain).unwrap()
+            } else {
+                sync_protocol::codec::decode_batch(&plain).unwrap()
+            }
+        };
+        assert_eq!(
+            decoded(BodyFormat::Compact).predictions[0],
+            batch.predictions[0].1
+        );
+        assert_eq!(
+            decoded(BodyFormat::Json).predictions[0],
+            batch.predictions[0].1
+        );
+        let v2 = decoded(BodyFormat::CompactV2);
+        assert_eq!(v2.predictions[0].label, None);
+        assert!(v2.predictions[0].probabilities.is_empty());
     }
 
     #[test]

@@ -545,6 +545,8 @@ mod tests {
                     threshold: 1.0,
                     is_anomaly: false,
                     created_ms: 0,
+                    label: None,
+                    probabilities: Vec::new(),
                 },
             )
         };

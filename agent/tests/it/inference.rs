@@ -382,6 +382,23 @@ async fn windows_of_several_devices_share_one_run_with_batch_one_results() {
         assert_eq!(e.label.as_deref(), Some(top));
         assert_eq!(e.prediction.stream, "vibration");
     }
+
+    // The stored rows hold the same label and probabilities as published.
+    let (buffer, thread) = open_buffer(d.path()).await;
+    let stored = buffer.unsynced(100).await.unwrap().predictions;
+    assert_eq!(stored.len(), 16);
+    for e in &events {
+        let (_, row) = stored
+            .iter()
+            .find(|(_, p)| p.seq == e.seq)
+            .expect("every published prediction is stored");
+        assert_eq!(row.label, e.label, "seq {}", e.seq);
+        assert!(row.label.is_some());
+        assert_eq!(row.probabilities, e.probabilities, "seq {}", e.seq);
+        assert_eq!(row.probabilities.len(), 3);
+    }
+    drop(buffer);
+    thread.join();
 }
 
 /// A lone window is scored once `batch_max_wait` has passed, not before.

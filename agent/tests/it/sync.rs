@@ -398,9 +398,10 @@ async fn auth_failure_quarantines_nothing() {
 /// inner router.
 static V1_BODIES: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
 static V2_BODIES: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+static V3_BODIES: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
 
 /// Makes the real router answer like a cloud that predates compact layout
-/// version 2: 415 with `Accept-Post` listing v1.
+/// version 2 (and so version 3): 415 with `Accept-Post` listing v1.
 async fn refuse_v2(
     request: axum::extract::Request,
     next: axum::middleware::Next,
@@ -412,8 +413,12 @@ async fn refuse_v2(
         .get("content-type")
         .map(|v| v.as_bytes().to_vec());
     match content_type.as_deref() {
-        Some(b"application/vnd.edge-batch.v2") => {
-            V2_BODIES.fetch_add(1, Ordering::Relaxed);
+        Some(v @ (b"application/vnd.edge-batch.v3" | b"application/vnd.edge-batch.v2")) => {
+            if v.ends_with(b"v3") {
+                V3_BODIES.fetch_add(1, Ordering::Relaxed);
+            } else {
+                V2_BODIES.fetch_add(1, Ordering::Relaxed);
+            }
             (
                 axum::http::StatusCode::UNSUPPORTED_MEDIA_TYPE,
                 [(
@@ -465,6 +470,7 @@ async fn an_older_cloud_gets_compact_v1() {
     assert_eq!((stats.readings_unsynced, stats.quarantine_batches), (0, 0));
     let summary = store.summary(DEVICE).await.unwrap();
     assert_eq!(summary.readings[0].rows, 1200);
+    assert_eq!(V3_BODIES.load(Ordering::Relaxed), 1);
     assert_eq!(V2_BODIES.load(Ordering::Relaxed), 1);
     assert!(V1_BODIES.load(Ordering::Relaxed) >= 3);
     drop(buffer);

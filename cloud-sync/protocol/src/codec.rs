@@ -1,12 +1,16 @@
 //! Compact binary encoding of an [`UploadBatch`] (media type [`MEDIA_TYPE`],
-//! layout version 2; version 1, [`MEDIA_TYPE_V1`], is still decoded and can
-//! still be written for clouds that predate version 2), meant to be
-//! zstd-compressed on the wire (`Content-Encoding: zstd`).
+//! layout version 3; versions 2 ([`MEDIA_TYPE_V2`]) and 1
+//! ([`MEDIA_TYPE_V1`]) are still decoded and can still be written for clouds
+//! that predate version 3 or 2), meant to be zstd-compressed on the wire
+//! (`Content-Encoding: zstd`).
 //!
 //! Owns the byte layout only: no I/O, no compression. Invariants:
 //! - `decode_batch(&encode_batch(b)) == b` for every batch, bit-exact for
 //!   every `f64` (including `-0.0`, infinities, subnormals and NaN payloads),
 //!   with readings, predictions and dead letters in their original order.
+//!   Versions 1 and 2 have no place for a prediction's `label` and
+//!   `probabilities`: [`encode_batch_v2`] and [`encode_batch_v1`] leave them
+//!   out, and decoding those versions gives `None` and an empty list.
 //! - [`decode_batch`] never panics and never allocates in proportion to a
 //!   count it has not seen the bytes for: every count is checked against
 //!   the bytes that remain (each counted item needs at least one byte) and
@@ -90,20 +94,45 @@
 //! sensor readings with many significant digits), whose bits zstd cannot
 //! shrink; repetitive columns stay byte-aligned varints (form 2), which
 //! zstd compresses further.
+//!
+//! # Layout (version 3)
+//!
+//! As version 2 (version byte 3), except that every prediction ends with
+//! its class label and probabilities:
+//!
+//! ```text
+//! predictions  = rows:uvarint (model:str model_version:str model_sha256:str seq:uvarint
+//!                source:str stream:str window_end_seq:uvarint window_end_ts_ms:opt
+//!                score:f64le threshold:f64le is_anomaly:u8 created_ms:svarint
+//!                label:optstr probabilities:uvarint f64le*)
+//! optstr       = 0 | 1 str
+//! ```
+//!
+//! Design: a new version rather than an extension of version 2, because a
+//! version 2 decoder rejects trailing bytes and has no per-row extension
+//! point; the version byte (and media type) lets an older cloud answer 415
+//! so the agent steps down instead of having its rows quarantined.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use crate::{DeadLetterRecord, Prediction, Reading, UploadBatch};
 
-/// Media type of a compact batch body of layout version 2 (`Content-Type`).
-pub const MEDIA_TYPE: &str = "application/vnd.edge-batch.v2";
+/// Media type of a compact batch body of layout version 3 (`Content-Type`).
+pub const MEDIA_TYPE: &str = "application/vnd.edge-batch.v3";
+
+/// Media type of a compact batch body of layout version 2, still accepted
+/// (agents in the field send it; it carries no prediction labels).
+pub const MEDIA_TYPE_V2: &str = "application/vnd.edge-batch.v2";
 
 /// Media type of a compact batch body of layout version 1, still accepted
 /// (agents in the field send it).
 pub const MEDIA_TYPE_V1: &str = "application/vnd.edge-batch.v1";
 
 /// Layout version written by [`encode_batch`].
-pub const VERSION: u8 = 2;
+pub const VERSION: u8 = 3;
+
+/// Layout version written by [`encode_batch_v2`].
+pub const VERSION_V2: u8 = 2;
 
 /// Layout version written by [`encode_batch_v1`].
 pub const VERSION_V1: u8 = 1;
@@ -152,7 +181,9 @@ pub enum CodecError {
     #[error("not a compact batch: missing magic bytes")]
     BadMagic,
     /// The body is a compact batch of another layout version.
-    #[error("unsupported compact batch version {version} (supported: {VERSION_V1}, {VERSION})")]
+    #[error(
+        "unsupported compact batch version {version} (supported: {VERSION_V1}, {VERSION_V2}, {VERSION})"
+    )]
     UnsupportedVersion {
         /// The version byte found.
         version: u8,
@@ -230,15 +261,24 @@ pub enum CodecError {
     },
 }
 
-/// Encodes a batch in the compact layout, version 2 ([`MEDIA_TYPE`]; see
+/// Encodes a batch in the compact layout, version 3 ([`MEDIA_TYPE`]; see
 /// the module docs).
 #[must_use]
 pub fn encode_batch(batch: &UploadBatch) -> Vec<u8> {
     encode_version(batch, VERSION)
 }
 
+/// Encodes a batch in the compact layout, version 2 ([`MEDIA_TYPE_V2`]), for
+/// clouds that do not accept version 3. Prediction labels and probabilities
+/// are left out (version 2 has no place for them).
+#[must_use]
+pub fn encode_batch_v2(batch: &UploadBatch) -> Vec<u8> {
+    encode_version(batch, VERSION_V2)
+}
+
 /// Encodes a batch in the compact layout, version 1 ([`MEDIA_TYPE_V1`]), for
-/// clouds that do not accept version 2.
+/// clouds that do not accept version 2. Prediction labels and probabilities
+/// are left out.
 #[must_use]
 pub fn encode_batch_v1(batch: &UploadBatch) -> Vec<u8> {
     encode_version(batch, VERSION_V1)
@@ -263,6 +303,19 @@ fn encode_version(batch: &UploadBatch, version: u8) -> Vec<u8> {
         out.extend_from_slice(&p.threshold.to_le_bytes());
         out.push(u8::from(p.is_anomaly));
         put_svarint(&mut out, p.created_ms);
+        if version >= VERSION {
+            match &p.label {
+                None => out.push(0),
+                Some(label) => {
+                    out.push(1);
+                    put_str(&mut out, label);
+                }
+            }
+            put_uvarint(&mut out, len_u64(p.probabilities.len()));
+            for v in &p.probabilities {
+                out.extend_from_slice(&v.to_le_bytes());
+            }
+        }
     }
     put_uvarint(&mut out, len_u64(batch.dead_letters.len()));
     for d in &batch.dead_letters {
@@ -277,8 +330,8 @@ fn encode_version(batch: &UploadBatch, version: u8) -> Vec<u8> {
     out
 }
 
-/// Decodes a compact batch of either layout version (the version byte
-/// decides).
+/// Decodes a compact batch of any supported layout version (the version
+/// byte decides).
 ///
 /// # Errors
 /// A [`CodecError`] naming what is wrong and where; the input is never
@@ -289,14 +342,14 @@ pub fn decode_batch(bytes: &[u8]) -> Result<UploadBatch, CodecError> {
         return Err(CodecError::BadMagic);
     }
     let version = r.u8("version")?;
-    if version != VERSION && version != VERSION_V1 {
+    if version != VERSION && version != VERSION_V2 && version != VERSION_V1 {
         return Err(CodecError::UnsupportedVersion { version });
     }
     let readings = decode_readings(&mut r, version)?;
     let count = r.count("predictions", 1)?;
     let mut predictions = Vec::new();
     for _ in 0..count {
-        predictions.push(Prediction {
+        let mut p = Prediction {
             model: r.string("prediction model")?,
             model_version: r.string("prediction model_version")?,
             model_sha256: r.string("prediction model_sha256")?,
@@ -309,7 +362,23 @@ pub fn decode_batch(bytes: &[u8]) -> Result<UploadBatch, CodecError> {
             threshold: r.f64_le("prediction threshold")?,
             is_anomaly: r.bool("prediction is_anomaly")?,
             created_ms: r.svarint("prediction created_ms")?,
-        });
+            label: None,
+            probabilities: Vec::new(),
+        };
+        if version >= VERSION {
+            p.label = if r.bool("prediction label flag")? {
+                Some(r.string("prediction label")?)
+            } else {
+                None
+            };
+            let n = r.count("prediction probabilities", 8)?;
+            let mut probabilities = Vec::with_capacity(n);
+            for _ in 0..n {
+                probabilities.push(r.f64_le("prediction probability")?);
+            }
+            p.probabilities = probabilities;
+        }
+        predictions.push(p);
     }
     let count = r.count("dead_letters", 1)?;
     let mut dead_letters = Vec::new();
@@ -1393,6 +1462,8 @@ mod tests {
                 threshold: f64::NEG_INFINITY,
                 is_anomaly: true,
                 created_ms: -1,
+                label: Some("bearing wear ü".into()),
+                probabilities: vec![0.125, -0.0, 1e-300, 0.875],
             }],
             dead_letters: vec![DeadLetterRecord {
                 seq: 9,
@@ -1531,12 +1602,108 @@ mod tests {
             Err(CodecError::BadMagic)
         );
         assert_eq!(
-            decode_batch(b"EDGB\x03"),
-            Err(CodecError::UnsupportedVersion { version: 3 })
+            decode_batch(b"EDGB\x04"),
+            Err(CodecError::UnsupportedVersion { version: 4 })
         );
-        let bytes = encode_batch_v1(&sample());
+        for (version, bytes) in [
+            (1, encode_batch_v1(&sample())),
+            (2, encode_batch_v2(&sample())),
+        ] {
+            for len in 0..bytes.len() {
+                assert!(
+                    decode_batch(&bytes[..len]).is_err(),
+                    "v{version} prefix of {len}"
+                );
+            }
+        }
+    }
+
+    fn without_labels(mut batch: UploadBatch) -> UploadBatch {
+        for p in &mut batch.predictions {
+            p.label = None;
+            p.probabilities.clear();
+        }
+        batch
+    }
+
+    /// Versions 1 and 2 have no place for labels: they are left out, and
+    /// a label-free batch gives the same version 2 bytes as before version
+    /// 3 existed (what an old cloud parses).
+    #[test]
+    fn older_versions_leave_labels_out() {
+        let batch = sample();
+        let plain = without_labels(batch.clone());
+        assert_eq!(decode_batch(&encode_batch_v2(&batch)).unwrap(), plain);
+        assert_eq!(decode_batch(&encode_batch_v1(&batch)).unwrap(), plain);
+        assert_eq!(encode_batch_v2(&batch), encode_batch_v2(&plain));
+        let v2 = encode_batch_v2(&plain);
+        assert_eq!(v2[4], 2);
+        let v3 = encode_batch(&plain);
+        assert_eq!(v3[4], 3);
+        // Version 3 of a label-free prediction costs two bytes more.
+        assert_eq!(v3.len(), v2.len() + 2);
+    }
+
+    /// Hostile label and probability fields: a bad flag, a count larger
+    /// than the bytes left, a count past `MAX_ROWS`, a label that is not
+    /// UTF-8, each cut at every byte.
+    #[test]
+    fn hostile_label_fields_are_errors() {
+        let mut batch = sample();
+        batch.readings.clear();
+        batch.dead_letters.clear();
+        let bytes = encode_batch(&batch);
+        // The prediction's tail: label flag, label, count, 4 f64s, then the
+        // dead-letter count (0).
+        let label = "bearing wear ü".len();
+        let flag_at = bytes.len() - 1 - 32 - 1 - label - 1 - 1;
+        assert_eq!(bytes[flag_at], 1);
+        let mut bad = bytes.clone();
+        bad[flag_at] = 2;
+        assert!(matches!(
+            decode_batch(&bad),
+            Err(CodecError::BadMode {
+                what: "prediction label flag",
+                mode: 2,
+                ..
+            })
+        ));
+        let count_at = bytes.len() - 1 - 32 - 1;
+        assert_eq!(bytes[count_at], 4);
+        let mut bad = bytes.clone();
+        bad[count_at] = 5;
+        assert!(matches!(
+            decode_batch(&bad),
+            Err(CodecError::TooMany {
+                what: "prediction probabilities",
+                count: 5,
+                ..
+            })
+        ));
+        let mut huge = bytes[..count_at].to_vec();
+        put_uvarint(&mut huge, u64::MAX);
+        huge.extend_from_slice(&[0; 40]);
+        assert!(matches!(
+            decode_batch(&huge),
+            Err(CodecError::TooMany {
+                what: "prediction probabilities",
+                ..
+            })
+        ));
+        let mut bad = bytes.clone();
+        bad[flag_at + 2] = 0xff;
+        assert!(matches!(
+            decode_batch(&bad),
+            Err(CodecError::BadUtf8 {
+                what: "prediction label",
+                ..
+            })
+        ));
         for len in 0..bytes.len() {
-            assert!(decode_batch(&bytes[..len]).is_err(), "v1 prefix of {len}");
+            assert!(
+                decode_batch(&bytes[..len]).is_err(),
+                "prefix of {len} bytes decoded"
+            );
         }
     }
 
@@ -1632,11 +1799,16 @@ mod tests {
                 any::<bool>(),
                 any::<i64>(),
             ),
+            (
+                proptest::option::of(name()),
+                proptest::collection::vec(edge_f64(), 0..5),
+            ),
         )
             .prop_map(
                 |(
                     (model, model_version, model_sha256, seq, source, stream),
                     (window_end_seq, window_end_ts_ms, score, threshold, is_anomaly, created_ms),
+                    (label, probabilities),
                 )| Prediction {
                     model,
                     model_version,
@@ -1650,6 +1822,8 @@ mod tests {
                     threshold,
                     is_anomaly,
                     created_ms,
+                    label,
+                    probabilities,
                 },
             )
     }
@@ -1706,6 +1880,9 @@ mod tests {
                 p.score.to_bits(),
                 p.threshold.to_bits()
             ));
+            for v in &p.probabilities {
+                text.push_str(&format!(",{:x}", v.to_bits()));
+            }
         }
         text
     }
@@ -1722,7 +1899,16 @@ mod tests {
 
         #[test]
         fn round_trips_bit_exact_v1(batch in batch_strategy()) {
+            let batch = without_labels(batch);
             let decoded = decode_batch(&encode_batch_v1(&batch));
+            prop_assert_eq!(decoded.as_ref().map(bits), Ok(bits(&batch)));
+            prop_assert_eq!(decoded, Ok(batch));
+        }
+
+        #[test]
+        fn round_trips_bit_exact_v2(batch in batch_strategy()) {
+            let batch = without_labels(batch);
+            let decoded = decode_batch(&encode_batch_v2(&batch));
             prop_assert_eq!(decoded.as_ref().map(bits), Ok(bits(&batch)));
             prop_assert_eq!(decoded, Ok(batch));
         }

@@ -120,6 +120,61 @@ pub struct Prediction {
     pub is_anomaly: bool,
     /// When the agent made the prediction (Unix ms).
     pub created_ms: i64,
+    /// Class label the model predicted (`kind = "classes"` packages with
+    /// `labels`); absent for anomaly scores and in bodies from older agents.
+    /// Never serialized when absent, so clouds that predate it still parse
+    /// label-free bodies.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub label: Option<String>,
+    /// Per-class probabilities, in the order of the package's `labels`;
+    /// empty when the model gives none (and in bodies from older agents).
+    /// Never serialized when empty.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub probabilities: Vec<f64>,
+}
+
+/// `probabilities` as stored in a `BLOB`/`BYTEA` column (agent buffer and
+/// cloud store): each value as 8 little-endian bytes, in order; `None` for
+/// an empty list (stored as NULL).
+///
+/// Design: raw `f64` bits rather than JSON text: bit-exact (what the wire
+/// carries), 8 bytes a class instead of ~20 characters, and NaN or
+/// infinities cannot make a stored row unreadable.
+#[must_use]
+pub fn probabilities_to_bytes(probabilities: &[f64]) -> Option<Vec<u8>> {
+    if probabilities.is_empty() {
+        return None;
+    }
+    Some(probabilities.iter().flat_map(|p| p.to_le_bytes()).collect())
+}
+
+/// Reverse of [`probabilities_to_bytes`] (NULL gives an empty list).
+///
+/// # Errors
+/// [`BadProbabilities`] when the length is not a multiple of 8.
+pub fn probabilities_from_bytes(bytes: Option<&[u8]>) -> Result<Vec<f64>, BadProbabilities> {
+    let Some(bytes) = bytes else {
+        return Ok(Vec::new());
+    };
+    let chunks = bytes.chunks_exact(8);
+    if !chunks.remainder().is_empty() {
+        return Err(BadProbabilities { len: bytes.len() });
+    }
+    Ok(chunks
+        .map(|c| {
+            let mut raw = [0u8; 8];
+            raw.copy_from_slice(c);
+            f64::from_le_bytes(raw)
+        })
+        .collect())
+}
+
+/// A stored `probabilities` value whose length is not a multiple of 8.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("stored probabilities of {len} bytes are not a whole number of f64 values")]
+pub struct BadProbabilities {
+    /// Length found.
+    pub len: usize,
 }
 
 /// A message the agent could not turn into readings (malformed, oversized,
@@ -571,6 +626,71 @@ mod tests {
         assert!(serde_json::from_str::<UploadBatch>(body).is_err());
     }
 
+    fn labelled() -> Prediction {
+        Prediction {
+            model: "bearing".into(),
+            model_version: "1.0.0".into(),
+            model_sha256: "ab".repeat(32),
+            seq: 1,
+            source: "m1".into(),
+            stream: "vibration".into(),
+            window_end_seq: 9,
+            window_end_ts_ms: None,
+            score: 0.75,
+            threshold: 0.5,
+            is_anomaly: true,
+            created_ms: 5,
+            label: Some("wear".into()),
+            probabilities: vec![0.25, 0.75],
+        }
+    }
+
+    /// A label-free prediction serializes exactly as before the fields
+    /// existed (an old cloud with `deny_unknown_fields` parses it), and a
+    /// body from an old agent parses with no label.
+    #[test]
+    fn labels_are_optional_both_ways() {
+        let mut p = labelled();
+        let json = serde_json::to_string(&p).unwrap_or_default();
+        assert!(
+            json.contains(r#""label":"wear","probabilities":[0.25,0.75]"#),
+            "{json}"
+        );
+        let back: Prediction = serde_json::from_str(&json).unwrap_or_else(|_| p.clone());
+        assert_eq!(back.probabilities, vec![0.25, 0.75]);
+        assert_eq!(back.label.as_deref(), Some("wear"));
+        p.label = None;
+        p.probabilities.clear();
+        let json = serde_json::to_string(&p).unwrap_or_default();
+        assert!(
+            !json.contains("label") && !json.contains("probabilities"),
+            "{json}"
+        );
+        let old = r#"{"model":"m","model_version":"1","model_sha256":"x","seq":1,"source":"s",
+            "stream":"t","window_end_seq":1,"window_end_ts_ms":null,"score":0.5,
+            "threshold":1.0,"is_anomaly":false,"created_ms":1}"#;
+        let old: Prediction = serde_json::from_str(old).unwrap_or_else(|_| labelled());
+        assert_eq!(old.label, None);
+        assert!(old.probabilities.is_empty());
+        assert!(serde_json::from_str::<Prediction>(r#"{"label":3}"#).is_err());
+    }
+
+    #[test]
+    fn probabilities_bytes_round_trip() {
+        let values = [0.25, -0.0, f64::INFINITY, 1e-310];
+        let bytes = probabilities_to_bytes(&values).unwrap_or_default();
+        assert_eq!(bytes.len(), 32);
+        let back = probabilities_from_bytes(Some(&bytes)).unwrap_or_default();
+        let bits = |v: &[f64]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+        assert_eq!(bits(&back), bits(&values));
+        assert_eq!(probabilities_to_bytes(&[]), None);
+        assert_eq!(probabilities_from_bytes(None), Ok(vec![]));
+        assert_eq!(
+            probabilities_from_bytes(Some(&bytes[..7])),
+            Err(BadProbabilities { len: 7 })
+        );
+    }
+
     #[test]
     fn batch_round_trips() {
         let batch = UploadBatch {
@@ -583,7 +703,7 @@ mod tests {
                 clock_ok: false,
                 values: BTreeMap::from([("value".into(), 73.5)]),
             }],
-            predictions: vec![],
+            predictions: vec![labelled()],
             dead_letters: vec![DeadLetterRecord {
                 seq: 1,
                 topic: "sensors/m1/temperature".into(),

@@ -9,12 +9,17 @@
 //!   and no timestamps of creation.
 //! - Columns are flat with Parquet logical types (UTF8 strings, INT64,
 //!   DOUBLE, BOOLEAN, `TIMESTAMP(MILLIS, UTC)`), so pandas, polars and DuckDB
-//!   open them without conversion.
+//!   open them without conversion; the one exception is a prediction's
+//!   `probabilities`, a standard three-level `LIST` of `DOUBLE` (one list per
+//!   prediction, null when the model gave none), which the same tools read
+//!   as a list column.
+//! - Predictions files of format 1 (before `label` and `probabilities`)
+//!   are still read, with no labels.
 //! - Readings are in long format: one row per value field (`field`,
 //!   `value`), since streams carry different fields; a reading without
 //!   values has one row with `field` and `value` null. Rows are ordered by
 //!   `(device, source, stream, seq, field)`.
-//! - The reader refuses a file whose schema is not exactly the expected one.
+//! - The reader refuses a file whose schema is not exactly one it knows.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -38,7 +43,7 @@ pub const ROW_GROUP_ROWS: usize = 65_536;
 
 /// `created_by` of every file: fixed, so the bytes do not depend on the
 /// parquet crate's version string.
-const CREATED_BY: &str = "cloud-sync datasets format 1";
+const CREATED_BY: &str = "cloud-sync datasets format 2";
 
 const READINGS_SCHEMA: &str = "message readings {
     REQUIRED BYTE_ARRAY device (STRING);
@@ -50,6 +55,23 @@ const READINGS_SCHEMA: &str = "message readings {
     REQUIRED BOOLEAN clock_ok;
     OPTIONAL BYTE_ARRAY field (STRING);
     OPTIONAL DOUBLE value;
+}";
+
+/// Predictions of format 1 (snapshots taken before labels were kept).
+const PREDICTIONS_SCHEMA_V1: &str = "message predictions {
+    REQUIRED BYTE_ARRAY device (STRING);
+    REQUIRED BYTE_ARRAY model (STRING);
+    REQUIRED INT64 seq;
+    REQUIRED BYTE_ARRAY model_version (STRING);
+    REQUIRED BYTE_ARRAY model_sha256 (STRING);
+    REQUIRED BYTE_ARRAY source (STRING);
+    REQUIRED BYTE_ARRAY stream (STRING);
+    REQUIRED INT64 window_end_seq;
+    OPTIONAL INT64 window_end_ts_ms (TIMESTAMP(MILLIS,true));
+    REQUIRED DOUBLE score;
+    REQUIRED DOUBLE threshold;
+    REQUIRED BOOLEAN is_anomaly;
+    REQUIRED INT64 created_ms (TIMESTAMP(MILLIS,true));
 }";
 
 const PREDICTIONS_SCHEMA: &str = "message predictions {
@@ -66,6 +88,12 @@ const PREDICTIONS_SCHEMA: &str = "message predictions {
     REQUIRED DOUBLE threshold;
     REQUIRED BOOLEAN is_anomaly;
     REQUIRED INT64 created_ms (TIMESTAMP(MILLIS,true));
+    OPTIONAL BYTE_ARRAY label (STRING);
+    OPTIONAL group probabilities (LIST) {
+        REPEATED group list {
+            REQUIRED DOUBLE element;
+        }
+    }
 }";
 
 /// Why a file could not be written or read.
@@ -175,6 +203,8 @@ pub fn predictions_columns() -> Vec<Column> {
         ("threshold", "float64", false),
         ("is_anomaly", "bool", false),
         ("created_ms", "timestamp[ms, UTC]", false),
+        ("label", "string", true),
+        ("probabilities", "list<float64>", true),
     ])
 }
 
@@ -286,6 +316,16 @@ pub fn write_predictions(predictions: &[DatasetPrediction]) -> Result<(Vec<u8>, 
         let threshold: Vec<f64> = chunk.iter().map(|p| p.prediction.threshold).collect();
         let anomaly: Vec<bool> = chunk.iter().map(|p| p.prediction.is_anomaly).collect();
         let created: Vec<i64> = chunk.iter().map(|p| p.prediction.created_ms).collect();
+        let label_defs: Vec<i16> = chunk
+            .iter()
+            .map(|p| i16::from(p.prediction.label.is_some()))
+            .collect();
+        let labels: Vec<ByteArray> = chunk
+            .iter()
+            .filter_map(|p| p.prediction.label.as_deref().map(ByteArray::from))
+            .collect();
+        let (prob_defs, prob_reps, probs) =
+            list_levels(chunk.iter().map(|p| p.prediction.probabilities.as_slice()));
 
         let mut rg = writer.next_row_group()?;
         let mut n = 0;
@@ -303,7 +343,15 @@ pub fn write_predictions(predictions: &[DatasetPrediction]) -> Result<(Vec<u8>, 
                 9 => write_doubles(&mut col, &score, None)?,
                 10 => write_doubles(&mut col, &threshold, None)?,
                 11 => write_bools(&mut col, &anomaly)?,
-                _ => write_longs(&mut col, &created, None)?,
+                12 => write_longs(&mut col, &created, None)?,
+                13 => write_strings(&mut col, &labels, Some(&label_defs))?,
+                _ => {
+                    col.typed::<DoubleType>().write_batch(
+                        &probs,
+                        Some(&prob_defs),
+                        Some(&prob_reps),
+                    )?;
+                }
             }
             col.close()?;
             n += 1;
@@ -312,6 +360,25 @@ pub fn write_predictions(predictions: &[DatasetPrediction]) -> Result<(Vec<u8>, 
     }
     writer.close()?;
     Ok((out, u64::try_from(predictions.len()).unwrap_or(u64::MAX)))
+}
+
+/// Definition levels, repetition levels and the values of the
+/// `probabilities` list column: an empty list is written as null (level 0),
+/// each element at definition level 2; repetition level 0 starts a row.
+fn list_levels<'a>(lists: impl Iterator<Item = &'a [f64]>) -> (Vec<i16>, Vec<i16>, Vec<f64>) {
+    let (mut defs, mut reps, mut values) = (Vec::new(), Vec::new(), Vec::new());
+    for list in lists {
+        if list.is_empty() {
+            defs.push(0);
+            reps.push(0);
+        }
+        for (i, v) in list.iter().enumerate() {
+            defs.push(2);
+            reps.push(i16::from(i > 0));
+            values.push(*v);
+        }
+    }
+    (defs, reps, values)
 }
 
 /// Definition levels and the non-null values of an optional column.
@@ -347,12 +414,21 @@ fn write_bools(col: &mut ColumnWriter<'_>, v: &[bool]) -> Result<()> {
     Ok(())
 }
 
-/// Opens `bytes` as Parquet and checks its schema is exactly `expected`;
-/// returns every row's fields.
-fn rows(bytes: Bytes, expected: &'static str) -> Result<Vec<Vec<Field>>> {
+/// Opens `bytes` as Parquet and checks its schema is exactly `expected`
+/// (or, when given, `older`); returns every row's fields.
+fn rows(
+    bytes: Bytes,
+    expected: &'static str,
+    older: Option<&'static str>,
+) -> Result<Vec<Vec<Field>>> {
     let reader = SerializedFileReader::new(bytes)?;
     let schema = reader.metadata().file_metadata().schema();
-    if *schema != schema_of(expected)? {
+    let known = *schema == schema_of(expected)?
+        || older
+            .map(schema_of)
+            .transpose()?
+            .is_some_and(|s| *schema == s);
+    if !known {
         return Err(FileError::Schema { expected });
     }
     reader
@@ -435,6 +511,22 @@ impl RowFields<'_> {
         }
     }
 
+    /// A list of doubles; null reads as empty.
+    fn doubles(&self, i: usize, column: &'static str) -> Result<Vec<f64>> {
+        match self.field(i, column)? {
+            Field::Null => Ok(Vec::new()),
+            Field::ListInternal(list) => list
+                .elements()
+                .iter()
+                .map(|e| match e {
+                    Field::Double(v) => Ok(*v),
+                    _ => Err(self.bad(column)),
+                })
+                .collect(),
+            _ => Err(self.bad(column)),
+        }
+    }
+
     fn boolean(&self, i: usize, column: &'static str) -> Result<bool> {
         match self.field(i, column)? {
             Field::Bool(v) => Ok(*v),
@@ -452,7 +544,7 @@ impl RowFields<'_> {
 /// value that cannot be a reading.
 pub fn read_readings(bytes: Bytes) -> Result<Vec<DatasetReading>> {
     let mut out: Vec<DatasetReading> = Vec::new();
-    for (row, fields) in rows(bytes, READINGS_SCHEMA)?.iter().enumerate() {
+    for (row, fields) in rows(bytes, READINGS_SCHEMA, None)?.iter().enumerate() {
         let f = RowFields { row, fields };
         let device = f.string(0, "device")?;
         let source = f.string(1, "source")?;
@@ -486,12 +578,13 @@ pub fn read_readings(bytes: Bytes) -> Result<Vec<DatasetReading>> {
     Ok(out)
 }
 
-/// Reads a predictions file back.
+/// Reads a predictions file back, of either format (format 1 files give
+/// no labels).
 ///
 /// # Errors
 /// As [`read_readings`].
 pub fn read_predictions(bytes: Bytes) -> Result<Vec<DatasetPrediction>> {
-    rows(bytes, PREDICTIONS_SCHEMA)?
+    rows(bytes, PREDICTIONS_SCHEMA, Some(PREDICTIONS_SCHEMA_V1))?
         .iter()
         .enumerate()
         .map(|(row, fields)| {
@@ -511,6 +604,14 @@ pub fn read_predictions(bytes: Bytes) -> Result<Vec<DatasetPrediction>> {
                     threshold: f.double(10, "threshold")?,
                     is_anomaly: f.boolean(11, "is_anomaly")?,
                     created_ms: f.millis(12, "created_ms")?,
+                    label: match fields.get(13) {
+                        None => None,
+                        Some(_) => f.opt_string(13, "label")?,
+                    },
+                    probabilities: match fields.get(14) {
+                        None => Vec::new(),
+                        Some(_) => f.doubles(14, "probabilities")?,
+                    },
                 },
             })
         })
@@ -548,6 +649,89 @@ mod tests {
         assert_eq!(rows, 5);
         assert_eq!(write_readings(&readings).unwrap().0, bytes);
         assert_eq!(read_readings(Bytes::from(bytes)).unwrap(), readings);
+    }
+
+    fn prediction(
+        device: &str,
+        seq: u64,
+        label: Option<&str>,
+        probabilities: &[f64],
+    ) -> DatasetPrediction {
+        DatasetPrediction {
+            device: device.to_owned(),
+            prediction: Prediction {
+                model: "bearing".to_owned(),
+                model_version: "1.0.0".to_owned(),
+                model_sha256: "ab".repeat(32),
+                seq,
+                source: "m1".to_owned(),
+                stream: "vibration".to_owned(),
+                window_end_seq: seq * 10,
+                window_end_ts_ms: None,
+                score: 0.5,
+                threshold: 0.75,
+                is_anomaly: false,
+                created_ms: 1_700_000_000_000,
+                label: label.map(str::to_owned),
+                probabilities: probabilities.to_vec(),
+            },
+        }
+    }
+
+    /// Labels and probability lists (single, several, none, next to each
+    /// other across rows) round-trip, deterministically.
+    #[test]
+    fn predictions_keep_labels_and_probabilities() {
+        let predictions = vec![
+            prediction("a", 1, Some("normal"), &[0.875, 0.125]),
+            prediction("a", 2, None, &[]),
+            prediction("a", 3, Some("wear"), &[0.25]),
+            prediction("b", 1, Some("outer race"), &[]),
+            prediction("b", 2, None, &[0.1, 0.2, 0.7]),
+        ];
+        let (bytes, rows) = write_predictions(&predictions).unwrap();
+        assert_eq!(rows, 5);
+        assert_eq!(write_predictions(&predictions).unwrap().0, bytes);
+        assert_eq!(read_predictions(Bytes::from(bytes)).unwrap(), predictions);
+    }
+
+    /// A format 1 predictions file (written here with the old schema and
+    /// the old writer's columns) is still read, with no labels.
+    #[test]
+    fn format_1_predictions_are_still_read() {
+        let mut out = Vec::new();
+        let mut writer = SerializedFileWriter::new(
+            &mut out,
+            schema(PREDICTIONS_SCHEMA_V1).unwrap(),
+            properties(),
+        )
+        .unwrap();
+        let mut rg = writer.next_row_group().unwrap();
+        let mut n = 0;
+        while let Some(mut col) = rg.next_column().unwrap() {
+            let text = |s: &str| vec![ByteArray::from(s)];
+            match n {
+                0 => write_strings(&mut col, &text("a"), None).unwrap(),
+                1 => write_strings(&mut col, &text("bearing"), None).unwrap(),
+                3 => write_strings(&mut col, &text("1.0.0"), None).unwrap(),
+                4 => write_strings(&mut col, &text(&"ab".repeat(32)), None).unwrap(),
+                5 => write_strings(&mut col, &text("m1"), None).unwrap(),
+                6 => write_strings(&mut col, &text("vibration"), None).unwrap(),
+                2 => write_longs(&mut col, &[1], None).unwrap(),
+                7 => write_longs(&mut col, &[10], None).unwrap(),
+                8 => write_longs(&mut col, &[], Some(&[0])).unwrap(),
+                9 => write_doubles(&mut col, &[0.5], None).unwrap(),
+                10 => write_doubles(&mut col, &[0.75], None).unwrap(),
+                11 => write_bools(&mut col, &[false]).unwrap(),
+                _ => write_longs(&mut col, &[1_700_000_000_000], None).unwrap(),
+            }
+            col.close().unwrap();
+            n += 1;
+        }
+        rg.close().unwrap();
+        writer.close().unwrap();
+        let read = read_predictions(Bytes::from(out)).unwrap();
+        assert_eq!(read, vec![prediction("a", 1, None, &[])]);
     }
 
     #[test]

@@ -10,8 +10,10 @@
 use serde::{Deserialize, Serialize};
 use sha2::{Digest as _, Sha256};
 
-/// Version of the dataset layout (`content.format`).
-pub const FORMAT_VERSION: u32 = 1;
+/// Version of the dataset layout (`content.format`) written by this build.
+/// 2 added the predictions' `label` and `probabilities` columns; snapshots
+/// of format 1 are still read.
+pub const FORMAT_VERSION: u32 = 2;
 
 /// What a snapshot selects: readings whose stream is one of `streams`, of
 /// one of `devices`, received (agent clock, `recv_ts_ms`) in
@@ -51,7 +53,8 @@ impl Selection {
 pub struct Column {
     /// Column name.
     pub name: String,
-    /// `string`, `int64`, `float64`, `bool` or `timestamp[ms, UTC]`.
+    /// `string`, `int64`, `float64`, `bool`, `timestamp[ms, UTC]` or
+    /// `list<float64>`.
     #[serde(rename = "type")]
     pub kind: String,
     /// Whether the column may be null.

@@ -140,7 +140,7 @@ fn schemas() -> serde_json::Map<String, Value> {
     );
     let content = object(
         json!({
-            "format": { "type": "integer", "const": super::FORMAT_VERSION },
+            "format": { "type": "integer", "minimum": 1, "maximum": super::FORMAT_VERSION },
             "selection": object(selection, &["streams", "devices", "from_ms", "to_ms"]),
             "files": { "type": "array", "items": file },
             "lineage": object(json!({

@@ -553,6 +553,9 @@ pub enum StoreError {
         #[source]
         source: serde_json::Error,
     },
+    /// A stored `probabilities` blob is not a whole number of `f64`s.
+    #[error("stored predictions.probabilities does not decode")]
+    DecodeProbabilities(#[from] sync_protocol::BadProbabilities),
     /// A read query was refused; nothing was read.
     #[error("invalid query")]
     InvalidQuery(#[from] QueryError),
@@ -751,6 +754,13 @@ fn validate_prediction(index: usize, prediction: &Prediction) -> Result<(), Batc
                 field: field.to_owned(),
             });
         }
+    }
+    if let Some(i) = prediction.probabilities.iter().position(|p| !p.is_finite()) {
+        return Err(BatchError::NotFinite {
+            list: LIST,
+            index,
+            field: format!("probabilities[{i}]"),
+        });
     }
     Ok(())
 }

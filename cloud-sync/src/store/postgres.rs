@@ -116,6 +116,10 @@ const MIGRATIONS: &[&str] = &[
         ON readings (device, recv_ts_ms, source COLLATE \"C\", stream COLLATE \"C\", seq);
     CREATE INDEX predictions_by_time
         ON predictions (device, created_ms, model COLLATE \"C\", seq);",
+    // 3: what a classifier predicted (as SQLite's migration 3; the
+    // probabilities are the same little-endian f64 bytes).
+    "ALTER TABLE predictions ADD COLUMN label TEXT;
+    ALTER TABLE predictions ADD COLUMN probabilities BYTEA;",
 ];
 
 /// Serialises migrations per schema: the key is derived from the schema the
@@ -155,7 +159,8 @@ const SELECT_READINGS: &str = "SELECT source, stream, seq, device_ts_ms, recv_ts
      ORDER BY recv_ts_ms, source COLLATE \"C\", stream COLLATE \"C\", seq
      LIMIT $10";
 const SELECT_PREDICTIONS: &str = "SELECT model, seq, model_version, model_sha256, source, stream,
-            window_end_seq, window_end_ts_ms, score, threshold, is_anomaly, created_ms, stored_ms
+            window_end_seq, window_end_ts_ms, score, threshold, is_anomaly, created_ms, stored_ms,
+            label, probabilities
      FROM predictions
      WHERE device = $1 AND created_ms BETWEEN $2 AND $3
        AND (created_ms, model COLLATE \"C\", seq) > ($4, $5, $6)
@@ -194,16 +199,18 @@ const INSERT_READINGS: &str = "INSERT INTO readings
      ON CONFLICT DO NOTHING";
 const INSERT_PREDICTIONS: &str = "INSERT INTO predictions
        (device, model, seq, model_version, model_sha256, source, stream, window_end_seq,
-        window_end_ts_ms, score, threshold, is_anomaly, created_ms, stored_ms)
+        window_end_ts_ms, score, threshold, is_anomaly, created_ms, stored_ms, label,
+        probabilities)
      SELECT $1, p.model, p.seq, p.model_version, p.model_sha256, p.source, p.stream,
             p.window_end_seq, p.window_end_ts_ms, p.score, p.threshold, p.is_anomaly,
-            p.created_ms, $2
+            p.created_ms, $2, p.label, p.probabilities
      FROM UNNEST($3::text[], $4::int8[], $5::text[], $6::text[], $7::text[], $8::text[],
                  $9::int8[], $10::int8[], $11::float8[], $12::float8[], $13::bool[],
-                 $14::int8[])
+                 $14::int8[], $15::text[], $16::bytea[])
           WITH ORDINALITY
           AS p (model, seq, model_version, model_sha256, source, stream, window_end_seq,
-                window_end_ts_ms, score, threshold, is_anomaly, created_ms, ord)
+                window_end_ts_ms, score, threshold, is_anomaly, created_ms, label,
+                probabilities, ord)
      ORDER BY p.model COLLATE \"C\", p.seq, p.ord
      ON CONFLICT DO NOTHING";
 const DEVICE_EXISTS: &str = "SELECT EXISTS (SELECT 1 FROM devices WHERE id = $1)";
@@ -777,6 +784,10 @@ async fn predictions(
                     threshold: row.try_get(9)?,
                     is_anomaly: row.try_get(10)?,
                     created_ms: row.try_get(11)?,
+                    label: row.try_get(13)?,
+                    probabilities: sync_protocol::probabilities_from_bytes(
+                        row.try_get::<_, Option<&[u8]>>(14)?,
+                    )?,
                 },
                 stored_ms: row.try_get(12)?,
             })
@@ -899,6 +910,8 @@ struct BatchColumns<'a> {
     p_threshold: Vec<f64>,
     p_is_anomaly: Vec<bool>,
     p_created_ms: Vec<i64>,
+    p_label: Vec<Option<&'a str>>,
+    p_probabilities: Vec<Option<Vec<u8>>>,
     d_seq: Vec<i64>,
     d_topic: Vec<&'a str>,
     d_reason: Vec<&'a str>,
@@ -946,6 +959,8 @@ impl<'a> BatchColumns<'a> {
             p_threshold: Vec::with_capacity(predictions.len()),
             p_is_anomaly: Vec::with_capacity(predictions.len()),
             p_created_ms: Vec::with_capacity(predictions.len()),
+            p_label: Vec::with_capacity(predictions.len()),
+            p_probabilities: Vec::with_capacity(predictions.len()),
             d_seq: Vec::with_capacity(dead_letters.len()),
             d_topic: Vec::with_capacity(dead_letters.len()),
             d_reason: Vec::with_capacity(dead_letters.len()),
@@ -985,6 +1000,10 @@ impl<'a> BatchColumns<'a> {
             columns.p_threshold.push(p.threshold);
             columns.p_is_anomaly.push(p.is_anomaly);
             columns.p_created_ms.push(p.created_ms);
+            columns.p_label.push(p.label.as_deref());
+            columns
+                .p_probabilities
+                .push(sync_protocol::probabilities_to_bytes(&p.probabilities));
         }
         for (index, d) in dead_letters.iter().enumerate() {
             columns
@@ -1076,6 +1095,8 @@ async fn store_batch(
                     &c.p_threshold,
                     &c.p_is_anomaly,
                     &c.p_created_ms,
+                    &c.p_label,
+                    &c.p_probabilities,
                 ],
             )
             .await?;

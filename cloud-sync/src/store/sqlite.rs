@@ -100,6 +100,11 @@ const MIGRATIONS: &[&str] = &[
     CREATE UNIQUE INDEX operators_token_sha256 ON operators (token_sha256);
     CREATE INDEX readings_by_time ON readings (device, recv_ts_ms, source, stream, seq);
     CREATE INDEX predictions_by_time ON predictions (device, created_ms, model, seq);",
+    // 3: what a classifier predicted: its label (NULL for anomaly scores)
+    // and per-class probabilities as little-endian f64s, 8 bytes each (NULL
+    // when none; `sync_protocol::probabilities_to_bytes`).
+    "ALTER TABLE predictions ADD COLUMN label TEXT;
+    ALTER TABLE predictions ADD COLUMN probabilities BLOB;",
 ];
 
 /// A validated sequence number as SQLite's signed integer.
@@ -116,6 +121,14 @@ fn get_u64(row: &rusqlite::Row<'_>, idx: usize) -> rusqlite::Result<u64> {
             rusqlite::types::Type::Integer,
             Box::new(err),
         )
+    })
+}
+
+/// A `probabilities` column (see `sync_protocol::probabilities_to_bytes`).
+fn get_probabilities(row: &rusqlite::Row<'_>, idx: usize) -> rusqlite::Result<Vec<f64>> {
+    let bytes: Option<Vec<u8>> = row.get(idx)?;
+    sync_protocol::probabilities_from_bytes(bytes.as_deref()).map_err(|err| {
+        rusqlite::Error::FromSqlConversionFailure(idx, rusqlite::types::Type::Blob, Box::new(err))
     })
 }
 
@@ -620,7 +633,8 @@ impl Worker {
         let rows: Vec<StoredPrediction> = tx
             .prepare_cached(
                 "SELECT model, seq, model_version, model_sha256, source, stream, window_end_seq,
-                        window_end_ts_ms, score, threshold, is_anomaly, created_ms, stored_ms
+                        window_end_ts_ms, score, threshold, is_anomaly, created_ms, stored_ms,
+                        label, probabilities
                  FROM predictions
                  WHERE device = ?1 AND created_ms BETWEEN ?2 AND ?3
                    AND (created_ms, model, seq) > (?4, ?5, ?6)
@@ -657,6 +671,8 @@ impl Worker {
                             threshold: row.get(9)?,
                             is_anomaly: row.get(10)?,
                             created_ms: row.get(11)?,
+                            label: row.get(13)?,
+                            probabilities: get_probabilities(row, 14)?,
                         },
                         stored_ms: row.get(12)?,
                     })
@@ -817,8 +833,8 @@ impl Worker {
                 "INSERT INTO predictions
                    (device, model, seq, model_version, model_sha256, source, stream,
                     window_end_seq, window_end_ts_ms, score, threshold, is_anomaly, created_ms,
-                    stored_ms)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14)
+                    stored_ms, label, probabilities)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16)
                  ON CONFLICT DO NOTHING",
             )?;
             for p in &batch.predictions {
@@ -837,6 +853,8 @@ impl Worker {
                     p.is_anomaly,
                     p.created_ms,
                     stored_ms,
+                    p.label,
+                    sync_protocol::probabilities_to_bytes(&p.probabilities),
                 ])?;
                 if changed == 0 {
                     ack.predictions_duplicate += 1;

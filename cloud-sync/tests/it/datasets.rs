@@ -56,6 +56,13 @@ fn prediction(model: &str, seq: u64) -> Prediction {
         threshold: 0.5,
         is_anomaly: seq.is_multiple_of(7),
         created_ms: T0 + i64::try_from(seq).unwrap() * 1000,
+        // Some with a label, some with probabilities, some with both or neither.
+        label: seq.is_multiple_of(3).then(|| "wear".to_owned()),
+        probabilities: if seq.is_multiple_of(2) {
+            vec![1.0 - seq as f64 / 8.0, seq as f64 / 8.0]
+        } else {
+            Vec::new()
+        },
     }
 }
 

@@ -166,7 +166,7 @@ async fn compact_batches_plain_and_zstd_are_stored_like_json() -> Result<()> {
     for content_type in [
         "text/plain",
         "application/cbor",
-        "application/vnd.edge-batch.v3",
+        "application/vnd.edge-batch.v4",
     ] {
         let reply = send(
             &router,
@@ -181,7 +181,8 @@ async fn compact_batches_plain_and_zstd_are_stored_like_json() -> Result<()> {
         assert_eq!(reply.error_code()?, "unsupported_media_type");
         assert_eq!(
             reply.headers["accept-post"],
-            "application/json, application/vnd.edge-batch.v2, application/vnd.edge-batch.v1"
+            "application/json, application/vnd.edge-batch.v3, application/vnd.edge-batch.v2, \
+             application/vnd.edge-batch.v1"
         );
     }
     // JSON sent as the compact type is a codec error, not a JSON one.

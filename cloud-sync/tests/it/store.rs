@@ -507,7 +507,7 @@ async fn postgres_instances_starting_together_migrate_once() -> Result<()> {
         .iter()
         .map(|row| row.get(0))
         .collect();
-    assert_eq!(versions, [1, 2]);
+    assert_eq!(versions, [1, 2, 3]);
     stores[0].add_device("dev-1").await?;
     for store in &stores {
         assert!(store.summary("dev-1").await?.readings.is_empty());
@@ -575,5 +575,66 @@ async fn postgres_store_recovers_when_its_sessions_are_killed() -> Result<()> {
     store.ping().await?;
     let ack = store.store_batch("dev-1", sample_batch(1..=6, [])).await?;
     assert_eq!((ack.readings_inserted, ack.readings_duplicate), (3, 3));
+    Ok(())
+}
+
+/// A classifier's label and probabilities are stored with the prediction,
+/// once (a replay with another label keeps the first), read back bit-exact,
+/// and a prediction without them reads back without them; non-finite
+/// probabilities are refused.
+#[tokio::test]
+async fn labels_and_probabilities_are_stored_once_and_read_back() -> Result<()> {
+    use cloud_sync::sync_protocol::ReadQuery;
+    for t in each_backend("labels_and_probabilities_are_stored_once").await? {
+        let (store, name) = (&t.store, t.name());
+        store.add_device("dev-1").await?;
+        let mut labelled = prediction("bearing", 1, true);
+        labelled.label = Some("outer race ü".to_owned());
+        labelled.probabilities = vec![0.125, -0.0, 0.875, 1e-310];
+        let plain = prediction("bearing", 2, false);
+        let batch = UploadBatch {
+            predictions: vec![labelled.clone(), plain.clone()],
+            ..UploadBatch::default()
+        };
+        let ack = store.store_batch("dev-1", batch).await?;
+        assert_eq!(ack.predictions_inserted, 2, "{name}");
+        let mut replay = labelled.clone();
+        replay.label = Some("other".to_owned());
+        replay.probabilities = vec![1.0];
+        let ack = store
+            .store_batch(
+                "dev-1",
+                UploadBatch {
+                    predictions: vec![replay],
+                    ..UploadBatch::default()
+                },
+            )
+            .await?;
+        assert_eq!(ack.predictions_duplicate, 1, "{name}");
+        let page = store.predictions("dev-1", &ReadQuery::default()).await?;
+        let got: Vec<_> = page.predictions.into_iter().map(|p| p.prediction).collect();
+        assert_eq!(got, [labelled.clone(), plain], "{name}");
+        let bits: Vec<u64> = got[0].probabilities.iter().map(|p| p.to_bits()).collect();
+        let want: Vec<u64> = labelled.probabilities.iter().map(|p| p.to_bits()).collect();
+        assert_eq!(bits, want, "{name}");
+        let mut bad = prediction("bearing", 3, false);
+        bad.probabilities = vec![0.5, f64::NAN];
+        let refused = store
+            .store_batch(
+                "dev-1",
+                UploadBatch {
+                    predictions: vec![bad],
+                    ..UploadBatch::default()
+                },
+            )
+            .await;
+        assert!(
+            matches!(
+                refused,
+                Err(StoreError::InvalidBatch(BatchError::NotFinite { .. }))
+            ),
+            "{name}: {refused:?}"
+        );
+    }
     Ok(())
 }

@@ -68,6 +68,8 @@ pub fn prediction(model: &str, seq: u64, is_anomaly: bool) -> Prediction {
         threshold: 0.5,
         is_anomaly,
         created_ms: 1_700_000_000_100,
+        label: None,
+        probabilities: Vec::new(),
     }
 }
 
