@@ -6,15 +6,24 @@
 //! feature depends on cloud-sync: a cycle), so this module re-implements the
 //! package-level checks on the agent's own loader, `edge-onnx-ml`:
 //! 1. `model.toml` parses and names the model (`name`, `version`
-//!    `MAJOR.MINOR.PATCH`, `sha256`), `input.tensor`, `output.tensor` and at
-//!    least one `[[golden]]` pair;
+//!    `MAJOR.MINOR.PATCH`, `sha256`), `input.tensor`, `output.tensor`,
+//!    `input.layout` (`flat`, the default, `channels_first` or
+//!    `channels_last`) and at least one `[[golden]]` pair; with a rank-3
+//!    layout every golden row holds `fields x window` values (`fields` = the
+//!    `[[input.features]]` entries, `window` = `input.window`);
 //! 2. `model.onnx` is at most [`MAX_MODEL_BYTES`] and its sha256 equals
 //!    `sha256` (before tract parses anything);
 //! 3. tract loads the graph with the ML operators: one input named
-//!    `input.tensor`, an output named `output.tensor`, optimized for a
-//!    `[1, width]` float32 input (`width` = the golden rows' length);
+//!    `input.tensor` whose declared rank and fixed non-batch dimensions
+//!    agree with the layout, an output named `output.tensor`, optimized for
+//!    a batch-1 float32 input of the layout's shape: `[1, width]` (`width` =
+//!    the golden rows' length), `[1, fields, window]` or
+//!    `[1, window, fields]`;
 //! 4. every golden row reproduces its `output` (or `score`) within
-//!    `1e-3 + 1e-4 * |expected|`, and all outputs are finite.
+//!    `1e-3 + 1e-4 * |expected|`, and all outputs are finite. Golden rows
+//!    are written in feature order (`[fields][window]`, which is already the
+//!    `channels_first` order) and transposed here for `channels_last`, as
+//!    the agent lays out its rows.
 //!
 //! The agent's finer manifest rules (feature transforms, output kinds,
 //! baselines) are not repeated here; it still checks them when it loads the
@@ -26,6 +35,7 @@ use std::path::{Path, PathBuf};
 use serde::Deserialize;
 use sha2::{Digest as _, Sha256};
 use tract_onnx::prelude::*;
+use tract_onnx::tract_hir::infer::Factoid as _;
 
 /// Largest `model.onnx` accepted (as the agent).
 pub const MAX_MODEL_BYTES: u64 = 256 * 1024 * 1024;
@@ -124,7 +134,7 @@ struct Manifest {
     name: String,
     version: String,
     sha256: String,
-    input: TensorRef,
+    input: InputRef,
     output: TensorRef,
     #[serde(default)]
     golden: Vec<Golden>,
@@ -133,6 +143,102 @@ struct Manifest {
 #[derive(Debug, Deserialize)]
 struct TensorRef {
     tensor: String,
+}
+
+// Design: unknown keys stay ignored (no `deny_unknown_fields`), as before the
+// layout keys were read: the agent enforces its own manifest rules on load.
+#[derive(Debug, Deserialize)]
+struct InputRef {
+    tensor: String,
+    #[serde(default = "flat")]
+    layout: String,
+    window: Option<usize>,
+    #[serde(default)]
+    features: Vec<serde::de::IgnoredAny>,
+}
+
+fn flat() -> String {
+    "flat".to_owned()
+}
+
+/// `input.layout`: how a golden (feature-order) row becomes the input tensor.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Layout {
+    /// `[batch, width]`.
+    Flat,
+    /// `[batch, fields, window]`.
+    ChannelsFirst,
+    /// `[batch, window, fields]`.
+    ChannelsLast,
+}
+
+impl Layout {
+    fn parse(text: &str) -> Option<Self> {
+        Some(match text {
+            "flat" => Self::Flat,
+            "channels_first" => Self::ChannelsFirst,
+            "channels_last" => Self::ChannelsLast,
+            _ => return None,
+        })
+    }
+
+    fn name(self) -> &'static str {
+        match self {
+            Self::Flat => "flat",
+            Self::ChannelsFirst => "channels_first",
+            Self::ChannelsLast => "channels_last",
+        }
+    }
+}
+
+/// The batch-1 input the golden rows are fed as.
+#[derive(Debug, Clone, Copy)]
+struct Shape {
+    layout: Layout,
+    /// Values per golden row.
+    width: usize,
+    /// `[[input.features]]` entries (rank-3 layouts only).
+    fields: usize,
+    /// `input.window` (rank-3 layouts only).
+    window: usize,
+}
+
+impl Shape {
+    fn dims(self) -> Vec<usize> {
+        match self.layout {
+            Layout::Flat => vec![1, self.width],
+            Layout::ChannelsFirst => vec![1, self.fields, self.window],
+            Layout::ChannelsLast => vec![1, self.window, self.fields],
+        }
+    }
+
+    /// What the manifest feeds, for shape refusals (the agent's wording).
+    fn feeds(self) -> String {
+        let (fields, window) = (self.fields, self.window);
+        match self.layout {
+            Layout::Flat => format!(
+                "the manifest feeds [batch, {}] (input.layout = \"flat\")",
+                self.width
+            ),
+            Layout::ChannelsFirst => format!(
+                "input.layout = \"channels_first\" feeds [batch, {fields}, {window}] ({fields} feature(s) x window {window})"
+            ),
+            Layout::ChannelsLast => format!(
+                "input.layout = \"channels_last\" feeds [batch, {window}, {fields}] (window {window} x {fields} feature(s))"
+            ),
+        }
+    }
+
+    /// `row` (feature order) in the tensor's row-major order.
+    fn lay_out(self, row: &[f32]) -> Vec<f32> {
+        match self.layout {
+            Layout::Flat | Layout::ChannelsFirst => row.to_vec(),
+            Layout::ChannelsLast => (0..self.window)
+                .flat_map(|t| (0..self.fields).filter_map(move |f| row.get(f * self.window + t)))
+                .copied()
+                .collect(),
+        }
+    }
 }
 
 #[derive(Debug, Deserialize)]
@@ -232,6 +338,7 @@ pub fn validate_dir(dir: &Path) -> Result<ValidPackage> {
     {
         return Err(invalid("golden", "each pair needs `score` or `output`"));
     }
+    let shape = input_shape(&manifest.input, width)?;
 
     let onnx = read_capped(&dir.join("model.onnx"), MAX_MODEL_BYTES)?;
     let actual = hex::encode(Sha256::digest(&onnx));
@@ -239,7 +346,7 @@ pub fn validate_dir(dir: &Path) -> Result<ValidPackage> {
         return Err(ValidationError::HashMismatch { expected, actual });
     }
 
-    let golden = std::panic::catch_unwind(AssertUnwindSafe(|| run_golden(&manifest, &onnx, width)))
+    let golden = std::panic::catch_unwind(AssertUnwindSafe(|| run_golden(&manifest, &onnx, shape)))
         .map_err(|panic| ValidationError::Load {
             message: format!(
                 "tract panicked: {}",
@@ -260,13 +367,104 @@ pub fn validate_dir(dir: &Path) -> Result<ValidPackage> {
     })
 }
 
+/// The golden rows' input shape per `input.layout`.
+fn input_shape(input: &InputRef, width: usize) -> Result<Shape> {
+    let layout = Layout::parse(&input.layout).ok_or_else(|| ValidationError::Invalid {
+        key: "input.layout",
+        problem: format!(
+            "{:?} is not one of \"flat\", \"channels_first\", \"channels_last\"",
+            input.layout
+        ),
+    })?;
+    if layout == Layout::Flat {
+        return Ok(Shape {
+            layout,
+            width,
+            fields: 1,
+            window: width,
+        });
+    }
+    let fields = input.features.len();
+    if fields == 0 {
+        return Err(ValidationError::Invalid {
+            key: "input.features",
+            problem: format!(
+                "input.layout = {:?} needs at least one [[input.features]] entry",
+                layout.name()
+            ),
+        });
+    }
+    let window = input
+        .window
+        .filter(|w| *w > 0)
+        .ok_or_else(|| ValidationError::Invalid {
+            key: "input.window",
+            problem: format!(
+                "input.layout = {:?} needs a positive input.window",
+                layout.name()
+            ),
+        })?;
+    if fields.checked_mul(window) != Some(width) {
+        return Err(ValidationError::Invalid {
+            key: "golden.input",
+            problem: format!(
+                "input.layout = {:?} feeds {fields} feature(s) x window {window} values per row, golden rows hold {width}",
+                layout.name()
+            ),
+        });
+    }
+    Ok(Shape {
+        layout,
+        width,
+        fields,
+        window,
+    })
+}
+
+/// Refuses a graph whose declared input disagrees with `shape` (the agent's
+/// check: rank, unless unknown, and every fixed non-batch dimension).
+fn check_declared(model: &InferenceModel, input_name: &str, shape: Shape) -> Result<()> {
+    let declared = model.input_fact(0).map_err(|e| load_err(&e))?;
+    let dims: Vec<Option<i64>> = declared
+        .shape
+        .dims()
+        .map(|d| d.concretize().and_then(|d| d.to_i64().ok()))
+        .collect();
+    let declared_text = format!(
+        "[{}]",
+        dims.iter()
+            .map(|d| d.map_or("?".to_owned(), |d| d.to_string()))
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
+    let want = shape.dims();
+    let refuse = |fed: String| ValidationError::Load {
+        message: format!("graph input {input_name:?} is {declared_text}, {fed}"),
+    };
+    if !declared.shape.is_open() && dims.len() != want.len() {
+        let mut fed = shape.feeds();
+        if shape.layout == Layout::Flat && dims.len() == 3 {
+            fed.push_str("; a rank-3 input needs \"channels_first\" or \"channels_last\"");
+        }
+        return Err(refuse(fed));
+    }
+    for (d, w) in dims.iter().zip(&want).skip(1) {
+        if let Some(d) = d
+            && usize::try_from(*d).ok() != Some(*w)
+        {
+            return Err(refuse(shape.feeds()));
+        }
+    }
+    Ok(())
+}
+
 fn load_err(err: &impl std::fmt::Display) -> ValidationError {
     ValidationError::Load {
         message: format!("{err:#}"),
     }
 }
 
-fn run_golden(manifest: &Manifest, onnx: &[u8], width: usize) -> Result<usize> {
+fn run_golden(manifest: &Manifest, onnx: &[u8], shape: Shape) -> Result<usize> {
     let mut model = edge_onnx_ml::onnx_with_ml()
         .model_for_read(&mut &onnx[..])
         .map_err(|e| load_err(&e))?;
@@ -276,8 +474,8 @@ fn run_golden(manifest: &Manifest, onnx: &[u8], width: usize) -> Result<usize> {
             message: format!("graph has {} inputs, a package feeds 1", inputs.len()),
         });
     };
-    let input_name = &model.node(input.node).name;
-    if *input_name != manifest.input.tensor {
+    let input_name = model.node(input.node).name.clone();
+    if input_name != manifest.input.tensor {
         return Err(ValidationError::Load {
             message: format!(
                 "graph input is {input_name:?}, manifest input.tensor is {:?}",
@@ -285,6 +483,7 @@ fn run_golden(manifest: &Manifest, onnx: &[u8], width: usize) -> Result<usize> {
             ),
         });
     }
+    check_declared(&model, &input_name, shape)?;
     let outputs = model.output_outlets().map_err(|e| load_err(&e))?.to_vec();
     let out_ix = outputs
         .iter()
@@ -299,7 +498,7 @@ fn run_golden(manifest: &Manifest, onnx: &[u8], width: usize) -> Result<usize> {
             ),
         })?;
     model = model
-        .with_input_fact(0, f32::fact([1, width]).into())
+        .with_input_fact(0, f32::fact(shape.dims()).into())
         .map_err(|e| load_err(&e))?;
     let plan = model
         .into_optimized()
@@ -313,7 +512,7 @@ fn run_golden(manifest: &Manifest, onnx: &[u8], width: usize) -> Result<usize> {
             .clone()
             .or_else(|| golden.score.map(|s| vec![s]))
             .unwrap_or_default();
-        let tensor = Tensor::from_shape(&[1, width], &golden.input)
+        let tensor = Tensor::from_shape(&shape.dims(), &shape.lay_out(&golden.input))
             .map_err(|e| golden_err(e.to_string()))?;
         let outputs = plan
             .run(tvec!(tensor.into()))
@@ -360,5 +559,163 @@ mod tests {
         for bad in ["1.2", "1.2.3.4", "01.2.3", "1.x.3", "", "1..3", "-1.2.3"] {
             assert_eq!(parse_version(bad), None, "{bad}");
         }
+    }
+
+    fn shipped(name: &str) -> PathBuf {
+        Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../models")
+            .join(name)
+    }
+
+    /// A copy of the shipped package `name` with `from` replaced by `to` in
+    /// its manifest (which must contain it).
+    fn edited(name: &str, from: &str, to: &str) -> (tempfile::TempDir, PathBuf) {
+        let dir = tempfile::tempdir().unwrap();
+        let src = shipped(name);
+        std::fs::copy(src.join("model.onnx"), dir.path().join("model.onnx")).unwrap();
+        let text = std::fs::read_to_string(src.join("model.toml")).unwrap();
+        assert!(text.contains(from), "{from:?} not in {name}");
+        std::fs::write(dir.path().join("model.toml"), text.replacen(from, to, 1)).unwrap();
+        let path = dir.path().to_owned();
+        (dir, path)
+    }
+
+    #[test]
+    fn rank_3_packages_validate_with_their_layout() {
+        let cnn = validate_dir(&shipped("wave-cnn")).unwrap();
+        assert_eq!((cnn.name.as_str(), cnn.golden), ("wave-cnn", 6));
+        let lstm = validate_dir(&shipped("motor-lstm")).unwrap();
+        assert_eq!((lstm.name.as_str(), lstm.golden), ("motor-lstm", 6));
+    }
+
+    #[test]
+    fn flat_packages_still_validate() {
+        let nab = validate_dir(&shipped("nab-machine-temp")).unwrap();
+        assert!(nab.golden > 0);
+        let (_dir, explicit) = edited(
+            "nab-machine-temp",
+            "[input]\n",
+            "[input]\nlayout = \"flat\"\n",
+        );
+        assert_eq!(validate_dir(&explicit).unwrap().golden, nab.golden);
+    }
+
+    #[test]
+    fn a_flipped_layout_is_refused_naming_the_key() {
+        for (name, from, to, text) in [
+            (
+                "wave-cnn",
+                "layout = \"channels_first\"",
+                "layout = \"channels_last\"",
+                "graph input \"x\" is [?, 1, 64], input.layout = \"channels_last\" feeds [batch, 64, 1]",
+            ),
+            (
+                "motor-lstm",
+                "layout = \"channels_last\"",
+                "layout = \"channels_first\"",
+                "graph input \"x\" is [?, 32, 3], input.layout = \"channels_first\" feeds [batch, 3, 32]",
+            ),
+            (
+                "wave-cnn",
+                "layout = \"channels_first\"",
+                "layout = \"flat\"",
+                "input.layout = \"flat\"); a rank-3 input needs",
+            ),
+        ] {
+            let (_dir, path) = edited(name, from, to);
+            let err = validate_dir(&path).unwrap_err();
+            assert!(matches!(err, ValidationError::Load { .. }), "{name}: {err}");
+            assert!(err.to_string().contains(text), "{name}: {err}");
+        }
+        // A rank-2 graph fed a rank-3 layout.
+        let (_dir, path) = edited(
+            "nab-machine-temp",
+            "[input]\n",
+            "[input]\nlayout = \"channels_first\"\n",
+        );
+        let err = validate_dir(&path).unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("input.layout = \"channels_first\" feeds"),
+            "{err}"
+        );
+    }
+
+    /// Without the transpose the LSTM would see every step's features
+    /// scrambled; the goldens only reproduce with the agent's layout.
+    #[test]
+    fn channels_last_goldens_are_transposed() {
+        let shape = Shape {
+            layout: Layout::ChannelsLast,
+            width: 6,
+            fields: 2,
+            window: 3,
+        };
+        // Feature order: a0 a1 a2 b0 b1 b2 -> steps (a0 b0) (a1 b1) (a2 b2).
+        assert_eq!(
+            shape.lay_out(&[1.0, 2.0, 3.0, 10.0, 20.0, 30.0]),
+            [1.0, 10.0, 2.0, 20.0, 3.0, 30.0]
+        );
+        let first = Shape {
+            layout: Layout::ChannelsFirst,
+            ..shape
+        };
+        assert_eq!(first.lay_out(&[1.0, 2.0, 3.0]), [1.0, 2.0, 3.0]);
+    }
+
+    #[test]
+    fn bad_layout_keys_are_refused_naming_them() {
+        let (_dir, path) = edited(
+            "wave-cnn",
+            "layout = \"channels_first\"",
+            "layout = \"time_major\"",
+        );
+        let err = validate_dir(&path).unwrap_err();
+        assert!(
+            matches!(
+                err,
+                ValidationError::Invalid {
+                    key: "input.layout",
+                    ..
+                }
+            ),
+            "{err}"
+        );
+        assert!(
+            err.to_string()
+                .contains("key `input.layout`: \"time_major\""),
+            "{err}"
+        );
+
+        // Rows that do not hold fields x window values.
+        let (_dir, path) = edited("motor-lstm", "window = 32", "window = 30");
+        let err = validate_dir(&path).unwrap_err();
+        assert!(
+            matches!(
+                err,
+                ValidationError::Invalid {
+                    key: "golden.input",
+                    ..
+                }
+            ),
+            "{err}"
+        );
+        assert!(
+            err.to_string().contains("3 feature(s) x window 30"),
+            "{err}"
+        );
+
+        let (_dir, path) = edited("wave-cnn", "window = 64\n", "");
+        let err = validate_dir(&path).unwrap_err();
+        assert!(
+            matches!(
+                err,
+                ValidationError::Invalid {
+                    key: "input.window",
+                    ..
+                }
+            ),
+            "{err}"
+        );
     }
 }

@@ -1,6 +1,7 @@
 //! The model registry: push / promote / archive on SQLite and (gated on
 //! `EDGE_TEST_POSTGRES`) PostgreSQL with the shipped NAB package, refused
-//! packages leaving nothing behind, signatures and key rotation, and the
+//! packages leaving nothing behind, the rank-3 (`input.layout`) fixture
+//! packages, signatures and key rotation, and the
 //! HTTP API on a real port-0 server (ETag 304, resumable Range downloads,
 //! operator-only promotion), plus the CLI.
 
@@ -387,6 +388,44 @@ async fn refusals(f: &Fixture) -> Result<()> {
         "model.toml",
     )
     .await?;
+    Ok(())
+}
+
+/// The rank-3 fixture packages (`input.layout` channels_first and
+/// channels_last) are accepted by `push` and stored byte for byte; the same
+/// CNN with its layout flipped is refused naming the key.
+#[tokio::test]
+async fn rank_3_packages_push_with_their_layout() -> Result<()> {
+    let f = Fixture::sqlite().await?;
+    let models = Path::new(env!("CARGO_MANIFEST_DIR")).join("../models");
+    for name in ["wave-cnn", "motor-lstm"] {
+        let dir = models.join(name);
+        let version = f.push(&dir, "default").await?;
+        assert_eq!(version.name, name);
+        let stored = std::fs::read(f.settings.registry.artifact_dir.join(&version.sha256))?;
+        let (manifest, onnx) = archive::read(&stored)?;
+        assert_eq!(manifest, std::fs::read(dir.join("model.toml"))?);
+        assert_eq!(onnx, std::fs::read(dir.join("model.onnx"))?);
+    }
+
+    let flipped = f.dir.path().join("flipped");
+    std::fs::create_dir_all(&flipped)?;
+    for file in ["model.toml", "model.onnx"] {
+        std::fs::copy(models.join("wave-cnn").join(file), flipped.join(file))?;
+    }
+    edit_manifest(&flipped, "version = \"1.0.0\"", "version = \"1.0.1\"")?;
+    edit_manifest(
+        &flipped,
+        "layout = \"channels_first\"",
+        "layout = \"channels_last\"",
+    )?;
+    let err = f.push(&flipped, "default").await.unwrap_err();
+    let message = format!("{:#}", anyhow::Error::from(err));
+    assert!(
+        message.contains("input.layout = \"channels_last\" feeds [batch, 64, 1]"),
+        "{message}"
+    );
+    assert_eq!(f.registry.list(None).await?.len(), 2);
     Ok(())
 }
 
