@@ -29,6 +29,10 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 SIZE_LIMIT_BYTES=${SIZE_LIMIT_BYTES:-25000000}
+# The newest glibc symbol version the binary may require: Raspberry Pi OS
+# bookworm ships glibc 2.36. Weak references (resolved at run time when
+# present, such as std's pidfd_spawnp) do not count.
+GLIBC_MAX=${GLIBC_MAX:-2.36}
 RUST_TOOLCHAIN=${RUST_TOOLCHAIN:-rustup}
 TARGET_DIR=${CARGO_TARGET_DIR:-target}
 OUT=$TARGET_DIR/cross-artifacts
@@ -105,7 +109,9 @@ for t in "${targets[@]}"; do
   prefix=$(gccprefix "$t") T=$(upper "$t") l=$(lower "$t")
   if ! native "$t"; then
     export "CARGO_TARGET_${T}_LINKER=$prefix-gcc"
-    export "CARGO_TARGET_${T}_RUNNER=$(qemu "$t") -L /usr/$prefix"
+    # Design: LD_LIBRARY_PATH makes the guest use the cross libc (the one
+    # linked against) even where a multiarch libc of another version exists.
+    export "CARGO_TARGET_${T}_RUNNER=$(qemu "$t") -L /usr/$prefix -E LD_LIBRARY_PATH=/usr/$prefix/lib"
     export "CC_$l=$prefix-gcc" "AR_$l=$prefix-ar"
   fi
 
@@ -122,10 +128,20 @@ for t in "${targets[@]}"; do
   size=$(stat -c %s "$OUT/edge-agent-$t")
   say "size: $OUT/edge-agent-$t is $size bytes stripped ($(( size / 1024 )) KiB; limit $SIZE_LIMIT_BYTES)"
   [ "$size" -le "$SIZE_LIMIT_BYTES" ] || fail "$t binary is $size bytes, over the $SIZE_LIMIT_BYTES byte budget"
+  if command -v "$prefix-objdump" >/dev/null; then
+    need=$("$prefix-objdump" -T "$OUT/edge-agent-$t" | awk '$2 != "w"' |
+      grep -o 'GLIBC_2\.[0-9]*' | sort -uV | tail -1 | sed 's/GLIBC_//')
+    newest=$(printf '%s\n%s\n' "$need" "$GLIBC_MAX" | sort -V | tail -1)
+    say "glibc: needs $need at most (limit $GLIBC_MAX)"
+    [ "$newest" = "$GLIBC_MAX" ] || {
+      "$prefix-objdump" -T "$OUT/edge-agent-$t" | awk '$2 != "w"' | grep -F "(GLIBC_$need)" | head -5 >&2
+      fail "$t binary needs glibc $need, newer than $GLIBC_MAX (link against an older libc; see cross/README.md)"
+    }
+  fi
   if native "$t"; then
     say "runs: $("$OUT/edge-agent-$t" --version)"
   elif command -v "$(qemu "$t")" >/dev/null; then
-    say "runs under $(qemu "$t"): $("$(qemu "$t")" -L "/usr/$prefix" "$OUT/edge-agent-$t" --version)"
+    say "runs under $(qemu "$t"): $("$(qemu "$t")" -L "/usr/$prefix" -E "LD_LIBRARY_PATH=/usr/$prefix/lib" "$OUT/edge-agent-$t" --version)"
   fi
 
   if $test; then

@@ -11,7 +11,7 @@
 # packages and qemu-user: everything comes from Debian's archive. Needs
 # root (debootstrap, chroot, bind mounts). The chroot is kept in CHROOT
 # (default /var/tmp/edge-agent-sid) and reused; crate downloads are shared
-# with the host's cargo home; builds go to target/debian-chroot/.
+# with the host's cargo home; builds go to target/debian-chroot-<SYSROOT_SUITE>/.
 #
 # Binaries linked against unstable's glibc need the GLIBC symbol versions
 # the script prints (2.34 or older was seen: Raspberry Pi OS bookworm has
@@ -65,6 +65,31 @@ if [ ! -e "$CHROOT/.edge-agent-ready" ]; then
   say "chroot ready in $(( $(date +%s) - started )) s"
 fi
 
+# The binaries must run on the oldest supported Raspberry Pi OS (bookworm,
+# glibc 2.36), not only on unstable: linked against unstable's libc they need
+# GLIBC_2.43 (new versions of log10f, acosf, ...). So each cross libc of
+# unstable is overlaid with the same packages from SYSROOT_SUITE during the
+# build (headers, crt files, libc.so), and the tests run on that libc too.
+SYSROOT_SUITE=${SYSROOT_SUITE:-bookworm}
+for pair in arm64:aarch64-linux-gnu armhf:arm-linux-gnueabihf; do
+  arch=${pair%%:*} prefix=${pair#*:}
+  xroot=$CHROOT/opt/xroot-$SYSROOT_SUITE-$arch
+  [ -e "$xroot/.ready" ] && continue
+  say "overlaying $prefix's libc with $SYSROOT_SUITE's (libc6-$arch-cross)"
+  echo "deb $MIRROR $SYSROOT_SUITE main" >"$CHROOT/etc/apt/sources.list.d/sysroot-$SYSROOT_SUITE.list"
+  chroot "$CHROOT" apt-get -q -o Acquire::Check-Valid-Until=false update >/dev/null ||
+    unavailable "apt-get update for $SYSROOT_SUITE failed"
+  rm -rf "$xroot" "$CHROOT/tmp/xroot-debs"
+  mkdir -p "$xroot/usr" "$CHROOT/tmp/xroot-debs"
+  chroot "$CHROOT" sh -c "cd /tmp/xroot-debs && apt-get -q download \
+    libc6-$arch-cross/$SYSROOT_SUITE libc6-dev-$arch-cross/$SYSROOT_SUITE \
+    linux-libc-dev-$arch-cross/$SYSROOT_SUITE" ||
+    unavailable "$SYSROOT_SUITE's libc6-dev-$arch-cross could not be downloaded"
+  cp -a "$CHROOT/usr/$prefix" "$xroot/usr/"
+  for deb in "$CHROOT"/tmp/xroot-debs/*.deb; do dpkg-deb -x "$deb" "$xroot"; done
+  touch "$xroot/.ready"
+done
+
 mounts=()
 cleanup() {
   for ((i = ${#mounts[@]} - 1; i >= 0; i--)); do umount "${mounts[i]}" 2>/dev/null || true; done
@@ -86,15 +111,17 @@ if [ -f /etc/ssl/certs/ca-certificates.crt ]; then
   cainfo=/etc/ssl/host-ca-certificates.crt
 fi
 bind "$repo" "$CHROOT/src"
+bind "$CHROOT/opt/xroot-$SYSROOT_SUITE-arm64/usr/aarch64-linux-gnu" "$CHROOT/usr/aarch64-linux-gnu"
+bind "$CHROOT/opt/xroot-$SYSROOT_SUITE-armhf/usr/arm-linux-gnueabihf" "$CHROOT/usr/arm-linux-gnueabihf"
 mkdir -p "$CARGO_HOME_HOST/registry"
 bind "$CARGO_HOME_HOST/registry" "$CHROOT/root/.cargo/registry"
 
 # shellcheck disable=SC2016 # expanded by the shell inside the chroot
 chroot "$CHROOT" env -i HOME=/root PATH=/usr/sbin:/usr/bin:/sbin:/bin \
-  CARGO_TARGET_DIR=/src/target/debian-chroot RUST_TOOLCHAIN=debian \
+  CARGO_TARGET_DIR="/src/target/debian-chroot-$SYSROOT_SUITE" RUST_TOOLCHAIN=debian \
   CARGO_TERM_COLOR=never ${cainfo:+CARGO_HTTP_CAINFO=$cainfo SSL_CERT_FILE=$cainfo} \
   bash -c 'cd /src && cross/build.sh "$@" &&
-    for b in target/debian-chroot/cross-artifacts/edge-agent-*; do
+    for b in target/debian-chroot-*/cross-artifacts/edge-agent-*; do
       [ -f "$b" ] || continue
       echo "debian-chroot: $b needs glibc symbols up to $(grep -ao "GLIBC_2\.[0-9]*" "$b" | sort -uV | tail -1)"
     done' build "$@"
