@@ -396,11 +396,8 @@ impl InferenceStage {
                     }
                     break;
                 }
-                r = self.input.recv() => {
-                    let Some(r) = r else { break };
-                    self.process(stored, r).await?;
-                    self.flush_due(stored).await?;
-                }
+                // Control before data: a swap or shadow sent before a
+                // reading applies to that reading, however the task is woken.
                 m = recv_swap(self.swaps.as_mut()), if swaps_open => match m {
                     Some(m) => self.swap(stored, m).await?,
                     None => swaps_open = false,
@@ -409,6 +406,11 @@ impl InferenceStage {
                     Some(u) => self.set_shadow(u),
                     None => shadows_open = false,
                 },
+                r = self.input.recv() => {
+                    let Some(r) = r else { break };
+                    self.process(stored, r).await?;
+                    self.flush_due(stored).await?;
+                }
                 () = sleep_until(deadline), if deadline.is_some() => {
                     self.flush_due(stored).await?;
                 }

@@ -97,14 +97,19 @@ impl PublishStage {
         let stop = poll_stop.clone();
         let poller = tokio::spawn(async move {
             let mut attempt = 0u32;
+            let mut disconnecting = false;
             loop {
                 tokio::select! {
                     () = stop.cancelled() => break,
                     ev = eventloop.poll() => match ev {
                         Ok(Ev::Connected { .. }) => attempt = 0,
                         Ok(Ev::PublishAcked) => Counters::add(&counters.published, 1),
-                        Ok(Ev::DisconnectSent) => break,
+                        // Read on until the broker closes: closing first with
+                        // unread bytes resets the connection, and the broker
+                        // may drop QoS 0 publishes it has not read yet.
+                        Ok(Ev::DisconnectSent) => disconnecting = true,
                         Ok(_) => {}
+                        Err(_) if disconnecting => break,
                         Err(e) => {
                             let delay = backoff_with_jitter(min, max, attempt);
                             attempt = attempt.saturating_add(1);

@@ -265,6 +265,7 @@ impl IngestStage {
         let drained = async {
             let mut acker_done = false;
             let mut feeder_done = false;
+            let mut linger: Option<tokio::time::Instant> = None;
             loop {
                 tokio::select! {
                     res = &mut acker, if !acker_done => {
@@ -279,17 +280,32 @@ impl IngestStage {
                     res = &mut feeder, if acker_done && !feeder_done => {
                         feeder_done = true;
                         res?;
-                        let _ = client.try_disconnect();
+                        if client.try_disconnect().is_err() {
+                            linger = Some(tokio::time::Instant::now() + DISCONNECT_LINGER);
+                        }
                     }
                     ev = eventloop.poll() => {
                         if feeder_done {
-                            // Disconnect sent (or connection gone): done.
-                            if matches!(ev, Ok(Ev::DisconnectSent) | Err(_)) {
-                                break;
+                            match ev {
+                                // Design: after our DISCONNECT, read until the
+                                // broker closes the connection. Closing first
+                                // with unread bytes in the socket makes the
+                                // kernel send RST, which throws away the acks
+                                // still in flight (the broker then redelivers
+                                // what we already stored).
+                                Ok(Ev::DisconnectSent) => {
+                                    linger.get_or_insert(tokio::time::Instant::now() + DISCONNECT_LINGER);
+                                }
+                                Err(_) => break,
+                                Ok(_) => {}
                             }
                         } else if ev.is_err() {
                             tokio::time::sleep(Duration::from_millis(50)).await;
                         }
+                    }
+                    () = tokio::time::sleep_until(linger.unwrap_or_else(tokio::time::Instant::now)), if linger.is_some() => {
+                        tracing::debug!("broker did not close the connection after DISCONNECT");
+                        break;
                     }
                 }
             }
@@ -343,6 +359,10 @@ impl Liveness {
             .map(|(f, _, _)| f.as_str())
     }
 }
+
+/// How long shutdown waits, after its DISCONNECT went out, for the broker to
+/// close the connection.
+const DISCONNECT_LINGER: Duration = Duration::from_secs(2);
 
 async fn commit_task(
     mut rx: mpsc::Receiver<Received>,

@@ -502,15 +502,25 @@ async fn flood_past_the_inflight_window_never_stalls_mosquitto() {
         stored, N,
         "ingest stalled with {stored} of {N} messages stored"
     );
-    assert_eq!(agent.terminate(Duration::from_secs(10)), Some(0));
+    let stopped = agent.stop(Duration::from_secs(10));
+    assert_eq!(stopped.code, Some(0), "{:#?}", stopped.lines);
     let log = broker.stop();
     // Every delivery was acknowledged before the agent left.
     let acks = log
         .lines()
         .filter(|l| l.contains("Received PUBACK from it-flood-agent"))
         .count();
+    let connections: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("it-flood-agent") && !l.contains("PUB"))
+        .collect();
+    let warnings: Vec<&String> = stopped
+        .lines
+        .iter()
+        .filter(|l| l.contains("WARN") || l.contains("ERROR"))
+        .collect();
     assert!(
         acks >= N as usize,
-        "the broker saw {acks} acks for {N} messages"
+        "the broker saw {acks} acks for {N} messages; broker: {connections:#?}; agent: {warnings:#?}"
     );
 }
