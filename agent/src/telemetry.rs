@@ -187,6 +187,9 @@ pub struct Counters {
     pub synced_readings: AtomicU64,
     /// Predictions acknowledged by the cloud.
     pub synced_predictions: AtomicU64,
+    /// Synced predictions whose class label and probabilities were left
+    /// out because the cloud only accepts an older batch format.
+    pub sync_labels_dropped: AtomicU64,
     /// Batch uploads attempted (each POST, the halves of a split batch included).
     pub sync_attempts: AtomicU64,
     /// Failed uploads.

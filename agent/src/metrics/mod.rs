@@ -59,6 +59,7 @@ pub const COUNTERS: &[(&str, &str, Field<Counters>)] = &[
     ("sync_auth_failures_total", "Uploads refused with 401/403.", |c| &c.sync_auth_failures),
     ("synced_readings_total", "Readings acknowledged by the cloud.", |c| &c.synced_readings),
     ("synced_predictions_total", "Predictions acknowledged by the cloud.", |c| &c.synced_predictions),
+    ("sync_labels_dropped_total", "Synced predictions whose class label and probabilities were left out because the cloud only accepts an older batch format.", |c| &c.sync_labels_dropped),
     ("synced_dead_letters_total", "Dead letters acknowledged by the cloud.", |c| &c.synced_dead_letters),
     ("sync_quarantined_batches_total", "Batches the cloud refused for good, quarantined.", |c| &c.sync_quarantined_batches),
     ("sync_quarantined_rows_total", "Rows in quarantined batches.", |c| &c.sync_quarantined_rows),

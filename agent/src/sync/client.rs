@@ -139,6 +139,20 @@ pub fn codec_unsupported(format: BodyFormat, status: StatusCode, body: &str) -> 
             || (status == StatusCode::BAD_REQUEST && body.contains("malformed_json")))
 }
 
+/// How many of `batch`'s predictions lose their class label and
+/// probabilities when encoded in `format` (only v2 and v1 leave them out).
+#[must_use]
+pub fn labels_left_out(batch: &Outbox, format: BodyFormat) -> u64 {
+    match format {
+        BodyFormat::CompactV2 | BodyFormat::CompactV1 => batch
+            .predictions
+            .iter()
+            .filter(|(_, p)| p.label.is_some() || !p.probabilities.is_empty())
+            .count() as u64,
+        BodyFormat::Compact | BodyFormat::Json => 0,
+    }
+}
+
 /// Borrowed view of an [`sync_protocol::UploadBatch`], so a batch can be
 /// encoded again (after a split) without copying rows.
 #[derive(Serialize)]
@@ -466,6 +480,16 @@ mod tests {
         let v2 = decoded(BodyFormat::CompactV2);
         assert_eq!(v2.predictions[0].label, None);
         assert!(v2.predictions[0].probabilities.is_empty());
+        // What is left out is counted; an unlabelled prediction loses nothing.
+        let mut plain = batch.predictions[0].1.clone();
+        plain.label = None;
+        plain.probabilities.clear();
+        batch.predictions.push((2, plain));
+        let lost = |f| labels_left_out(&batch, f);
+        assert_eq!(
+            ladder.iter().map(|f| lost(*f)).collect::<Vec<_>>(),
+            [0, 1, 1, 0]
+        );
     }
 
     #[test]

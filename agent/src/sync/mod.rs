@@ -400,6 +400,10 @@ impl SyncStage {
                     let c = &self.counters;
                     Counters::add(&c.synced_readings, batch.readings.len() as u64);
                     Counters::add(&c.synced_predictions, batch.predictions.len() as u64);
+                    Counters::add(
+                        &c.sync_labels_dropped,
+                        client::labels_left_out(&batch, format),
+                    );
                     Counters::add(&c.synced_dead_letters, batch.dead_letters.len() as u64);
                     Counters::add(&c.sync_bytes_sent, sent as u64);
                     tracing::debug!(
