@@ -26,6 +26,8 @@
 //! - [`dataset`]: versioned datasets: snapshots of readings and predictions
 //!   as Parquet files with a manifest in a content-addressed store (local
 //!   directory or S3), the `datasets` table, readers and API handlers.
+//! - [`migrate`]: the schema-migration loop the registry, drift, retrain
+//!   and dataset databases share (SQLite and PostgreSQL).
 //! - [`tls`]: HTTPS with rustls, client certificates, the TLS accept loop.
 //! - [`metrics`]: API counters and the Prometheus `/metrics` listener
 //!   (`metrics_listen_addr`, separate from the API).
@@ -40,6 +42,7 @@ pub mod config;
 pub mod dataset;
 pub mod drift;
 pub mod metrics;
+pub mod migrate;
 pub mod openapi;
 pub mod registry;
 pub mod retrain;

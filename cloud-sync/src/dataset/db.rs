@@ -40,14 +40,9 @@ pub enum DbError {
     /// A PostgreSQL statement or connection failed.
     #[error("dataset database error")]
     Postgres(#[from] tokio_postgres::Error),
-    /// The database holds dataset migrations this build does not know.
-    #[error("dataset schema version {found} is newer than this build ({supported})")]
-    SchemaTooNew {
-        /// Version found.
-        found: i64,
-        /// Newest known.
-        supported: usize,
-    },
+    /// The schema could not be migrated, or is newer than this build.
+    #[error(transparent)]
+    Migrate(#[from] crate::migrate::MigrateError),
     /// A stored manifest does not parse or cannot be encoded.
     #[error("stored manifest of dataset {id} is invalid")]
     Manifest {
@@ -308,38 +303,8 @@ fn sqlite_open(path: &Path) -> Result<Connection> {
         .map_err(open_err)?;
     conn.pragma_update(None, "synchronous", "FULL")
         .map_err(open_err)?;
-    loop {
-        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
-        tx.execute_batch(
-            "CREATE TABLE IF NOT EXISTS dataset_migrations (
-                version    INTEGER PRIMARY KEY NOT NULL,
-                applied_ms INTEGER NOT NULL
-            ) STRICT",
-        )?;
-        let found: i64 = tx.query_row(
-            "SELECT COALESCE(MAX(version), 0) FROM dataset_migrations",
-            [],
-            |r| r.get(0),
-        )?;
-        let current = usize::try_from(found)
-            .ok()
-            .filter(|v| *v <= SQLITE_MIGRATIONS.len())
-            .ok_or(DbError::SchemaTooNew {
-                found,
-                supported: SQLITE_MIGRATIONS.len(),
-            })?;
-        let Some(sql) = SQLITE_MIGRATIONS.get(current) else {
-            tx.commit()?;
-            return Ok(conn);
-        };
-        tx.execute_batch(sql)?;
-        tx.execute(
-            "INSERT INTO dataset_migrations (version, applied_ms) VALUES (?1, ?2)",
-            params![found + 1, super::now_ms()],
-        )?;
-        tx.commit()?;
-        tracing::info!(version = found + 1, "applied dataset schema migration");
-    }
+    crate::migrate::sqlite(&mut conn, "dataset", SQLITE_MIGRATIONS)?;
+    Ok(conn)
 }
 
 async fn pg_connect(settings: &PostgresSettings) -> Result<tokio_postgres::Client> {
@@ -354,40 +319,6 @@ async fn pg_connect(settings: &PostgresSettings) -> Result<tokio_postgres::Clien
 
 async fn pg_migrate(settings: &PostgresSettings) -> Result<()> {
     let mut client = pg_connect(settings).await?;
-    loop {
-        let tx = client.transaction().await?;
-        tx.batch_execute(PG_MIGRATION_LOCK).await?;
-        tx.batch_execute(
-            "CREATE TABLE IF NOT EXISTS dataset_migrations (
-                version    BIGINT PRIMARY KEY,
-                applied_ms BIGINT NOT NULL
-            )",
-        )
-        .await?;
-        let found: i64 = tx
-            .query_one(
-                "SELECT COALESCE(MAX(version), 0)::int8 FROM dataset_migrations",
-                &[],
-            )
-            .await?
-            .try_get(0)?;
-        let current = usize::try_from(found)
-            .ok()
-            .filter(|v| *v <= PG_MIGRATIONS.len())
-            .ok_or(DbError::SchemaTooNew {
-                found,
-                supported: PG_MIGRATIONS.len(),
-            })?;
-        let Some(sql) = PG_MIGRATIONS.get(current) else {
-            return Ok(());
-        };
-        tx.batch_execute(sql).await?;
-        tx.execute(
-            "INSERT INTO dataset_migrations (version, applied_ms) VALUES ($1, $2)",
-            &[&(found + 1), &super::now_ms()],
-        )
-        .await?;
-        tx.commit().await?;
-        tracing::info!(version = found + 1, "applied dataset schema migration");
-    }
+    crate::migrate::postgres(&mut client, "dataset", PG_MIGRATION_LOCK, PG_MIGRATIONS).await?;
+    Ok(())
 }

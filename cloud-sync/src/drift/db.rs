@@ -18,7 +18,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use rusqlite::{Connection, TransactionBehavior, params};
+use rusqlite::{Connection, params};
 use sync_protocol::drift::FleetAlert;
 use tokio::sync::{Mutex, mpsc, oneshot};
 use tokio_postgres::{Client, NoTls};
@@ -55,14 +55,9 @@ pub enum DbError {
     /// The worker stopped.
     #[error("drift database closed")]
     Closed,
-    /// The database holds drift migrations this build does not know.
-    #[error("drift schema version {found} is newer than this build ({supported})")]
-    SchemaTooNew {
-        /// Version found.
-        found: i64,
-        /// Newest known.
-        supported: usize,
-    },
+    /// The schema could not be migrated, or is newer than this build.
+    #[error(transparent)]
+    Migrate(#[from] crate::migrate::MigrateError),
 }
 
 /// One stored summary, as aggregation reads it.
@@ -439,38 +434,8 @@ fn sqlite_open(path: &Path) -> Result<Connection> {
         .map_err(open_err)?;
     conn.pragma_update(None, "synchronous", "FULL")
         .map_err(open_err)?;
-    loop {
-        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
-        tx.execute_batch(
-            "CREATE TABLE IF NOT EXISTS drift_migrations (
-                version    INTEGER PRIMARY KEY NOT NULL,
-                applied_ms INTEGER NOT NULL
-            ) STRICT",
-        )?;
-        let found: i64 = tx.query_row(
-            "SELECT COALESCE(MAX(version), 0) FROM drift_migrations",
-            [],
-            |r| r.get(0),
-        )?;
-        let current = usize::try_from(found)
-            .ok()
-            .filter(|v| *v <= SQLITE_MIGRATIONS.len())
-            .ok_or(DbError::SchemaTooNew {
-                found,
-                supported: SQLITE_MIGRATIONS.len(),
-            })?;
-        let Some(sql) = SQLITE_MIGRATIONS.get(current) else {
-            tx.commit()?;
-            return Ok(conn);
-        };
-        tx.execute_batch(sql)?;
-        tx.execute(
-            "INSERT INTO drift_migrations (version, applied_ms) VALUES (?1, ?2)",
-            params![found + 1, super::now_ms()],
-        )?;
-        tx.commit()?;
-        tracing::info!(version = found + 1, "applied drift schema migration");
-    }
+    crate::migrate::sqlite(&mut conn, "drift", SQLITE_MIGRATIONS)?;
+    Ok(conn)
 }
 
 async fn pg_connect(config: &tokio_postgres::Config) -> Result<Client> {
@@ -485,45 +450,7 @@ async fn pg_connect(config: &tokio_postgres::Config) -> Result<Client> {
 
 async fn pg_open(settings: &PostgresSettings) -> Result<Db> {
     let mut client = pg_connect(&settings.config).await?;
-    loop {
-        let tx = client.transaction().await?;
-        tx.batch_execute(PG_MIGRATION_LOCK).await?;
-        tx.batch_execute(
-            "CREATE TABLE IF NOT EXISTS drift_migrations (
-                version    BIGINT PRIMARY KEY,
-                applied_ms BIGINT NOT NULL
-            )",
-        )
-        .await?;
-        let found: i64 = tx
-            .query_one(
-                "SELECT COALESCE(MAX(version), 0)::int8 FROM drift_migrations",
-                &[],
-            )
-            .await?
-            .try_get(0)?;
-        let current = usize::try_from(found)
-            .ok()
-            .filter(|v| *v <= PG_MIGRATIONS.len())
-            .ok_or(DbError::SchemaTooNew {
-                found,
-                supported: PG_MIGRATIONS.len(),
-            })?;
-        let Some(sql) = PG_MIGRATIONS.get(current) else {
-            break;
-        };
-        tx.batch_execute(sql).await?;
-        tx.execute(
-            "INSERT INTO drift_migrations (version, applied_ms) VALUES ($1, $2)",
-            &[&(found + 1), &super::now_ms()],
-        )
-        .await?;
-        tx.commit().await?;
-        tracing::info!(
-            version = found + 1,
-            "applied drift postgresql schema migration"
-        );
-    }
+    crate::migrate::postgres(&mut client, "drift", PG_MIGRATION_LOCK, PG_MIGRATIONS).await?;
     Ok(Db::Postgres(Arc::new(PgDb {
         config: settings.config.clone(),
         client: Mutex::new(Some(client)),

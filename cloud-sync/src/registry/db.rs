@@ -81,14 +81,9 @@ pub enum DbError {
     /// The worker stopped.
     #[error("registry database closed")]
     Closed,
-    /// The database holds registry migrations this build does not know.
-    #[error("registry schema version {found} is newer than this build ({supported})")]
-    SchemaTooNew {
-        /// Version found.
-        found: i64,
-        /// Newest known.
-        supported: usize,
-    },
+    /// The schema could not be migrated, or is newer than this build.
+    #[error(transparent)]
+    Migrate(#[from] crate::migrate::MigrateError),
     /// A stored value is not valid.
     #[error("invalid stored value in {column}: {value:?}")]
     Stored {
@@ -814,38 +809,8 @@ fn sqlite_open(path: &Path) -> Result<Connection> {
         .map_err(open_err)?;
     conn.pragma_update(None, "foreign_keys", "ON")
         .map_err(open_err)?;
-    loop {
-        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
-        tx.execute_batch(
-            "CREATE TABLE IF NOT EXISTS registry_migrations (
-                version    INTEGER PRIMARY KEY NOT NULL,
-                applied_ms INTEGER NOT NULL
-            ) STRICT",
-        )?;
-        let found: i64 = tx.query_row(
-            "SELECT COALESCE(MAX(version), 0) FROM registry_migrations",
-            [],
-            |r| r.get(0),
-        )?;
-        let current = usize::try_from(found)
-            .ok()
-            .filter(|v| *v <= SQLITE_MIGRATIONS.len())
-            .ok_or(DbError::SchemaTooNew {
-                found,
-                supported: SQLITE_MIGRATIONS.len(),
-            })?;
-        let Some(sql) = SQLITE_MIGRATIONS.get(current) else {
-            tx.commit()?;
-            return Ok(conn);
-        };
-        tx.execute_batch(sql)?;
-        tx.execute(
-            "INSERT INTO registry_migrations (version, applied_ms) VALUES (?1, ?2)",
-            params![found + 1, super::now_ms()],
-        )?;
-        tx.commit()?;
-        tracing::info!(version = found + 1, "applied registry schema migration");
-    }
+    crate::migrate::sqlite(&mut conn, "registry", SQLITE_MIGRATIONS)?;
+    Ok(conn)
 }
 
 fn sqlite_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<(VersionRow, String)> {
@@ -1683,42 +1648,8 @@ impl PgDb {
         let (mut conn, permit) = db.lease().await?;
         let result: Result<()> = async {
             let client = &mut conn;
-            loop {
-                let tx = client.transaction().await?;
-                tx.batch_execute(PG_MIGRATION_LOCK).await?;
-                tx.batch_execute(
-                    "CREATE TABLE IF NOT EXISTS registry_migrations (
-                        version    BIGINT PRIMARY KEY,
-                        applied_ms BIGINT NOT NULL
-                    )",
-                )
-                .await?;
-                let found: i64 = tx
-                    .query_one(
-                        "SELECT COALESCE(MAX(version), 0)::int8 FROM registry_migrations",
-                        &[],
-                    )
-                    .await?
-                    .try_get(0)?;
-                let current = usize::try_from(found)
-                    .ok()
-                    .filter(|v| *v <= PG_MIGRATIONS.len())
-                    .ok_or(DbError::SchemaTooNew {
-                        found,
-                        supported: PG_MIGRATIONS.len(),
-                    })?;
-                let Some(sql) = PG_MIGRATIONS.get(current) else {
-                    return Ok(());
-                };
-                tx.batch_execute(sql).await?;
-                tx.execute(
-                    "INSERT INTO registry_migrations (version, applied_ms) VALUES ($1, $2)",
-                    &[&(found + 1), &super::now_ms()],
-                )
-                .await?;
-                tx.commit().await?;
-                tracing::info!(version = found + 1, "applied registry schema migration");
-            }
+            crate::migrate::postgres(client, "registry", PG_MIGRATION_LOCK, PG_MIGRATIONS).await?;
+            Ok(())
         }
         .await;
         db.give_back(conn, &result);

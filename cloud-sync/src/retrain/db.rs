@@ -52,14 +52,9 @@ pub enum RetrainDbError {
     /// A PostgreSQL statement or connection failed.
     #[error("retrain database error")]
     Postgres(#[from] tokio_postgres::Error),
-    /// The database holds migrations this build does not know.
-    #[error("retrain schema version {found} is newer than this build ({supported})")]
-    SchemaTooNew {
-        /// Found.
-        found: i64,
-        /// Newest known.
-        supported: usize,
-    },
+    /// The schema could not be migrated, or is newer than this build.
+    #[error(transparent)]
+    Migrate(#[from] crate::migrate::MigrateError),
     /// A stored JSON value does not decode.
     #[error("invalid stored value in {column}")]
     Json {
@@ -812,79 +807,13 @@ fn sqlite_open(path: &Path) -> Result<Connection> {
         .map_err(open_err)?;
     conn.pragma_update(None, "synchronous", "FULL")
         .map_err(open_err)?;
-    loop {
-        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
-        tx.execute_batch(
-            "CREATE TABLE IF NOT EXISTS retrain_migrations (
-                version    INTEGER PRIMARY KEY NOT NULL,
-                applied_ms INTEGER NOT NULL
-            ) STRICT",
-        )?;
-        let found: i64 = tx.query_row(
-            "SELECT COALESCE(MAX(version), 0) FROM retrain_migrations",
-            [],
-            |r| r.get(0),
-        )?;
-        let current = usize::try_from(found)
-            .ok()
-            .filter(|v| *v <= SQLITE_MIGRATIONS.len())
-            .ok_or(RetrainDbError::SchemaTooNew {
-                found,
-                supported: SQLITE_MIGRATIONS.len(),
-            })?;
-        let Some(sql) = SQLITE_MIGRATIONS.get(current) else {
-            tx.commit()?;
-            return Ok(conn);
-        };
-        tx.execute_batch(sql)?;
-        tx.execute(
-            "INSERT INTO retrain_migrations (version, applied_ms) VALUES (?1, ?2)",
-            params![found + 1, super::now_ms()],
-        )?;
-        tx.commit()?;
-        tracing::info!(version = found + 1, "applied retrain schema migration");
-    }
+    crate::migrate::sqlite(&mut conn, "retrain", SQLITE_MIGRATIONS)?;
+    Ok(conn)
 }
 
 async fn pg_open(settings: &PostgresSettings) -> Result<RetrainDb> {
     let mut client = pg_connect(&settings.config).await?;
-    loop {
-        let tx = client.transaction().await?;
-        tx.batch_execute(PG_MIGRATION_LOCK).await?;
-        tx.batch_execute(
-            "CREATE TABLE IF NOT EXISTS retrain_migrations (
-                version    BIGINT PRIMARY KEY,
-                applied_ms BIGINT NOT NULL
-            )",
-        )
-        .await?;
-        let found: i64 = tx
-            .query_one(
-                "SELECT COALESCE(MAX(version), 0)::int8 FROM retrain_migrations",
-                &[],
-            )
-            .await?
-            .try_get(0)?;
-        let current = usize::try_from(found)
-            .ok()
-            .filter(|v| *v <= PG_MIGRATIONS.len())
-            .ok_or(RetrainDbError::SchemaTooNew {
-                found,
-                supported: PG_MIGRATIONS.len(),
-            })?;
-        let Some(sql) = PG_MIGRATIONS.get(current) else {
-            tx.commit().await?;
-            break;
-        };
-        tx.batch_execute(sql).await?;
-        tx.execute(
-            "INSERT INTO retrain_migrations (version, applied_ms) VALUES ($1, $2)",
-            &[&(found + 1), &super::now_ms()],
-        )
-        .await?;
-        tx.commit().await?;
-        tracing::info!(version = found + 1, "applied retrain schema migration");
-    }
+    crate::migrate::postgres(&mut client, "retrain", PG_MIGRATION_LOCK, PG_MIGRATIONS).await?;
     Ok(RetrainDb::Postgres(Arc::new(PgConn {
         config: settings.config.clone(),
         client: tokio::sync::Mutex::new(client),
