@@ -85,45 +85,7 @@ pub struct Feature {
     pub baseline_mean: f64,
 }
 
-/// How an input row is shaped into the model's input tensor.
-///
-/// `fields` is the number of features, `window` the time steps per window.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub enum Layout {
-    /// `[batch, width]`: the row as [`build_row`] makes it (any transforms).
-    #[default]
-    Flat,
-    /// `[batch, fields, window]`: one channel per feature, each holding the
-    /// window in time order (PyTorch `Conv1d`). Per-sample transforms only.
-    ChannelsFirst,
-    /// `[batch, window, fields]`: one position per time step, each holding
-    /// every feature (PyTorch GRU/LSTM with `batch_first=True`, Keras).
-    /// Per-sample transforms only.
-    ChannelsLast,
-}
-
-impl Layout {
-    /// Parses a manifest name.
-    #[must_use]
-    pub fn parse(s: &str) -> Option<Self> {
-        Some(match s {
-            "flat" => Self::Flat,
-            "channels_first" => Self::ChannelsFirst,
-            "channels_last" => Self::ChannelsLast,
-            _ => return None,
-        })
-    }
-
-    /// The manifest name.
-    #[must_use]
-    pub fn name(self) -> &'static str {
-        match self {
-            Self::Flat => "flat",
-            Self::ChannelsFirst => "channels_first",
-            Self::ChannelsLast => "channels_last",
-        }
-    }
-}
+pub use sync_protocol::layout::{InputShape, Layout};
 
 /// What a window holding a missing value gets.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -184,32 +146,29 @@ impl InputPlan {
             .sum()
     }
 
+    /// The input this plan feeds, without the batch dimension.
+    #[must_use]
+    pub fn input_shape(&self) -> InputShape {
+        InputShape {
+            layout: self.layout,
+            width: self.row_width(),
+            fields: self.features.len(),
+            window: self.window,
+        }
+    }
+
     /// Shape of the input tensor for `rows` rows: `[rows, width]`,
     /// `[rows, fields, window]` or `[rows, window, fields]` per [`Layout`].
     #[must_use]
     pub fn tensor_shape(&self, rows: usize) -> Vec<usize> {
-        let fields = self.features.len();
-        match self.layout {
-            Layout::Flat => vec![rows, self.row_width()],
-            Layout::ChannelsFirst => vec![rows, fields, self.window],
-            Layout::ChannelsLast => vec![rows, self.window, fields],
-        }
+        self.input_shape().dims(rows)
     }
 
     /// Appends one row (in feature order, as [`build_row`] makes it) to
     /// `out` in the tensor's row-major order. `row` must hold
     /// [`InputPlan::row_width`] values.
     pub fn lay_out(&self, row: &[f32], out: &mut Vec<f32>) {
-        match self.layout {
-            // Feature order is already `[fields][window]` row-major.
-            Layout::Flat | Layout::ChannelsFirst => out.extend_from_slice(row),
-            Layout::ChannelsLast => {
-                let fields = self.features.len();
-                for t in 0..self.window {
-                    out.extend((0..fields).filter_map(|f| row.get(f * self.window + t)));
-                }
-            }
-        }
+        self.input_shape().lay_out(row, out);
     }
 }
 

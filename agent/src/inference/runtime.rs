@@ -12,7 +12,7 @@ use tokio::sync::oneshot;
 use tract_onnx::prelude::*;
 use tract_onnx::tract_hir::infer::Factoid;
 
-use super::features::{InputPlan, Layout};
+use super::features::InputPlan;
 use super::package::Package;
 
 /// Golden outputs must match within `GOLDEN_ABS_TOL + GOLDEN_REL_TOL * |expected|`.
@@ -106,23 +106,6 @@ pub struct Runner {
     pub shapes: Shapes,
 }
 
-/// What the manifest feeds, for shape errors.
-fn feeds(input: &InputPlan) -> String {
-    let (fields, window) = (input.features.len(), input.window);
-    match input.layout {
-        Layout::Flat => format!(
-            "the manifest's features make rows of {} values",
-            input.row_width()
-        ),
-        Layout::ChannelsFirst => format!(
-            "input.layout = \"channels_first\" feeds [batch, {fields}, {window}] ({fields} feature(s) x window {window})"
-        ),
-        Layout::ChannelsLast => format!(
-            "input.layout = \"channels_last\" feeds [batch, {window}, {fields}] (window {window} x {fields} feature(s))"
-        ),
-    }
-}
-
 fn build_plan(package: &Package, rows: usize) -> Result<(Plan, usize, String)> {
     let m = &package.manifest;
     let mut model = edge_onnx_ml::onnx_with_ml()
@@ -148,48 +131,13 @@ fn build_plan(package: &Package, rows: usize) -> Result<(Plan, usize, String)> {
         .dims()
         .map(|d| d.concretize().and_then(|d| d.to_i64().ok()))
         .collect();
-    let declared_text = format!(
-        "[{}]",
-        dims.iter()
-            .map(|d| d.map_or("?".to_owned(), |d| d.to_string()))
-            .collect::<Vec<_>>()
-            .join(", ")
-    );
+    let declared_text = sync_protocol::layout::declared_text(&dims);
     let shape = package.input.tensor_shape(rows);
-    let feeds = feeds(&package.input);
-    if !declared.shape.is_open() && dims.len() != shape.len() {
-        let fed = match package.input.layout {
-            Layout::Flat => format!(
-                "the manifest feeds [batch, {}] (input.layout = \"flat\"{})",
-                package.input.row_width(),
-                if dims.len() == 3 {
-                    "; a rank-3 input needs \"channels_first\" or \"channels_last\""
-                } else {
-                    ""
-                }
-            ),
-            _ => feeds.clone(),
-        };
-        return Err(RuntimeError::Shape(format!(
-            "graph input {input_name:?} is {declared_text}, {fed}"
-        )));
-    }
-    for (d, want) in dims.iter().zip(&shape).skip(1) {
-        if let Some(d) = d
-            && usize::try_from(*d).ok() != Some(*want)
-        {
-            return Err(RuntimeError::Shape(format!(
-                "graph input {input_name:?} is {declared_text}, {feeds}"
-            )));
-        }
-    }
-    if let Some(Some(first)) = dims.first()
-        && usize::try_from(*first).ok() != Some(rows)
-    {
-        return Err(RuntimeError::Shape(format!(
-            "graph input {input_name:?} is {declared_text}: its batch dimension is fixed, input.batch_size must match it"
-        )));
-    }
+    package
+        .input
+        .input_shape()
+        .check_declared(input_name, &dims, declared.shape.is_open(), Some(rows))
+        .map_err(RuntimeError::Shape)?;
     let outputs = model.output_outlets().map_err(|e| tract_err(&e))?.to_vec();
     let out_ix = outputs
         .iter()
@@ -415,6 +363,7 @@ impl ModelHandle {
 mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
+    use crate::inference::features::Layout;
     use std::path::Path;
 
     fn shipped() -> Package {
@@ -552,7 +501,7 @@ mod tests {
         p.input.layout = Layout::Flat;
         let err = shape_error(&p);
         assert!(
-            err.contains("is [?, 1, 64], the manifest feeds [batch, 64] (input.layout = \"flat\"; a rank-3 input needs"),
+            err.contains("is [?, 1, 64], the manifest's features make rows of 64 values (input.layout = \"flat\" feeds [batch, 64]); a rank-3 input needs"),
             "{err}"
         );
         // LSTM [?, 32, 3] fed channels first.

@@ -15,6 +15,7 @@
 pub mod archive;
 pub mod codec;
 pub mod drift;
+pub mod layout;
 pub mod registry;
 
 use std::collections::BTreeMap;

@@ -34,6 +34,7 @@ use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 use sha2::{Digest as _, Sha256};
+use sync_protocol::layout::{InputShape, Layout};
 use tract_onnx::prelude::*;
 use tract_onnx::tract_hir::infer::Factoid as _;
 
@@ -159,86 +160,6 @@ struct InputRef {
 
 fn flat() -> String {
     "flat".to_owned()
-}
-
-/// `input.layout`: how a golden (feature-order) row becomes the input tensor.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Layout {
-    /// `[batch, width]`.
-    Flat,
-    /// `[batch, fields, window]`.
-    ChannelsFirst,
-    /// `[batch, window, fields]`.
-    ChannelsLast,
-}
-
-impl Layout {
-    fn parse(text: &str) -> Option<Self> {
-        Some(match text {
-            "flat" => Self::Flat,
-            "channels_first" => Self::ChannelsFirst,
-            "channels_last" => Self::ChannelsLast,
-            _ => return None,
-        })
-    }
-
-    fn name(self) -> &'static str {
-        match self {
-            Self::Flat => "flat",
-            Self::ChannelsFirst => "channels_first",
-            Self::ChannelsLast => "channels_last",
-        }
-    }
-}
-
-/// The batch-1 input the golden rows are fed as.
-#[derive(Debug, Clone, Copy)]
-struct Shape {
-    layout: Layout,
-    /// Values per golden row.
-    width: usize,
-    /// `[[input.features]]` entries (rank-3 layouts only).
-    fields: usize,
-    /// `input.window` (rank-3 layouts only).
-    window: usize,
-}
-
-impl Shape {
-    fn dims(self) -> Vec<usize> {
-        match self.layout {
-            Layout::Flat => vec![1, self.width],
-            Layout::ChannelsFirst => vec![1, self.fields, self.window],
-            Layout::ChannelsLast => vec![1, self.window, self.fields],
-        }
-    }
-
-    /// What the manifest feeds, for shape refusals (the agent's wording).
-    fn feeds(self) -> String {
-        let (fields, window) = (self.fields, self.window);
-        match self.layout {
-            Layout::Flat => format!(
-                "the manifest feeds [batch, {}] (input.layout = \"flat\")",
-                self.width
-            ),
-            Layout::ChannelsFirst => format!(
-                "input.layout = \"channels_first\" feeds [batch, {fields}, {window}] ({fields} feature(s) x window {window})"
-            ),
-            Layout::ChannelsLast => format!(
-                "input.layout = \"channels_last\" feeds [batch, {window}, {fields}] (window {window} x {fields} feature(s))"
-            ),
-        }
-    }
-
-    /// `row` (feature order) in the tensor's row-major order.
-    fn lay_out(self, row: &[f32]) -> Vec<f32> {
-        match self.layout {
-            Layout::Flat | Layout::ChannelsFirst => row.to_vec(),
-            Layout::ChannelsLast => (0..self.window)
-                .flat_map(|t| (0..self.fields).filter_map(move |f| row.get(f * self.window + t)))
-                .copied()
-                .collect(),
-        }
-    }
 }
 
 #[derive(Debug, Deserialize)]
@@ -368,7 +289,7 @@ pub fn validate_dir(dir: &Path) -> Result<ValidPackage> {
 }
 
 /// The golden rows' input shape per `input.layout`.
-fn input_shape(input: &InputRef, width: usize) -> Result<Shape> {
+fn input_shape(input: &InputRef, width: usize) -> Result<InputShape> {
     let layout = Layout::parse(&input.layout).ok_or_else(|| ValidationError::Invalid {
         key: "input.layout",
         problem: format!(
@@ -377,7 +298,7 @@ fn input_shape(input: &InputRef, width: usize) -> Result<Shape> {
         ),
     })?;
     if layout == Layout::Flat {
-        return Ok(Shape {
+        return Ok(InputShape {
             layout,
             width,
             fields: 1,
@@ -413,7 +334,7 @@ fn input_shape(input: &InputRef, width: usize) -> Result<Shape> {
             ),
         });
     }
-    Ok(Shape {
+    Ok(InputShape {
         layout,
         width,
         fields,
@@ -421,41 +342,18 @@ fn input_shape(input: &InputRef, width: usize) -> Result<Shape> {
     })
 }
 
-/// Refuses a graph whose declared input disagrees with `shape` (the agent's
-/// check: rank, unless unknown, and every fixed non-batch dimension).
-fn check_declared(model: &InferenceModel, input_name: &str, shape: Shape) -> Result<()> {
+/// Refuses a graph whose declared input disagrees with `shape` (the same
+/// check as the agent's, batch dimension aside: the goldens run one row).
+fn check_declared(model: &InferenceModel, input_name: &str, shape: InputShape) -> Result<()> {
     let declared = model.input_fact(0).map_err(|e| load_err(&e))?;
     let dims: Vec<Option<i64>> = declared
         .shape
         .dims()
         .map(|d| d.concretize().and_then(|d| d.to_i64().ok()))
         .collect();
-    let declared_text = format!(
-        "[{}]",
-        dims.iter()
-            .map(|d| d.map_or("?".to_owned(), |d| d.to_string()))
-            .collect::<Vec<_>>()
-            .join(", ")
-    );
-    let want = shape.dims();
-    let refuse = |fed: String| ValidationError::Load {
-        message: format!("graph input {input_name:?} is {declared_text}, {fed}"),
-    };
-    if !declared.shape.is_open() && dims.len() != want.len() {
-        let mut fed = shape.feeds();
-        if shape.layout == Layout::Flat && dims.len() == 3 {
-            fed.push_str("; a rank-3 input needs \"channels_first\" or \"channels_last\"");
-        }
-        return Err(refuse(fed));
-    }
-    for (d, w) in dims.iter().zip(&want).skip(1) {
-        if let Some(d) = d
-            && usize::try_from(*d).ok() != Some(*w)
-        {
-            return Err(refuse(shape.feeds()));
-        }
-    }
-    Ok(())
+    shape
+        .check_declared(input_name, &dims, declared.shape.is_open(), None)
+        .map_err(|message| ValidationError::Load { message })
 }
 
 fn load_err(err: &impl std::fmt::Display) -> ValidationError {
@@ -464,7 +362,7 @@ fn load_err(err: &impl std::fmt::Display) -> ValidationError {
     }
 }
 
-fn run_golden(manifest: &Manifest, onnx: &[u8], shape: Shape) -> Result<usize> {
+fn run_golden(manifest: &Manifest, onnx: &[u8], shape: InputShape) -> Result<usize> {
     let mut model = edge_onnx_ml::onnx_with_ml()
         .model_for_read(&mut &onnx[..])
         .map_err(|e| load_err(&e))?;
@@ -498,7 +396,7 @@ fn run_golden(manifest: &Manifest, onnx: &[u8], shape: Shape) -> Result<usize> {
             ),
         })?;
     model = model
-        .with_input_fact(0, f32::fact(shape.dims()).into())
+        .with_input_fact(0, f32::fact(shape.dims(1)).into())
         .map_err(|e| load_err(&e))?;
     let plan = model
         .into_optimized()
@@ -512,8 +410,10 @@ fn run_golden(manifest: &Manifest, onnx: &[u8], shape: Shape) -> Result<usize> {
             .clone()
             .or_else(|| golden.score.map(|s| vec![s]))
             .unwrap_or_default();
-        let tensor = Tensor::from_shape(&shape.dims(), &shape.lay_out(&golden.input))
-            .map_err(|e| golden_err(e.to_string()))?;
+        let mut data = Vec::with_capacity(golden.input.len());
+        shape.lay_out(&golden.input, &mut data);
+        let tensor =
+            Tensor::from_shape(&shape.dims(1), &data).map_err(|e| golden_err(e.to_string()))?;
         let outputs = plan
             .run(tvec!(tensor.into()))
             .map_err(|e| golden_err(format!("run failed: {e:#}")))?;
@@ -619,7 +519,7 @@ mod tests {
                 "wave-cnn",
                 "layout = \"channels_first\"",
                 "layout = \"flat\"",
-                "input.layout = \"flat\"); a rank-3 input needs",
+                "input.layout = \"flat\" feeds [batch, 64]); a rank-3 input needs",
             ),
         ] {
             let (_dir, path) = edited(name, from, to);
@@ -639,28 +539,6 @@ mod tests {
                 .contains("input.layout = \"channels_first\" feeds"),
             "{err}"
         );
-    }
-
-    /// Without the transpose the LSTM would see every step's features
-    /// scrambled; the goldens only reproduce with the agent's layout.
-    #[test]
-    fn channels_last_goldens_are_transposed() {
-        let shape = Shape {
-            layout: Layout::ChannelsLast,
-            width: 6,
-            fields: 2,
-            window: 3,
-        };
-        // Feature order: a0 a1 a2 b0 b1 b2 -> steps (a0 b0) (a1 b1) (a2 b2).
-        assert_eq!(
-            shape.lay_out(&[1.0, 2.0, 3.0, 10.0, 20.0, 30.0]),
-            [1.0, 10.0, 2.0, 20.0, 3.0, 30.0]
-        );
-        let first = Shape {
-            layout: Layout::ChannelsFirst,
-            ..shape
-        };
-        assert_eq!(first.lay_out(&[1.0, 2.0, 3.0]), [1.0, 2.0, 3.0]);
     }
 
     #[test]
