@@ -11,7 +11,8 @@
 # packages and qemu-user: everything comes from Debian's archive. Needs
 # root (debootstrap, chroot, bind mounts). The chroot is kept in CHROOT
 # (default /var/tmp/edge-agent-sid) and reused; crate downloads are shared
-# with the host's cargo home; builds go to target/debian-chroot-<SYSROOT_SUITE>/.
+# with the host's cargo home; builds go to target/debian-chroot-<SYSROOT_SUITE>/
+# (or EDGE_ARM_TARGET_DIR).
 #
 # Binaries linked against unstable's glibc need the GLIBC symbol versions
 # the script prints (2.34 or older was seen: Raspberry Pi OS bookworm has
@@ -111,6 +112,12 @@ if [ -f /etc/ssl/certs/ca-certificates.crt ]; then
   cainfo=/etc/ssl/host-ca-certificates.crt
 fi
 bind "$repo" "$CHROOT/src"
+# Builds go to EDGE_ARM_TARGET_DIR when set (CI keeps it outside the clone so
+# the next run reuses the compiled dependencies; the sources are always at
+# /src inside, so a new clone looks the same to cargo).
+target_host=${EDGE_ARM_TARGET_DIR:-$repo/target/debian-chroot-$SYSROOT_SUITE}
+mkdir -p "$target_host"
+bind "$target_host" "$CHROOT/target"
 bind "$CHROOT/opt/xroot-$SYSROOT_SUITE-arm64/usr/aarch64-linux-gnu" "$CHROOT/usr/aarch64-linux-gnu"
 bind "$CHROOT/opt/xroot-$SYSROOT_SUITE-armhf/usr/arm-linux-gnueabihf" "$CHROOT/usr/arm-linux-gnueabihf"
 mkdir -p "$CARGO_HOME_HOST/registry"
@@ -118,10 +125,11 @@ bind "$CARGO_HOME_HOST/registry" "$CHROOT/root/.cargo/registry"
 
 # shellcheck disable=SC2016 # expanded by the shell inside the chroot
 chroot "$CHROOT" env -i HOME=/root PATH=/usr/sbin:/usr/bin:/sbin:/bin \
-  CARGO_TARGET_DIR="/src/target/debian-chroot-$SYSROOT_SUITE" RUST_TOOLCHAIN=debian \
+  CARGO_TARGET_DIR=/target RUST_TOOLCHAIN=debian \
   CARGO_TERM_COLOR=never ${cainfo:+CARGO_HTTP_CAINFO=$cainfo SSL_CERT_FILE=$cainfo} \
   bash -c 'cd /src && cross/build.sh "$@" &&
-    for b in target/debian-chroot-*/cross-artifacts/edge-agent-*; do
+    for b in /target/cross-artifacts/edge-agent-*; do
       [ -f "$b" ] || continue
       echo "debian-chroot: $b needs glibc symbols up to $(grep -ao "GLIBC_2\.[0-9]*" "$b" | sort -uV | tail -1)"
     done' build "$@"
+say "artifacts (host side): $target_host/cross-artifacts"
