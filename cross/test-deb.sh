@@ -4,19 +4,24 @@
 #
 #   cross/test-deb.sh OLD.deb NEW.deb
 #
-# OLD and NEW are two versions of the package for the host's architecture
-# (cross/build.sh --deb amd64 builds one; `cargo deb --deb-version ...`
-# another). The chroot (Debian SUITE, default bookworm, with systemd
-# installed but not running, as on a device before boot) is kept in
-# DEB_TEST_ROOT (default /var/tmp/edge-agent-deb-root) and reused; each run
-# starts from a purged package. Needs root (debootstrap, chroot).
+# OLD and NEW are two versions of the package, both for the same
+# architecture (cross/build.sh --deb amd64 builds one; `cargo deb
+# --deb-version ...` another). The chroot (Debian SUITE, default bookworm,
+# with systemd installed but not running, as on a device before boot) is
+# kept in DEB_TEST_ROOT (default /var/tmp/edge-agent-deb-root, with
+# -<arch> appended for a foreign architecture) and reused; each run starts
+# from a purged package. Needs root (debootstrap, chroot).
+#
+# A package for another architecture (arm64, armhf) is installed into a
+# Debian of that architecture: its dpkg, maintainer scripts and the agent
+# itself run under qemu-user (Debian's qemu-user-static, registered with the
+# kernel's binfmt_misc when it is not already).
 # shellcheck disable=SC2016 # dpkg-query formats are not shell expansions
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 [ $# -eq 2 ] || { sed -n '2,/^set -e/p' "$0" | sed '$d; s/^# \{0,1\}//'; exit 2; }
 old=$1 new=$2
-ROOT=${DEB_TEST_ROOT:-/var/tmp/edge-agent-deb-root}
 SUITE=${SUITE:-bookworm}
 MIRROR=${MIRROR:-http://deb.debian.org/debian}
 
@@ -25,11 +30,43 @@ ok() { echo "test-deb: ok: $*"; }
 in_root() { chroot "$ROOT" env -i PATH=/usr/sbin:/usr/bin:/sbin:/bin "$@"; }
 
 [ "$(id -u)" = 0 ] || fail "needs root (debootstrap, chroot)"
+arch=$(dpkg-deb -f "$new" Architecture)
+[ "$(dpkg-deb -f "$old" Architecture)" = "$arch" ] ||
+  fail "$old and $new are for different architectures"
+host=$(dpkg --print-architecture)
+if [ "$arch" = "$host" ]; then
+  ROOT=${DEB_TEST_ROOT:-/var/tmp/edge-agent-deb-root}
+  foreign=()
+else
+  ROOT=${DEB_TEST_ROOT:-/var/tmp/edge-agent-deb-root-$arch}
+  foreign=(--arch="$arch" --foreign)
+  case $arch in
+    arm64) q=aarch64 ;;
+    armhf) q=arm ;;
+    *) fail "no qemu-user mapping for $arch" ;;
+  esac
+  [ -e /usr/lib/binfmt.d/qemu-$q.conf ] ||
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends qemu-user-static ||
+    fail "cannot install qemu-user-static"
+  [ -e /proc/sys/fs/binfmt_misc/register ] ||
+    mount -t binfmt_misc binfmt_misc /proc/sys/fs/binfmt_misc ||
+    fail "binfmt_misc is not available: $arch programs cannot run here"
+  # The F flag makes the kernel open the interpreter now, so it also works
+  # inside the chroot, which has no qemu of its own.
+  [ -e "/proc/sys/fs/binfmt_misc/qemu-$q" ] ||
+    cat "/usr/lib/binfmt.d/qemu-$q.conf" >/proc/sys/fs/binfmt_misc/register ||
+    fail "cannot register qemu-$q with binfmt_misc"
+  echo "test-deb: $arch programs run under $(sed 's/.*:\(\/[^:]*\):[A-Z]*$/\1/' "/usr/lib/binfmt.d/qemu-$q.conf")"
+fi
 if [ ! -e "$ROOT/.edge-agent-ready" ]; then
   rm -rf "$ROOT"
-  debootstrap --variant=minbase --include=systemd "$SUITE" "$ROOT" "$MIRROR"
+  debootstrap "${foreign[@]}" --variant=minbase --include=systemd "$SUITE" "$ROOT" "$MIRROR"
+  if [ ${#foreign[@]} -gt 0 ]; then
+    chroot "$ROOT" /debootstrap/debootstrap --second-stage
+  fi
   touch "$ROOT/.edge-agent-ready"
 fi
+echo "test-deb: $arch package in a $SUITE $arch root ($(in_root uname -m))"
 mount -t proc proc "$ROOT/proc"
 trap 'umount "$ROOT/proc"' EXIT
 in_root dpkg --purge edge-agent >/dev/null 2>&1 || true
