@@ -107,6 +107,9 @@ pub enum DemoError {
     /// The data did not arrive in time.
     #[error("timed out waiting for {0}")]
     Timeout(&'static str),
+    /// The replay did not complete in time; the counts say where it stopped.
+    #[error("{0}")]
+    Stalled(String),
 }
 
 impl From<AgentError> for DemoError {
@@ -404,6 +407,7 @@ pub async fn run(args: DemoArgs) -> Result<DemoReport, DemoError> {
         series.clone(),
         args.machines,
         args.rate,
+        counters.clone(),
     ));
     let progress_every = Duration::from_secs(2);
     let mut next_progress = Instant::now() + progress_every;
@@ -445,9 +449,17 @@ pub async fn run(args: DemoArgs) -> Result<DemoReport, DemoError> {
         }
         if Instant::now() > deadline {
             agent_stop.cancel();
-            return Err(DemoError::Timeout(
-                "the replayed data to be committed, scored and synced",
-            ));
+            return Err(DemoError::Stalled(format!(
+                "the replayed data was not committed, scored and synced in time: sensor {}, agent received {} and stored {stored}, predictions {} of {predictions_expected}, synced {} readings and {} predictions",
+                published.map_or_else(
+                    || "still publishing".to_owned(),
+                    |p| format!("published {p}")
+                ),
+                Counters::get(&c.received),
+                Counters::get(&c.predictions),
+                Counters::get(&c.synced_readings),
+                Counters::get(&c.synced_predictions),
+            )));
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
@@ -531,6 +543,10 @@ async fn wait_for(
 
 /// Publishes the series for each machine at `rate` readings/s with QoS 1 and
 /// returns how many the broker acknowledged (all of them, or an error).
+/// How many published readings the demo sensor may be ahead of the agent's
+/// commits: half of Mosquitto's default `max_queued_messages`.
+const MAX_AHEAD: u64 = 500;
+
 async fn replay(
     broker_url: String,
     prefix: String,
@@ -538,6 +554,7 @@ async fn replay(
     series: Vec<nab::Point>,
     machines: usize,
     rate: u32,
+    agent: Arc<Counters>,
 ) -> Result<u64, DemoError> {
     let url = broker_url
         .strip_prefix("mqtt://")
@@ -578,6 +595,17 @@ async fn replay(
     let mut sent = 0u64;
     for point in &series {
         for m in 1..=machines {
+            // Design: a shared broker with Debian's defaults drops QoS 1
+            // messages queued past 1000 for a slow subscriber, so the demo
+            // never runs more than MAX_AHEAD readings ahead of the agent.
+            let handled = || {
+                Counters::get(&agent.committed)
+                    + Counters::get(&agent.duplicates)
+                    + Counters::get(&agent.dead_letters)
+            };
+            while sent.saturating_sub(handled()) >= MAX_AHEAD {
+                tokio::time::sleep(Duration::from_millis(2)).await;
+            }
             let topic = format!("{prefix}sensors/machine-{m}/temperature");
             let payload = format!("{{\"ts\":{},\"value\":{}}}", point.ts, point.value);
             client
