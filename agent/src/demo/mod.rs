@@ -424,9 +424,7 @@ pub async fn run(args: DemoArgs) -> Result<DemoReport, DemoError> {
             }
         }
         let c = &counters;
-        let stored = Counters::get(&c.committed)
-            + Counters::get(&c.duplicates)
-            + Counters::get(&c.dead_letters);
+        let stored = handled(c);
         let done = published.is_some_and(|p| stored >= p)
             && Counters::get(&c.predictions) >= predictions_expected
             && Counters::get(&c.synced_readings) >= Counters::get(&c.committed)
@@ -548,6 +546,12 @@ async fn wait_for(
 /// Debian's 2.0.11 was seen dropping with 500 ahead.
 const MAX_AHEAD: u64 = 100;
 
+/// Messages the agent has finished with: stored, recognised as duplicates or
+/// dead-lettered.
+fn handled(c: &Counters) -> u64 {
+    Counters::get(&c.committed) + Counters::get(&c.duplicates) + Counters::get(&c.dead_letters)
+}
+
 async fn replay(
     broker_url: String,
     prefix: String,
@@ -599,12 +603,7 @@ async fn replay(
             // Design: a shared broker with Debian's defaults drops QoS 1
             // messages queued past 1000 for a slow subscriber, so the demo
             // never runs more than MAX_AHEAD readings ahead of the agent.
-            let handled = || {
-                Counters::get(&agent.committed)
-                    + Counters::get(&agent.duplicates)
-                    + Counters::get(&agent.dead_letters)
-            };
-            while sent.saturating_sub(handled()) >= MAX_AHEAD {
+            while sent.saturating_sub(handled(&agent)) >= MAX_AHEAD {
                 tokio::time::sleep(Duration::from_millis(2)).await;
             }
             let topic = format!("{prefix}sensors/machine-{m}/temperature");
