@@ -19,12 +19,14 @@
 //! - [`zipmap`] — `ZipMap`, passed through as the probability tensor;
 //! - [`rnn`] — `LSTM` and `GRU` as single operators (replace tract's,
 //!   which run a graph per time step);
+//! - [`linear`] — `LinearClassifier`, `LinearRegressor` as single
+//!   operators (replace tract's, which expand into six to nine nodes and
+//!   refuse `PROBIT` and `SOFTMAX_ZERO`);
 //! - [`transform`] — the `post_transform` functions;
 //! - [`run`] — run any ONNX model on JSON rows (`edge-agent model run`).
 //!
 //! tract itself already provides, and the fixtures check against
-//! onnxruntime: `LinearClassifier`, `LinearRegressor`,
-//! `ArrayFeatureExtractor`.
+//! onnxruntime: `ArrayFeatureExtractor`.
 //!
 //! Invariant: a malformed model is a tract error while loading, never a
 //! panic (no `unsafe`, no unchecked indexing on attribute data).
@@ -32,6 +34,7 @@
 mod attrs;
 pub mod elementwise;
 pub mod label_encoder;
+pub mod linear;
 pub mod normalizer;
 pub mod one_hot;
 pub mod rnn;
@@ -55,12 +58,15 @@ pub const OPERATORS: &[&str] = &[
     "OneHotEncoder",
     "Normalizer",
     "ZipMap",
+    "LinearClassifier",
+    "LinearRegressor",
     "LSTM",
     "GRU",
 ];
 
 /// Adds this crate's operators to `reg`, replacing tract's
-/// `TreeEnsembleClassifier`, `Normalizer`, `LSTM` and `GRU`.
+/// `TreeEnsembleClassifier`, `Normalizer`, `LinearClassifier`,
+/// `LinearRegressor`, `LSTM` and `GRU`.
 pub fn register(reg: &mut OnnxOpRegister) {
     reg.insert("TreeEnsembleRegressor", tree::regressor);
     reg.insert("TreeEnsembleClassifier", tree::classifier);
@@ -71,6 +77,8 @@ pub fn register(reg: &mut OnnxOpRegister) {
     reg.insert("OneHotEncoder", one_hot::build);
     reg.insert("Normalizer", normalizer::build);
     reg.insert("ZipMap", zipmap::build);
+    reg.insert("LinearClassifier", linear::classifier);
+    reg.insert("LinearRegressor", linear::regressor);
     reg.insert("LSTM", rnn::lstm);
     reg.insert("GRU", rnn::gru);
 }

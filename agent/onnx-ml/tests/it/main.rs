@@ -51,6 +51,12 @@ fixtures!(
     label_encoder,
     one_hot_encoder,
     // hand-built single operators
+    lc_binary_single,
+    lc_binary_single_strings,
+    lc_multi_logistic,
+    lc_multi_softmax_zero,
+    lr_multi_softmax,
+    lr_multi_logistic_no_intercepts,
     ter_sum_none_1,
     ter_average_none_1,
     ter_min_none_1,
@@ -85,6 +91,10 @@ fixtures!(
     tec_binary_both,
     tec_binary_both_base2,
     tec_multi_probit,
+    lc_single_probit,
+    lc_multi_probit,
+    lr_single_probit,
+    lc_multi_none_rank1,
     label_encoder_tensor,
 );
 
@@ -94,6 +104,23 @@ fixtures!(
 #[test]
 fn tec_multi_probit() {
     util::check_tol("tec_multi_probit", 1e-3);
+}
+
+/// The linear models' probits, checked like [`tec_multi_probit`].
+#[test]
+fn linear_probits() {
+    for name in ["lc_single_probit", "lc_multi_probit", "lr_single_probit"] {
+        util::check_tol(name, 1e-3);
+    }
+}
+
+/// A rank-1 input is one row already (there is no first row to cut).
+#[test]
+fn lc_multi_none_rank1() {
+    let fx = util::read("lc_multi_none_rank1");
+    let out = util::run(&fx, &fx.inputs).unwrap();
+    let problems = util::compare(&out, &fx.outputs);
+    assert!(problems.is_empty(), "{problems:?}");
 }
 
 /// Two classes with leaf weights for both: onnxruntime labels such rows 1

@@ -154,3 +154,163 @@ fn broken_regressors_are_errors_naming_the_problem() {
         );
     }
 }
+
+/// A `LinearClassifier` node with `attrs`.
+fn linear_classifier(attrs: Vec<AttributeProto>) -> NodeProto {
+    NodeProto {
+        name: "lc".into(),
+        op_type: "LinearClassifier".into(),
+        domain: "ai.onnx.ml".into(),
+        input: vec!["X".into()],
+        output: vec!["label".into(), "scores".into()],
+        attribute: attrs,
+        ..Default::default()
+    }
+}
+
+fn build_linear(node: &NodeProto) -> TractResult<()> {
+    let onnx = onnx_with_ml();
+    let proto = ModelProto::default();
+    let ctx = ParsingContext {
+        onnx_operator_set_version: 17,
+        framework: &onnx,
+        model: &proto,
+        parent_graphs: vec![],
+        model_dir: None,
+        template: InferenceModel::default(),
+    };
+    match node.op_type.as_str() {
+        "LinearClassifier" => edge_onnx_ml::linear::classifier(&ctx, node).map(|_| ()),
+        _ => edge_onnx_ml::linear::regressor(&ctx, node).map(|_| ()),
+    }
+}
+
+fn post(v: &str) -> AttributeProto {
+    AttributeProto {
+        name: "post_transform".into(),
+        r#type: AttributeType::String as i32,
+        s: v.as_bytes().to_vec(),
+        ..Default::default()
+    }
+}
+
+#[test]
+fn broken_linear_models_are_errors_naming_the_problem() {
+    let coef = floats("coefficients", &[1.0, 2.0, 3.0, 4.0, 5.0, 6.0]);
+    let cases = [
+        (
+            linear_classifier(vec![
+                floats("intercepts", &[0.0, 0.0]),
+                ints("classlabels_ints", &[0, 1]),
+            ]),
+            "coefficients are missing",
+        ),
+        (
+            linear_classifier(vec![
+                coef.clone(),
+                floats("intercepts", &[0.0; 4]),
+                ints("classlabels_ints", &[0, 1, 2, 3]),
+            ]),
+            "not a multiple of the 4 classes",
+        ),
+        (
+            linear_classifier(vec![
+                coef.clone(),
+                floats("intercepts", &[0.0; 3]),
+                ints("classlabels_ints", &[0, 1]),
+            ]),
+            "2 class label(s) for 3 classes",
+        ),
+        (
+            linear_classifier(vec![
+                coef.clone(),
+                floats("intercepts", &[0.0; 3]),
+                ints("classlabels_ints", &[0, 1, 2]),
+                strings("classlabels_strings", &["a", "b", "c"]),
+            ]),
+            "only one of classlabels_ints and classlabels_strings",
+        ),
+        (
+            linear_classifier(vec![
+                coef.clone(),
+                floats("intercepts", &[0.0]),
+                ints("classlabels_ints", &[4]),
+            ]),
+            "two class labels or none, got 1",
+        ),
+        (
+            linear_classifier(vec![
+                coef.clone(),
+                floats("intercepts", &[0.0]),
+                ints("classlabels_ints", &[0, 1]),
+                post("PROBIT"),
+            ]),
+            "PROBIT with one score and two class labels",
+        ),
+        (
+            linear_classifier(vec![
+                floats("coefficients", &[1.0, f32::NAN]),
+                floats("intercepts", &[0.0]),
+            ]),
+            "NaN or infinite",
+        ),
+        (
+            linear_classifier(vec![
+                coef.clone(),
+                floats("intercepts", &[0.0; 3]),
+                ints("classlabels_ints", &[0, 1, 2]),
+                post("CUBE"),
+            ]),
+            "\"CUBE\"",
+        ),
+        (
+            NodeProto {
+                op_type: "LinearRegressor".into(),
+                ..linear_classifier(vec![
+                    coef.clone(),
+                    int("targets", 2),
+                    floats("intercepts", &[0.0; 3]),
+                ])
+            },
+            "3 intercepts for targets = 2",
+        ),
+        (
+            NodeProto {
+                op_type: "LinearRegressor".into(),
+                ..linear_classifier(vec![coef.clone(), int("targets", 4)])
+            },
+            "not a multiple of targets = 4",
+        ),
+        (
+            NodeProto {
+                op_type: "LinearRegressor".into(),
+                ..linear_classifier(vec![coef, int("targets", 0)])
+            },
+            "targets must be at least 1",
+        ),
+    ];
+    for (node, want) in cases {
+        let err = build_linear(&node).expect_err(want);
+        let msg = format!("{err:#}");
+        assert!(msg.contains(want), "{want:?} not in {msg:?}");
+    }
+}
+
+/// Coefficients that do not fit the input's feature count are refused
+/// when the plan is built (onnxruntime reads a prefix of them).
+#[test]
+fn linear_coefficients_must_fit_the_input_features() {
+    for name in ["lc_multi_probit", "lr_multi_softmax"] {
+        let path = crate::util::fixtures_dir().join(format!("{name}.onnx"));
+        let err = onnx_with_ml()
+            .model_for_path(&path)
+            .and_then(|m| m.with_input_fact(0, f32::fact([4, 3]).into()))
+            .and_then(|m| m.into_optimized())
+            .expect_err("5-feature weights on 3-feature rows");
+        let msg = format!("{err:#}");
+        assert!(
+            msg.contains("15 coefficients do not make 3 rows of 3 input features"),
+            "{name}: {msg}"
+        );
+    }
+}
