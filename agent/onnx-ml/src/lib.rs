@@ -32,6 +32,7 @@
 //! panic (no `unsafe`, no unchecked indexing on attribute data).
 
 mod attrs;
+mod classes;
 pub mod elementwise;
 pub mod label_encoder;
 pub mod linear;

@@ -32,6 +32,7 @@ use tract_onnx::pb::NodeProto;
 use tract_onnx::tract_hir::internal::*;
 
 use crate::attrs::strings;
+use crate::classes::{self, Labels};
 use crate::transform::{PostTransform, logistic, probit};
 
 /// Builder for `LinearClassifier`.
@@ -86,12 +87,12 @@ fn parse_classifier(node: &NodeProto) -> TractResult<(Box<dyn InferenceOp>, Vec<
     let ints = node.get_attr_opt_slice::<i64>("classlabels_ints")?;
     let strs = strings(node, "classlabels_strings")?;
     let labels = match (ints, strs) {
-        (Some(i), None) if !i.is_empty() => Labels::Int(i.to_vec()),
-        (None, Some(s)) if !s.is_empty() => Labels::Str(s),
         (Some(_), Some(_)) => {
             bail!("only one of classlabels_ints and classlabels_strings may be set")
         }
-        _ => Labels::None,
+        (Some(i), None) if !i.is_empty() => Some(Labels::Int(i.to_vec())),
+        (None, Some(s)) if !s.is_empty() => Some(Labels::Str(s)),
+        _ => None,
     };
     let post = PostTransform::parse(node.get_attr_opt::<&str>("post_transform")?)?;
     if let Some(b) = &intercepts {
@@ -101,7 +102,7 @@ fn parse_classifier(node: &NodeProto) -> TractResult<(Box<dyn InferenceOp>, Vec<
             coefficients.len(),
             b.len()
         );
-        check_labels(&labels, b.len(), post)?;
+        check_labels(labels.as_ref(), b.len(), post)?;
     }
     let spec = Spec {
         kind: Kind::Classifier(Arc::new(labels)),
@@ -113,8 +114,8 @@ fn parse_classifier(node: &NodeProto) -> TractResult<(Box<dyn InferenceOp>, Vec<
 }
 
 /// Checks the labels against the class count the weights give.
-fn check_labels(labels: &Labels, classes: usize, post: PostTransform) -> TractResult<()> {
-    let n = labels.len();
+fn check_labels(labels: Option<&Labels>, classes: usize, post: PostTransform) -> TractResult<()> {
+    let n = labels.map_or(0, Labels::len);
     if classes == 1 {
         ensure!(
             n == 0 || n == 2,
@@ -162,36 +163,13 @@ fn parse_regressor(node: &NodeProto) -> TractResult<(Box<dyn InferenceOp>, Vec<S
     Ok((expand(spec), vec![]))
 }
 
-/// Class labels of a classifier.
-#[derive(Debug, Clone, PartialEq, Eq)]
-enum Labels {
-    Int(Vec<i64>),
-    Str(Vec<String>),
-    /// Neither attribute: labels are 1 and 0 (one score per row only).
-    None,
-}
-
-impl Labels {
-    fn len(&self) -> usize {
-        match self {
-            Self::Int(v) => v.len(),
-            Self::Str(v) => v.len(),
-            Self::None => 0,
-        }
-    }
-
-    fn datum_type(&self) -> DatumType {
-        match self {
-            Self::Str(_) => String::datum_type(),
-            Self::Int(_) | Self::None => i64::datum_type(),
-        }
-    }
-}
-
 #[derive(Debug, Clone)]
 enum Kind {
-    Classifier(Arc<Labels>),
-    Regressor { targets: usize },
+    /// `None`: no label attribute, labels are 1 and 0 (one score only).
+    Classifier(Arc<Option<Labels>>),
+    Regressor {
+        targets: usize,
+    },
 }
 
 /// The parsed node; the input's feature count fixes the weight layout.
@@ -211,6 +189,13 @@ impl Spec {
         }
     }
 
+    fn label_type(&self) -> Option<DatumType> {
+        match &self.kind {
+            Kind::Classifier(labels) => Some(label_type(labels.as_ref().as_ref())),
+            Kind::Regressor { .. } => None,
+        }
+    }
+
     /// Scores per row when known before the input's shape is.
     fn known_scores(&self) -> Option<usize> {
         match &self.kind {
@@ -218,7 +203,7 @@ impl Spec {
             Kind::Classifier(labels) => self
                 .intercepts
                 .as_ref()
-                .map(|b| columns(b.len(), labels.len())),
+                .map(|b| columns(b.len(), labels.as_ref().as_ref().map_or(0, Labels::len))),
         }
     }
 
@@ -245,9 +230,9 @@ impl Spec {
         let layout = match &self.kind {
             Kind::Regressor { .. } => Layout::Scores,
             Kind::Classifier(labels) => {
-                check_labels(labels, n_scores, self.post)?;
+                check_labels(labels.as_ref().as_ref(), n_scores, self.post)?;
                 match (n_scores, labels.as_ref()) {
-                    (1, Labels::None) => Layout::SignLabel,
+                    (1, None) => Layout::SignLabel,
                     (1, _) => Layout::Binary,
                     _ => Layout::Argmax,
                 }
@@ -270,6 +255,11 @@ impl Spec {
             post: self.post,
         })
     }
+}
+
+/// The label output's type: sign labels are int64.
+fn label_type(labels: Option<&Labels>) -> DatumType {
+    labels.map_or(i64::datum_type(), Labels::datum_type)
 }
 
 /// Output columns for `n_scores` scores per row and `n_labels` labels.
@@ -299,34 +289,7 @@ impl Expansion for Spec {
         inputs: &'p [TensorProxy],
         outputs: &'p [TensorProxy],
     ) -> InferenceResult {
-        check_input_arity(inputs, 1)?;
-        let scores = match &self.kind {
-            Kind::Classifier(labels) => {
-                check_output_arity(outputs, 2)?;
-                s.equals(&outputs[0].datum_type, labels.datum_type())?;
-                s.equals(&outputs[0].rank, 1)?;
-                1
-            }
-            Kind::Regressor { .. } => {
-                check_output_arity(outputs, 1)?;
-                0
-            }
-        };
-        s.equals(&outputs[scores].datum_type, f32::datum_type())?;
-        s.equals(&outputs[scores].rank, 2)?;
-        if let Some(n) = self.known_scores() {
-            s.equals(&outputs[scores].shape[1], n.to_dim())?;
-        }
-        s.given(&inputs[0].rank, move |s, rank| {
-            for o in outputs {
-                if rank == 1 {
-                    s.equals(&o.shape[0], 1.to_dim())?;
-                } else {
-                    s.equals(&o.shape[0], &inputs[0].shape[0])?;
-                }
-            }
-            Ok(())
-        })
+        classes::rules(s, inputs, outputs, self.label_type(), self.known_scores())
     }
 
     fn wire(
@@ -389,7 +352,8 @@ pub struct Linear {
     n_features: usize,
     n_scores: usize,
     layout: Layout,
-    labels: Option<Arc<Labels>>,
+    /// `None` for a regressor; `Some(None)` for sign labels.
+    labels: Option<Arc<Option<Labels>>>,
     post: PostTransform,
 }
 
@@ -505,11 +469,7 @@ impl EvalOp for Linear {
 
     fn eval(&self, _ctx: &EvalContext, inputs: TVec<TValue>) -> TractResult<TVec<TValue>> {
         let x = args_1!(inputs);
-        let (n_rows, n_cols) = match *x.shape() {
-            [f] => (1, f),
-            [n, f] => (n, f),
-            _ => bail!("input shape {:?} is neither [N, F] nor [F]", x.shape()),
-        };
+        let (n_rows, n_cols) = classes::rows_and_features(&x)?;
         ensure!(
             n_cols == self.n_features,
             "input has {n_cols} features, the model {}",
@@ -529,21 +489,9 @@ impl EvalOp for Linear {
             return Ok(tvec!(scores));
         };
         let labels = match labels.as_ref() {
-            Labels::Int(v) => tract_ndarray::Array1::from_iter(
-                winners
-                    .iter()
-                    .map(|&w| v.get(w).copied().unwrap_or_default()),
-            )
-            .into_tensor(),
-            Labels::Str(v) => tract_ndarray::Array1::from_iter(
-                winners
-                    .iter()
-                    .map(|&w| v.get(w).cloned().unwrap_or_default()),
-            )
-            .into_tensor(),
-            Labels::None =>
-            {
-                #[allow(clippy::cast_possible_wrap)]
+            Some(names) => names.tensor(winners.into_iter()),
+            #[allow(clippy::cast_possible_wrap)]
+            None => {
                 tract_ndarray::Array1::from_iter(winners.iter().map(|&w| w as i64)).into_tensor()
             }
         };
@@ -553,17 +501,8 @@ impl EvalOp for Linear {
 
 impl TypedOp for Linear {
     fn output_facts(&self, inputs: &[&TypedFact]) -> TractResult<TVec<TypedFact>> {
-        let x = inputs[0];
-        let n = match x.rank() {
-            1 => 1.to_dim(),
-            2 => x.shape[0].clone(),
-            r => bail!("input of rank {r}; expected [N, F] or [F]"),
-        };
-        let scores = f32::fact([n.clone(), self.columns().to_dim()]);
-        Ok(match self.labels.as_deref() {
-            None => tvec!(scores),
-            Some(l) => tvec!(l.datum_type().fact([n]), scores),
-        })
+        let label = self.labels.as_deref().map(|l| label_type(l.as_ref()));
+        classes::output_facts(inputs[0], self.columns(), label)
     }
 
     as_op!();
@@ -662,7 +601,7 @@ mod tests {
     #[test]
     fn without_intercepts_the_input_fixes_the_class_count() {
         let spec = Spec {
-            kind: Kind::Classifier(Arc::new(Labels::Int(vec![1, 2, 3]))),
+            kind: Kind::Classifier(Arc::new(Some(Labels::Int(vec![1, 2, 3])))),
             coefficients: Arc::new(vec![1.0; 6]),
             intercepts: None,
             post: PostTransform::None,
@@ -677,10 +616,11 @@ mod tests {
 
     #[test]
     fn label_counts_are_checked_against_the_scores() {
-        assert!(check_labels(&Labels::Int(vec![1]), 1, PostTransform::None).is_err());
-        assert!(check_labels(&Labels::None, 1, PostTransform::Probit).is_ok());
-        assert!(check_labels(&Labels::Int(vec![0, 1]), 1, PostTransform::Probit).is_err());
-        assert!(check_labels(&Labels::Int(vec![0, 1]), 3, PostTransform::None).is_err());
-        assert!(check_labels(&Labels::None, 2, PostTransform::None).is_err());
+        let two = Labels::Int(vec![0, 1]);
+        assert!(check_labels(Some(&Labels::Int(vec![1])), 1, PostTransform::None).is_err());
+        assert!(check_labels(None, 1, PostTransform::Probit).is_ok());
+        assert!(check_labels(Some(&two), 1, PostTransform::Probit).is_err());
+        assert!(check_labels(Some(&two), 3, PostTransform::None).is_err());
+        assert!(check_labels(None, 2, PostTransform::None).is_err());
     }
 }

@@ -13,6 +13,7 @@ use std::ops::Range;
 use tract_onnx::tract_hir::internal::{TractResult, bail};
 
 use super::forest::{Forest, LANES, Value};
+use crate::classes::Labels;
 use crate::transform::{PostTransform, logistic, probit};
 
 /// How a regressor combines the weights its trees give one target.
@@ -37,21 +38,6 @@ impl Aggregate {
 }
 
 /// Class labels of a classifier.
-#[derive(Debug, Clone, PartialEq)]
-pub(crate) enum Labels {
-    Int(Vec<i64>),
-    Str(Vec<String>),
-}
-
-impl Labels {
-    pub(crate) fn len(&self) -> usize {
-        match self {
-            Self::Int(v) => v.len(),
-            Self::Str(v) => v.len(),
-        }
-    }
-}
-
 /// Regressor or classifier, with what each needs to finish a row.
 #[derive(Debug, Clone, PartialEq)]
 pub(crate) enum Kind {

@@ -18,8 +18,9 @@ use tract_onnx::pb::NodeProto;
 use tract_onnx::tract_hir::internal::*;
 
 use crate::attrs::{floats_or_tensor, ints, strings};
+use crate::classes::{self, Labels};
 use crate::transform::PostTransform;
-use eval::{Aggregate, Config, Kind, Labels, score_rows};
+use eval::{Aggregate, Config, Kind, score_rows};
 use forest::{Forest, TreeAttrs, Value};
 
 /// Builder for `TreeEnsembleRegressor`.
@@ -133,17 +134,7 @@ impl Spec {
     }
 
     fn label_type(&self) -> Option<DatumType> {
-        match &self.config.kind {
-            Kind::Classifier {
-                labels: Labels::Int(_),
-                ..
-            } => Some(i64::datum_type()),
-            Kind::Classifier {
-                labels: Labels::Str(_),
-                ..
-            } => Some(String::datum_type()),
-            Kind::Regressor { .. } => None,
-        }
+        label_type(&self.config)
     }
 }
 
@@ -166,32 +157,13 @@ impl Expansion for Spec {
         inputs: &'p [TensorProxy],
         outputs: &'p [TensorProxy],
     ) -> InferenceResult {
-        check_input_arity(inputs, 1)?;
-        let scores = match self.label_type() {
-            Some(dt) => {
-                check_output_arity(outputs, 2)?;
-                s.equals(&outputs[0].datum_type, dt)?;
-                s.equals(&outputs[0].rank, 1)?;
-                1
-            }
-            None => {
-                check_output_arity(outputs, 1)?;
-                0
-            }
-        };
-        s.equals(&outputs[scores].datum_type, f32::datum_type())?;
-        s.equals(&outputs[scores].rank, 2)?;
-        s.equals(&outputs[scores].shape[1], self.config.n_out.to_dim())?;
-        s.given(&inputs[0].rank, move |s, rank| {
-            for o in outputs {
-                if rank == 1 {
-                    s.equals(&o.shape[0], 1.to_dim())?;
-                } else {
-                    s.equals(&o.shape[0], &inputs[0].shape[0])?;
-                }
-            }
-            Ok(())
-        })
+        classes::rules(
+            s,
+            inputs,
+            outputs,
+            self.label_type(),
+            Some(self.config.n_out),
+        )
     }
 
     fn wire(
@@ -305,11 +277,7 @@ impl EvalOp for TreeEnsemble {
 
     fn eval(&self, _ctx: &EvalContext, inputs: TVec<TValue>) -> TractResult<TVec<TValue>> {
         let x = args_1!(inputs);
-        let (n_rows, n_cols) = match *x.shape() {
-            [f] => (1, f),
-            [n, f] => (n, f),
-            _ => bail!("input shape {:?} is neither [N, F] nor [F]", x.shape()),
-        };
+        let (n_rows, n_cols) = classes::rows_and_features(&x)?;
         ensure!(
             n_cols >= self.n_features(),
             "input has {n_cols} features, the trees read {}",
@@ -328,45 +296,21 @@ impl EvalOp for TreeEnsemble {
         let Kind::Classifier { labels: names, .. } = &self.config.kind else {
             return Ok(tvec!(scores));
         };
-        let label = |i: u32| i as usize;
-        let labels = match names {
-            Labels::Int(v) => tract_ndarray::Array1::from_iter(
-                labels
-                    .iter()
-                    .map(|&i| v.get(label(i)).copied().unwrap_or_default()),
-            )
-            .into_tensor(),
-            Labels::Str(v) => tract_ndarray::Array1::from_iter(
-                labels
-                    .iter()
-                    .map(|&i| v.get(label(i)).cloned().unwrap_or_default()),
-            )
-            .into_tensor(),
-        };
+        let labels = names.tensor(labels.iter().map(|&i| i as usize));
         Ok(tvec!(labels.into_tvalue(), scores))
+    }
+}
+
+fn label_type(config: &Config) -> Option<DatumType> {
+    match &config.kind {
+        Kind::Classifier { labels, .. } => Some(labels.datum_type()),
+        Kind::Regressor { .. } => None,
     }
 }
 
 impl TypedOp for TreeEnsemble {
     fn output_facts(&self, inputs: &[&TypedFact]) -> TractResult<TVec<TypedFact>> {
-        let x = inputs[0];
-        let n = match x.rank() {
-            1 => 1.to_dim(),
-            2 => x.shape[0].clone(),
-            r => bail!("input of rank {r}; expected [N, F] or [F]"),
-        };
-        let scores = f32::fact([n.clone(), self.config.n_out.to_dim()]);
-        Ok(match &self.config.kind {
-            Kind::Regressor { .. } => tvec!(scores),
-            Kind::Classifier {
-                labels: Labels::Int(_),
-                ..
-            } => tvec!(i64::fact([n]), scores),
-            Kind::Classifier {
-                labels: Labels::Str(_),
-                ..
-            } => tvec!(String::fact([n]), scores),
-        })
+        classes::output_facts(inputs[0], self.config.n_out, label_type(&self.config))
     }
 
     as_op!();

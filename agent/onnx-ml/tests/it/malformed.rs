@@ -1,9 +1,8 @@
 //! Malformed ONNX-ML nodes are load errors naming the problem, never panics.
 
 use edge_onnx_ml::onnx_with_ml;
-use tract_onnx::model::ParsingContext;
 use tract_onnx::pb::attribute_proto::AttributeType;
-use tract_onnx::pb::{AttributeProto, ModelProto, NodeProto};
+use tract_onnx::pb::{AttributeProto, NodeProto};
 use tract_onnx::tract_hir::internal::*;
 
 fn ints(name: &str, v: &[i64]) -> AttributeProto {
@@ -77,17 +76,9 @@ fn set(attrs: &mut [AttributeProto], a: AttributeProto) {
 }
 
 fn build(node: &NodeProto) -> TractResult<()> {
-    let onnx = onnx_with_ml();
-    let proto = ModelProto::default();
-    let ctx = ParsingContext {
-        onnx_operator_set_version: 17,
-        framework: &onnx,
-        model: &proto,
-        parent_graphs: vec![],
-        model_dir: None,
-        template: InferenceModel::default(),
-    };
-    edge_onnx_ml::tree::regressor(&ctx, node).map(|_| ())
+    crate::util::with_parsing_context(17, |ctx| {
+        edge_onnx_ml::tree::regressor(ctx, node).map(|_| ())
+    })
 }
 
 #[test]
@@ -169,20 +160,10 @@ fn linear_classifier(attrs: Vec<AttributeProto>) -> NodeProto {
 }
 
 fn build_linear(node: &NodeProto) -> TractResult<()> {
-    let onnx = onnx_with_ml();
-    let proto = ModelProto::default();
-    let ctx = ParsingContext {
-        onnx_operator_set_version: 17,
-        framework: &onnx,
-        model: &proto,
-        parent_graphs: vec![],
-        model_dir: None,
-        template: InferenceModel::default(),
-    };
-    match node.op_type.as_str() {
-        "LinearClassifier" => edge_onnx_ml::linear::classifier(&ctx, node).map(|_| ()),
-        _ => edge_onnx_ml::linear::regressor(&ctx, node).map(|_| ()),
-    }
+    crate::util::with_parsing_context(17, |ctx| match node.op_type.as_str() {
+        "LinearClassifier" => edge_onnx_ml::linear::classifier(ctx, node).map(|_| ()),
+        _ => edge_onnx_ml::linear::regressor(ctx, node).map(|_| ()),
+    })
 }
 
 fn post(v: &str) -> AttributeProto {

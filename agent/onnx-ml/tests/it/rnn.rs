@@ -5,9 +5,8 @@
 
 use edge_onnx_ml::onnx_with_ml;
 use edge_onnx_ml::rnn::Rnn;
-use tract_onnx::model::ParsingContext;
 use tract_onnx::pb::attribute_proto::AttributeType;
-use tract_onnx::pb::{AttributeProto, ModelProto, NodeProto};
+use tract_onnx::pb::{AttributeProto, NodeProto};
 use tract_onnx::tract_hir::internal::*;
 
 use crate::util;
@@ -153,20 +152,10 @@ fn node(op: &str, attrs: Vec<AttributeProto>) -> NodeProto {
 }
 
 fn build(node: &NodeProto) -> TractResult<()> {
-    let onnx = onnx_with_ml();
-    let proto = ModelProto::default();
-    let ctx = ParsingContext {
-        onnx_operator_set_version: 20,
-        framework: &onnx,
-        model: &proto,
-        parent_graphs: vec![],
-        model_dir: None,
-        template: InferenceModel::default(),
-    };
-    match node.op_type.as_str() {
-        "LSTM" => edge_onnx_ml::rnn::lstm(&ctx, node).map(|_| ()),
-        _ => edge_onnx_ml::rnn::gru(&ctx, node).map(|_| ()),
-    }
+    crate::util::with_parsing_context(20, |ctx| match node.op_type.as_str() {
+        "LSTM" => edge_onnx_ml::rnn::lstm(ctx, node).map(|_| ()),
+        _ => edge_onnx_ml::rnn::gru(ctx, node).map(|_| ()),
+    })
 }
 
 #[test]

@@ -248,3 +248,22 @@ pub fn check_tol(name: &str, abs_tol: f64) {
         problems.join("\n  ")
     );
 }
+
+/// Runs an operator builder on a parsing context of `onnx_with_ml()` at
+/// ONNX opset `opset` (for node-level tests without a whole model).
+pub fn with_parsing_context<T>(
+    opset: i64,
+    f: impl FnOnce(&tract_onnx::model::ParsingContext) -> TractResult<T>,
+) -> TractResult<T> {
+    let onnx = edge_onnx_ml::onnx_with_ml();
+    let proto = tract_onnx::pb::ModelProto::default();
+    let ctx = tract_onnx::model::ParsingContext {
+        onnx_operator_set_version: opset,
+        framework: &onnx,
+        model: &proto,
+        parent_graphs: vec![],
+        model_dir: None,
+        template: InferenceModel::default(),
+    };
+    f(&ctx)
+}
