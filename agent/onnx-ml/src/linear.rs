@@ -472,7 +472,7 @@ impl EvalOp for Linear {
         let (n_rows, n_cols) = classes::rows_and_features(&x)?;
         ensure!(
             n_cols == self.n_features,
-            "input has {n_cols} features, the model {}",
+            "input has {n_cols} features, the model takes {}",
             self.n_features
         );
         let x = x.cast_to::<f32>()?;
